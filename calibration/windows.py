@@ -1,0 +1,130 @@
+"""Token windows for calibration, deterministic by seed.
+
+The flow: read a text source -> tokenize all of it once -> draw `nsamples`
+windows of `seqlen` tokens at random start offsets (torch.Generator seeded
+with `seed`). Start offsets are drawn independently and uniformly, as the
+GPTQ reference does, so windows may overlap (always possible, likely when
+the text is short); any text of at least one window is usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from calibration.sources import read_text_source
+from lowbit.errors import CorruptInputError, UsageError
+
+# With --chat-template every document becomes one assistant answer to a
+# neutral request, so the model is calibrated on its chat format
+# (role markers, turn ends) around ordinary text.
+CHAT_REQUEST = "Continue the text."
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    source: str = "pydoc"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    chat_template: bool = False
+
+
+def token_ids(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def chat_text(document: str, tokenizer) -> str:
+    conversation = [
+        {"role": "user", "content": CHAT_REQUEST},
+        {"role": "assistant", "content": document},
+    ]
+    return tokenizer.apply_chat_template(conversation, tokenize=False)
+
+
+def tokenize_documents(documents: list[str], tokenizer, chat_template: bool = False) -> Tensor:
+    """1-D int64 token ids of all documents, without the tokenizer's automatic special tokens.
+
+    Plain: documents joined by "\\n\\n", tokenized once. Chat: each document
+    rendered as a chat turn (the template adds its own special tokens as
+    text), tokenized, and the ids concatenated.
+    """
+    if not chat_template:
+        return torch.tensor(token_ids("\n\n".join(documents), tokenizer), dtype=torch.int64)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("the tokenizer has no chat template; calibrate without --chat-template")
+    ids: list[int] = []
+    for document in documents:
+        ids += token_ids(chat_text(document, tokenizer), tokenizer)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def sample_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int) -> Tensor:
+    """[nsamples, seqlen] int64 windows at independent uniform start offsets (may overlap)."""
+    if nsamples < 1 or seqlen < 1:
+        raise UsageError(f"nsamples and seqlen must be at least 1 (got {nsamples}, {seqlen})")
+    if len(tokens) < seqlen:
+        raise UsageError(f"calibration text has {len(tokens)} tokens, fewer than one window of {seqlen}")
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([tokens[start : start + seqlen] for start in starts.tolist()]).to(torch.int64)
+
+
+def windows_sha256(windows: Tensor) -> str:
+    """sha256 of the header "NxS\\n" followed by the ids as little-endian int64, row by row."""
+    rows, columns = windows.shape
+    header = f"{rows}x{columns}\n".encode("ascii")
+    body = windows.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    return hashlib.sha256(header + body).hexdigest()
+
+
+def save_windows(path: Path, windows: Tensor) -> None:
+    """Write {"windows": [[ids...], ...]} to path via a temporary file renamed into place."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps({"windows": windows.tolist()}, separators=(",", ":")))
+    os.replace(temporary, path)
+
+
+def load_windows(path: Path) -> Tensor:
+    """The [nsamples, seqlen] int64 windows saved by save_windows."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"calibration windows file not found: {path}")
+    try:
+        windows = json.loads(path.read_text(encoding="utf-8"))["windows"]
+        tensor = torch.tensor(windows, dtype=torch.int64)
+    except (ValueError, KeyError, TypeError):
+        raise CorruptInputError(f"{path} is not a calibration windows file") from None
+    if tensor.dim() != 2 or tensor.numel() == 0:
+        raise CorruptInputError(f"{path} does not hold a non-empty list of equal-length windows")
+    return tensor
+
+
+def build_calibration(config: CalibrationConfig, tokenizer) -> tuple[Tensor, dict]:
+    """Calibration windows and their provenance for the manifest.
+
+    The provenance is the source's (its "sha256" named "source_sha256", as in
+    the manifest) plus the window settings and the windows' own hash.
+    """
+    source = read_text_source(config.source)
+    tokens = tokenize_documents(source.documents, tokenizer, config.chat_template)
+    windows = sample_windows(tokens, config.nsamples, config.seqlen, config.seed)
+    source_provenance = {key: value for key, value in source.provenance.items() if key != "sha256"}
+    provenance = {
+        **source_provenance,
+        "source_sha256": source.provenance["sha256"],
+        "nsamples": config.nsamples,
+        "seqlen": config.seqlen,
+        "seed": config.seed,
+        "chat_template": config.chat_template,
+        "windows_sha256": windows_sha256(windows),
+        "n_tokens_in_source": len(tokens),
+    }
+    return windows, provenance

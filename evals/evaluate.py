@@ -1,0 +1,315 @@
+"""`lowbit eval`: perplexity and KL divergence of a quantized model against its base, layer by layer.
+
+    eval text --tokenize once--> windows [n, seqlen]
+    each model folder --embed, decoder layers 0..L-1, final norm--> final hidden states [n, seqlen, hidden]
+    both final hidden states --lm_head over chunks of positions--> NLL, KLD, same top token, delta-p
+
+Each model runs as the quantizer does (quantize/stream.py): all windows
+through decoder layer i before layer i+1, with only that layer's weights
+materialised (dequantized by quantize.loader.DenseWeights), so a model far
+larger than the GPU can be scored. The head then projects `chunk_tokens`
+positions at a time: the logits of a whole window (seqlen x vocab floats)
+never exist at once.
+
+Scoring convention (the GPTQ protocol, the number papers report): within
+each window, position t predicts token t + 1, so a window of seqlen tokens
+gives seqlen - 1 predictions, as transformers' `model(ids, labels=ids).loss`
+counts them. Perplexity is exp of the mean NLL over all predictions; every
+window has as many, so this equals exp of the mean per-window loss. Logits
+are computed in float32 whatever dtype the layers ran in.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from evals.contamination import contamination_report
+from evals.datasets import eval_windows, load_eval_text
+from evals.report import read_manifest
+from lowbit.errors import UsageError
+from quantize.arch import architecture_of
+from quantize.checkpoint import hub_token, load_config_dict, resolve_model
+from quantize.driver import CALIBRATION_FILE, MANIFEST
+from quantize.loader import DenseWeights
+from quantize.stream import (
+    Activations,
+    build_skeleton,
+    embed_windows,
+    free_weights,
+    load_config,
+    load_weights,
+    pick_device,
+    pick_dtype,
+    run_layer,
+)
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+
+SCORING = "position t predicts token t+1 within each window (seqlen-1 predictions per window)"
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    seqlen: int = 2048
+    max_windows: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"  # see quantize.stream.pick_dtype
+    chunk_tokens: int = 512  # positions projected through lm_head at once
+    offload: bool | None = None  # keep hidden states in host memory; None = decide from free GPU memory
+
+
+def default_base(quantized: Path) -> str:
+    """The model a lowbit checkpoint was quantized from, as its manifest names it (a folder or a Hub id)."""
+    model = (read_manifest(Path(quantized)).get("source") or {}).get("model")
+    if not isinstance(model, str) or not model:
+        raise UsageError(f"{MANIFEST} in {quantized} names no source model; name the base model explicitly")
+    return model
+
+
+# ---- one model, layer by layer ----
+
+
+def model_dtype(config: dict) -> str | None:
+    return config.get("torch_dtype") or config.get("dtype")
+
+
+def should_offload(windows: Tensor, hidden_size: int, dtype: torch.dtype, device: torch.device, copies: int) -> bool:
+    """Keep hidden states in host memory when `copies` sets of them would take much of the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    needed = copies * windows.numel() * hidden_size * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed > 0.3 * free
+
+
+def dense_skeleton(folder: Path) -> nn.Module:
+    """The model on `meta`, built as a plain model: the layers get dequantized weights."""
+    config = load_config(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return build_skeleton(config)
+
+
+def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = EvalOptions(),
+                        on_progress: ProgressFn | None = None) -> Tensor:
+    """[n, seqlen, hidden] outputs of the final norm for every window, one decoder layer materialised at a time.
+
+    They live on the device, or in host memory when offloaded, in the dtype the layers ran in.
+    """
+    report = on_progress or (lambda stage, done, total: None)
+    weights = DenseWeights(Path(folder))
+    arch = architecture_of(weights.config)
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device, model_dtype(weights.config))
+    offload = options.offload
+    if offload is None:
+        offload = should_offload(windows, weights.config["hidden_size"], dtype, device, copies=1)
+    model = dense_skeleton(Path(folder))
+    acts = embed_windows(model, weights.read("model.embed_tokens.weight"), windows, device, dtype, offload)
+    report("layers", 0, arch.num_layers)
+    for i in range(arch.num_layers):
+        layer = model.model.layers[i]
+        load_weights(layer, weights.read_prefix(arch.layer_prefix(i)), device, dtype)
+        run_layer(layer, acts, device, update=True)
+        free_weights(layer)
+        report("layers", i + 1, arch.num_layers)
+    apply_final_norm(model.model.norm, weights.read_prefix("model.norm."), acts, device, dtype)
+    return acts.hidden
+
+
+def apply_final_norm(norm: nn.Module, tensors: dict[str, Tensor], acts: Activations,
+                     device: torch.device, dtype: torch.dtype) -> None:
+    load_weights(norm, tensors, device, dtype)
+    with torch.no_grad():
+        for i in range(acts.hidden.shape[0]):
+            acts.hidden[i] = norm(acts.window(i, device))[0].to(acts.hidden.device)
+    free_weights(norm)
+
+
+# ---- scoring over chunks of positions ----
+
+
+def chunk_log_probs(hidden: Tensor, head: Tensor) -> Tensor:
+    """Next-token log-probabilities of one chunk: [positions, hidden] @ [vocab, hidden].T -> [positions, vocab] float32."""
+    return torch.log_softmax(hidden.to(head.device, torch.float32) @ head.T, dim=-1)
+
+
+def position_chunks(seqlen: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of at most chunk_tokens positions covering the seqlen - 1 predicting positions."""
+    if chunk_tokens < 1:
+        raise UsageError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
+    return [(start, min(start + chunk_tokens, seqlen - 1)) for start in range(0, seqlen - 1, chunk_tokens)]
+
+
+def targets_of(windows: Tensor, window: int, start: int, end: int, device: torch.device) -> Tensor:
+    """[positions, 1] ids of the tokens that positions start..end-1 predict."""
+    return windows[window, start + 1 : end + 1].to(device).unsqueeze(1)
+
+
+def perplexity(hidden: Tensor, windows: Tensor, head: Tensor, chunk_tokens: int = 512) -> dict:
+    """Perplexity of one model from its final hidden states; computed on the head's device."""
+    nll = []
+    for i in range(windows.shape[0]):
+        for start, end in position_chunks(windows.shape[1], chunk_tokens):
+            log_probs = chunk_log_probs(hidden[i, start:end], head)
+            nll.append(-log_probs.gather(1, targets_of(windows, i, start, end, head.device))[:, 0].cpu())
+    nll_all = torch.cat(nll).double()
+    return {"ppl": float(nll_all.mean().exp()), "tokens": nll_all.numel()}
+
+
+def score(base_hidden: Tensor, quant_hidden: Tensor, windows: Tensor, base_head: Tensor, quant_head: Tensor,
+          chunk_tokens: int = 512, on_progress: ProgressFn | None = None) -> dict:
+    """Compare two models' next-token distributions position by position (llama.cpp's figures).
+
+    Heads are float32 [vocab, hidden] on the device to compute on; hidden states
+    move there a chunk at a time.
+    """
+    report = on_progress or (lambda stage, done, total: None)
+    device = base_head.device
+    nll_base, nll_quant, kld, same_top = [], [], [], []
+    for i in range(windows.shape[0]):
+        for start, end in position_chunks(windows.shape[1], chunk_tokens):
+            targets = targets_of(windows, i, start, end, device)
+            log_p = chunk_log_probs(base_hidden[i, start:end], base_head)
+            log_q = chunk_log_probs(quant_hidden[i, start:end], quant_head)
+            nll_base.append(-log_p.gather(1, targets)[:, 0].cpu())
+            nll_quant.append(-log_q.gather(1, targets)[:, 0].cpu())
+            kld.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).cpu())  # KL(base || quantized)
+            same_top.append((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).cpu())
+        report("score", i + 1, windows.shape[0])
+    return summarize(torch.cat(nll_base), torch.cat(nll_quant), torch.cat(kld), torch.cat(same_top))
+
+
+def summarize(nll_base: Tensor, nll_quant: Tensor, kld: Tensor, same_top: Tensor) -> dict:
+    """The report's figures from per-token NLLs, KLDs and same-top flags."""
+    nll_base, nll_quant, kld = nll_base.double(), nll_quant.double(), kld.double()
+    ppl_base = float(nll_base.mean().exp())
+    ppl_quant = float(nll_quant.mean().exp())
+    delta_p = (-nll_quant).exp() - (-nll_base).exp()  # p_quant(target) - p_base(target)
+    median, p99, p999 = np.percentile(kld.numpy(), [50, 99, 99.9])
+    return {
+        "ppl_base": ppl_base,
+        "ppl_quantized": ppl_quant,
+        "ppl_delta": ppl_quant - ppl_base,
+        "ppl_ratio": ppl_quant / ppl_base,
+        "mean_log_ppl_ratio": float((nll_quant - nll_base).mean()),  # ln(PPL(Q) / PPL(base))
+        "kld": {"mean": float(kld.mean()), "median": float(median), "p99": float(p99),
+                "p999": float(p999), "max": float(kld.max())},
+        "same_top": float(same_top.double().mean()),
+        "delta_p": {"mean": float(delta_p.mean()), "rms": float(delta_p.square().mean().sqrt())},
+        "tokens": nll_base.numel(),
+    }
+
+
+# ---- the whole evaluation ----
+
+
+def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: EvalOptions = EvalOptions(),
+             on_progress: ProgressFn | None = None, base_revision: str | None = None) -> dict:
+    """The report of `lowbit eval`: base vs quantized on the same windows; only the perplexity when base is None."""
+    started = time.time()
+    report = on_progress or (lambda stage, done, total: None)
+    quantized = Path(quantized)
+    base_folder = resolve_model(str(base), base_revision, hub_token()).folder if base is not None else None
+    config = load_config_dict(quantized)
+    if base_folder is not None:
+        check_same_vocabulary(config, load_config_dict(base_folder))
+    tokenizer = load_tokenizer(quantized)
+    text, provenance = load_eval_text(dataset)
+    windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows)
+
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device, model_dtype(config))
+    if options.offload is None:
+        copies = 1 if base_folder is None else 2  # the base's hidden states wait while the quantized model runs
+        options = replace(options, offload=should_offload(windows, config["hidden_size"], dtype, device, copies))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    if base_folder is None:
+        hidden = final_hidden_states(quantized, windows, options, stage(report, "quantized"))
+        head = head_on(DenseWeights(quantized).lm_head_weight(), device)
+        figures = perplexity(hidden, windows, head, options.chunk_tokens)
+    else:
+        base_hidden = final_hidden_states(base_folder, windows, options, stage(report, "base"))
+        quant_hidden = final_hidden_states(quantized, windows, options, stage(report, "quantized"))
+        base_head = DenseWeights(base_folder).lm_head_weight()
+        quant_head = DenseWeights(quantized).lm_head_weight()
+        same_head = base_head.dtype == quant_head.dtype and torch.equal(base_head, quant_head)
+        base_head = head_on(base_head, device)
+        quant_head = base_head if same_head else head_on(quant_head, device)  # one copy when the head is shared
+        figures = score(base_hidden, quant_hidden, windows, base_head, quant_head, options.chunk_tokens, report)
+
+    return {
+        **figures,
+        "quantized": str(quantized),
+        "base": None if base is None else str(base),
+        "dataset": dataset,
+        "dataset_file": provenance["file"],
+        "dataset_sha256": provenance["sha256"],
+        "protocol": provenance["protocol"],
+        "scoring": SCORING,
+        "windows": windows.shape[0],
+        "seqlen": windows.shape[1],
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "chunk_tokens": options.chunk_tokens,
+        "offload": options.offload,
+        "seconds": round(time.time() - started, 3),
+        "peak_host_bytes": peak_host_bytes(),
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        "contamination": calibration_contamination(quantized, tokenizer, text),
+    }
+
+
+def stage(on_progress: ProgressFn, name: str) -> ProgressFn:
+    """Report a model's layer progress under the model's name ("base", "quantized")."""
+    return lambda _stage, done, total: on_progress(name, done, total)
+
+
+def head_on(head: Tensor, device: torch.device) -> Tensor:
+    return head.to(device=device, dtype=torch.float32)
+
+
+def check_same_vocabulary(quantized_config: dict, base_config: dict) -> None:
+    q, b = quantized_config.get("vocab_size"), base_config.get("vocab_size")
+    if q != b:
+        raise UsageError(f"the base model has vocabulary size {b}, the quantized model {q}: is it the right base?")
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer in {folder}: {str(e).splitlines()[0]}") from None
+
+
+def calibration_contamination(quantized: Path, tokenizer, eval_text: str) -> dict | None:
+    """N-gram overlap of the saved calibration windows with the evaluation text; None without that file."""
+    from calibration.windows import load_windows
+
+    file = quantized / CALIBRATION_FILE
+    if not file.exists():
+        return None
+    texts = tokenizer.batch_decode(load_windows(file).tolist(), skip_special_tokens=True)
+    return contamination_report(texts, eval_text)
+
+
+def peak_host_bytes() -> int | None:
+    """The process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024

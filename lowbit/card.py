@@ -1,0 +1,351 @@
+"""The model card (README.md) of a lowbit checkpoint, built from its manifest.
+
+`build_model_card` returns a `huggingface_hub.ModelCard`: YAML metadata the Hub
+indexes (base model, "quantized" relation, tags) and a Markdown body a reader
+can act on (settings, size, evaluation, how to load it, calibration, a plot of
+the per-layer error). `layer_error_svg` draws that plot as a standalone SVG.
+Everything here is pure: manifest in, text out.
+"""
+
+import math
+import re
+from html import escape
+from pathlib import PurePosixPath
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+LAYER_ERRORS_FILE = "layer_errors.svg"
+
+_METHOD_NAMES = {
+    "gptq": "GPTQ",
+    "rtn": "round-to-nearest (RTN)",
+    "nf4": "bitsandbytes NF4",
+    "fp4": "bitsandbytes FP4",
+}
+_BNB_METHODS = ("nf4", "fp4")
+
+
+def build_model_card(manifest: dict, repo_id: str | None) -> ModelCard:
+    """The card for the checkpoint described by `manifest`, to be published as `repo_id`."""
+    base_model = _hub_base_model(manifest)
+    data = ModelCardData(
+        base_model=base_model,
+        # Set explicitly: the Hub tends to infer "finetune" for safetensors quants.
+        base_model_relation="quantized" if base_model else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=card_tags(manifest),
+    )
+    sections = [
+        _summary(manifest, repo_id),
+        _settings_section(manifest),
+        _size_section(manifest),
+        _eval_section(manifest),
+        _usage_section(manifest, repo_id),
+        _calibration_section(manifest),
+        _layer_error_section(manifest),
+        _provenance(manifest),
+    ]
+    body = "\n\n".join(section for section in sections if section)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def card_tags(manifest: dict) -> list[str]:
+    method = manifest.get("method", "gptq")
+    tags = ["lowbit", method, f"{_bits(manifest)}-bit"]
+    tags += ["bitsandbytes"] if method in _BNB_METHODS else ["gptq"]
+    return list(dict.fromkeys(tags))  # unique, in order
+
+
+def layer_errors(manifest: dict) -> list[tuple[str, float]]:
+    """(module name, error) in the manifest's (quantization) order, finite errors only."""
+    out = []
+    for name, info in (manifest.get("layers") or {}).items():
+        error = info.get("error") if isinstance(info, dict) else None
+        if isinstance(error, (int, float)) and math.isfinite(error):
+            out.append((name, float(error)))
+    return out
+
+
+def layer_error_svg(manifest: dict) -> str:
+    """A bar chart of the per-module quantization error, one bar per module, grouped by decoder layer."""
+    errors = layer_errors(manifest)
+    width, height = 720, 260
+    left, right, top, bottom = 70, 10, 30, 40
+    plot_w, plot_h = width - left - right, height - top - bottom
+    title = f"Per-layer quantization error ({_method_name(manifest)})"
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>',
+    ]
+    if not errors:
+        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no per-layer errors recorded</text>')
+        return "\n".join(parts + ["</svg>"]) + "\n"
+
+    largest = max(error for _, error in errors) or 1.0
+    bar_w = plot_w / len(errors)
+    axis_y = top + plot_h
+    parts += [
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="black"/>',
+        f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="black"/>',
+        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{largest:.3g}</text>',
+        f'<text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>',
+        f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+        'text-anchor="middle">error</text>',
+        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">decoder layer</text>',
+    ]
+    layer_of = [_decoder_layer(name) for name, _ in errors]
+    distinct_layers = list(dict.fromkeys(i for i in layer_of if i is not None))
+    label_every = max(1, math.ceil(len(distinct_layers) / 12))
+    labelled: set[int] = set()
+    for k, ((name, error), layer) in enumerate(zip(errors, layer_of)):
+        x = left + k * bar_w
+        bar_h = plot_h * error / largest
+        # Alternate two shades by decoder layer so the grouping is visible.
+        color = "#3b6ea5" if (layer or 0) % 2 == 0 else "#7aa6d6"
+        parts.append(
+            f'<rect x="{x:.2f}" y="{axis_y - bar_h:.2f}" width="{max(bar_w - 0.5, 0.5):.2f}" '
+            f'height="{bar_h:.2f}" fill="{color}"><title>{escape(name)}: {error:.4g}</title></rect>'
+        )
+        if layer is not None and layer not in labelled and distinct_layers.index(layer) % label_every == 0:
+            labelled.add(layer)
+            parts.append(f'<text x="{x:.2f}" y="{axis_y + 14}">{layer}</text>')
+    return "\n".join(parts + ["</svg>"]) + "\n"
+
+
+# --- pieces of the card ------------------------------------------------------
+
+
+def _summary(manifest: dict, repo_id: str | None) -> str:
+    source = manifest.get("source") or {}
+    name = repo_id.split("/")[-1] if repo_id else "Quantized model"
+    base = _hub_base_model(manifest)
+    base_text = f"[{base}](https://huggingface.co/{base})" if base else _local_source_name(source)
+    architecture = f" ({source['architecture']})" if source.get("architecture") else ""
+    revision = f" at revision `{source['revision']}`" if base and source.get("revision") else ""
+    tool = manifest.get("tool") or {}
+    made_by = " ".join(str(part) for part in (tool.get("name", "lowbit"), tool.get("version")) if part)
+    return (
+        f"# {name}\n\n"
+        f"{base_text}{architecture}{revision} quantized to {_bits(manifest)} bits with {_method_name(manifest)} "
+        f"by {made_by}. Weights are in safetensors; `config.json` carries the quantization config."
+    )
+
+
+def _settings_section(manifest: dict) -> str:
+    settings = manifest.get("settings") or {}
+    rows = [("method", manifest.get("method", "?"))] + sorted(settings.items())
+    lines = ["## Quantization settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {_cell(value)} |" for key, value in rows]
+    return "\n".join(lines)
+
+
+def _size_section(manifest: dict) -> str:
+    lines = ["## Size", ""]
+    bpw = manifest.get("bits_per_weight")
+    if isinstance(bpw, (int, float)):
+        lines.append(f"- Bits per weight: **{bpw:.2f}** (scales and zero points included)")
+    output_bytes = manifest.get("output_bytes")
+    source = manifest.get("source") or {}
+    base_bytes = source.get("size_bytes")
+    if isinstance(output_bytes, int):
+        lines.append(f"- Checkpoint size: **{_human_bytes(output_bytes)}**")
+        if isinstance(base_bytes, int) and base_bytes > 0 and output_bytes > 0:
+            lines.append(
+                f"- Base model ({source.get('dtype', 'original dtype')}): {_human_bytes(base_bytes)}; "
+                f"this checkpoint is {output_bytes / base_bytes:.1%} of it ({base_bytes / output_bytes:.2f}x smaller)"
+            )
+    if isinstance(source.get("num_parameters"), int):
+        lines.append(f"- Parameters: {source['num_parameters']:,}")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def _eval_section(manifest: dict) -> str:
+    report = manifest.get("eval")
+    if not isinstance(report, dict):
+        return ""
+    if isinstance(report.get("markdown"), str) and report["markdown"].strip():
+        return "## Evaluation\n\n" + report["markdown"].strip()
+    kld = report.get("kld") or {}
+    delta_p = report.get("delta_p") or {}
+    rows = [
+        ("Perplexity, base", _num(report.get("ppl_base"), ".4f")),
+        ("Perplexity, quantized", _num(report.get("ppl_quantized"), ".4f")),
+        ("Perplexity delta", _num(report.get("ppl_delta"), "+.4f")),
+        ("Perplexity ratio", _num(report.get("ppl_ratio"), ".4f")),
+        ("Mean ln(PPL(Q)/PPL(base))", _num(report.get("mean_log_ppl_ratio"), ".5f")),
+        ("KL divergence, mean", _num(kld.get("mean"), ".5f")),
+        ("KL divergence, median", _num(kld.get("median"), ".5f")),
+        ("KL divergence, p99", _num(kld.get("p99"), ".5f")),
+        ("KL divergence, p99.9", _num(kld.get("p999"), ".5f")),
+        ("KL divergence, max", _num(kld.get("max"), ".4f")),
+        ("Same top token", _num(report.get("same_top"), ".2%")),
+        ("Delta p, mean", _num(delta_p.get("mean"), "+.5f")),
+        ("Delta p, RMS", _num(delta_p.get("rms"), ".5f")),
+        ("Tokens scored", _num(report.get("tokens"), ",")),
+        ("Windows x sequence length", _windows(report)),
+        ("Dataset", _cell(report.get("dataset"))),
+        ("Dataset sha256", _cell(report.get("dataset_sha256"))),
+        ("Protocol", _cell(report.get("protocol"))),
+    ]
+    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows if value != "-"]
+    contamination = report.get("contamination")
+    if isinstance(contamination, dict):
+        lines += ["", _contamination_line(contamination)]
+    return "\n".join(lines)
+
+
+def _usage_section(manifest: dict, repo_id: str | None) -> str:
+    model = repo_id or "path/to/this/folder"
+    is_bnb = manifest.get("method") in _BNB_METHODS
+    install = "pip install -U transformers bitsandbytes" if is_bnb else "pip install -U transformers gptqmodel optimum"
+    vllm_args = f'model="{model}", quantization="bitsandbytes"' if is_bnb else f'model="{model}"'
+    return f"""## Use it
+
+With transformers:
+
+```bash
+{install}
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{model}", device_map="auto")
+tokenizer = AutoTokenizer.from_pretrained("{model}")
+inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.device)
+print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
+```
+
+With vLLM:
+
+```python
+from vllm import LLM, SamplingParams
+
+llm = LLM({vllm_args})
+print(llm.generate("The capital of France is", SamplingParams(max_tokens=20))[0].outputs[0].text)
+```"""
+
+
+def _calibration_section(manifest: dict) -> str:
+    calibration = manifest.get("calibration")
+    if not isinstance(calibration, dict):
+        return f"## Calibration\n\nNone: {_method_name(manifest)} as run here uses no calibration data."
+    lines = ["## Calibration", ""]
+    if calibration.get("source"):
+        lines.append(f"- Source: `{calibration['source']}`")
+    if calibration.get("source_sha256"):
+        lines.append(f"- Source sha256: `{calibration['source_sha256']}`")
+    if calibration.get("nsamples") is not None:
+        lines.append(f"- Windows: {calibration['nsamples']} x {calibration.get('seqlen', '?')} tokens")
+    if calibration.get("seed") is not None:
+        lines.append(f"- Seed: {calibration['seed']}")
+    if "chat_template" in calibration:
+        lines.append(f"- Chat template applied: {'yes' if calibration['chat_template'] else 'no'}")
+    if calibration.get("windows_sha256"):
+        lines.append(f"- Token windows sha256: `{calibration['windows_sha256']}`")
+    if calibration.get("tokens_file"):
+        lines.append(f"- The exact token ids are in `{calibration['tokens_file']}`.")
+    return "\n".join(lines)
+
+
+def _layer_error_section(manifest: dict) -> str:
+    errors = layer_errors(manifest)
+    if not errors:
+        return ""
+    worst = sorted(errors, key=lambda item: item[1], reverse=True)[:5]
+    lines = [
+        "## Per-layer quantization error",
+        "",
+        f"![Per-layer quantization error]({LAYER_ERRORS_FILE})",
+        "",
+        "Largest errors:",
+        "",
+        "| module | error |",
+        "|---|---|",
+    ]
+    lines += [f"| `{name}` | {error:.4g} |" for name, error in worst]
+    return "\n".join(lines)
+
+
+def _provenance(manifest: dict) -> str:
+    tool = manifest.get("tool") or {}
+    created = f" on {manifest['created']}" if manifest.get("created") else ""
+    return (
+        f"## Provenance\n\nMade with {tool.get('name', 'lowbit')} {tool.get('version', '')}{created}. "
+        "The full record (settings, source, per-file sha256) is `lowbit_manifest.json`."
+    )
+
+
+# --- small helpers -----------------------------------------------------------
+
+
+def _hub_base_model(manifest: dict) -> str | None:
+    """The source model when it reads as a Hub id ("namespace/name"), not a local path."""
+    model = (manifest.get("source") or {}).get("model")
+    if not isinstance(model, str) or model.count("/") != 1 or model.startswith((".", "/", "~")):
+        return None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return None
+    return model
+
+
+def _local_source_name(source: dict) -> str:
+    # Only the folder's name: a local path says nothing useful to readers and may reveal a home folder.
+    model = source.get("model")
+    return f"A local checkpoint `{PurePosixPath(str(model)).name}`" if model else "A model"
+
+
+def _method_name(manifest: dict) -> str:
+    method = manifest.get("method", "?")
+    return _METHOD_NAMES.get(method, method)
+
+
+def _bits(manifest: dict) -> int:
+    bits = (manifest.get("settings") or {}).get("bits")
+    return int(bits) if isinstance(bits, (int, float)) else 4
+
+
+def _decoder_layer(module_name: str) -> int | None:
+    match = re.search(r"\.(\d+)\.", module_name)
+    return int(match.group(1)) if match else None
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _num(value, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _cell(value) -> str:
+    if value is None or value == "":
+        return "-"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _windows(report: dict) -> str:
+    windows, seqlen = report.get("windows"), report.get("seqlen")
+    return f"{windows} x {seqlen}" if windows is not None and seqlen is not None else "-"
+
+
+def _contamination_line(contamination: dict) -> str:
+    rate = contamination.get("overlap_rate")
+    rate_text = f" (n-gram overlap {rate:.2%})" if isinstance(rate, (int, float)) else ""
+    if contamination.get("contaminated"):
+        return (
+            f"**Warning: the calibration data overlaps the evaluation text{rate_text}.** "
+            "The perplexity delta above is likely flattered."
+        )
+    return f"Calibration and evaluation data do not overlap{rate_text}."

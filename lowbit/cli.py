@@ -1,0 +1,173 @@
+"""The `lowbit` command line: parse options, call the library, print results.
+
+Results go to stdout (a table, or JSON with --json); progress and logs go to
+stderr. Errors the user can act on print one line and exit with their code
+(see lowbit/errors.py); nothing here prints a traceback unless --verbose.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from lowbit.errors import LowbitError
+from lowbit.redact import redact, register_secret
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize LLMs to 4 bits shard by shard, verify them, publish them.")
+stdout = Console()
+stderr = Console(stderr=True)
+state = {"verbose": False, "quiet": False}
+log = logging.getLogger("lowbit")
+
+
+@app.callback()
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and tracebacks for internal errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
+) -> None:
+    state.update(verbose=verbose, quiet=quiet)
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
+    handler = RichHandler(console=stderr, show_time=False, show_path=False)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+
+
+def handle_errors(command):
+    """One line and a distinct exit code for every failure; a traceback only with --verbose."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LowbitError as e:
+            stderr.print(f"[red]error:[/red] {redact(str(e))}", highlight=False, markup=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("interrupted: re-run the same command to resume")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            stderr.print("[red]error:[/red] out of host memory (see `lowbit plan` for settings that fit)")
+            raise typer.Exit(5) from None
+        except (typer.Exit, click.exceptions.ClickException):
+            raise
+        except Exception as e:  # a bug: still one line, the traceback with --verbose
+            if state["verbose"]:
+                stderr.print_exception()
+            message = redact(f"{type(e).__name__}: {e}".splitlines()[0])
+            stderr.print(f"[red]internal error:[/red] {message} (run with --verbose for details)", markup=True)
+            raise typer.Exit(70) from None
+
+    return wrapper
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=stderr, disable=state["quiet"], transient=False)
+
+
+def progress_callback(progress: Progress):
+    """Adapt the library's on_progress(stage, done, total) to rich tasks, one per stage."""
+    tasks: dict[str, int] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done, total=total)
+
+    return update
+
+
+def print_json(data: dict) -> None:
+    sys.stdout.write(redact(json.dumps(data, indent=2, default=str)) + "\n")
+
+
+@app.command()
+@handle_errors
+def quantize(
+    model: str = typer.Argument(..., help="Local folder or Hub repo id."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output folder (written to OUTPUT.partial, renamed when complete)."),
+    method: str = typer.Option("gptq", help="gptq, rtn (round to nearest, the baseline), nf4 or fp4."),
+    bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
+    group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
+    act_order: bool = typer.Option(False, "--act-order/--no-act-order", help="Quantize columns by descending Hessian diagonal."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (GPTQ v1 cannot store a zero point of 0)."),
+    damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="Group scales from the original weights (with act-order)."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
+    skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
+    calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: pydoc."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, help="Seed for sampling the calibration windows."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Wrap calibration texts in the model's chat template."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, float16, bfloat16."),
+    max_shard_size: str = typer.Option("2GB", help="Largest output shard."),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Calibration activations in host memory (default: when they would not fit the GPU)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model repo's own Python code to run."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output, or discard stale progress."),
+    json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
+    from calibration.windows import CalibrationConfig
+    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from quantize.writer import parse_size
+
+    try:
+        parse_size(max_shard_size)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
+    check_choice("--bits", bits, (2, 3, 4, 8))
+    if group_size != -1 and group_size < 1:
+        raise typer.BadParameter("must be -1 or positive", param_hint="--group-size")
+    settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                                static_groups=static_groups, damp=damp, true_sequential=true_sequential,
+                                double_quant=double_quant, skip=skip)
+    if calibration is None and method == "gptq":
+        calibration = "pydoc"
+    calib = None
+    if calibration is not None and method != "rtn":
+        calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template)
+    token = hub_token()
+    options = RunOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, offload=offload, force=force,
+                         trust_remote_code=trust_remote_code, revision=revision, token=token)
+    with progress_bar() as progress:
+        result = quantize_model(model, output, settings, calib, options, on_progress=progress_callback(progress))
+    manifest = result.manifest
+    if json_out:
+        print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "manifest": manifest})
+        return
+    stdout.print(f"[green]wrote[/green] {result.output}: {manifest['method']} "
+                 f"{manifest['bits_per_weight']:.2f} bits/weight, {manifest['output_bytes'] / 1e6:.1f} MB "
+                 f"(source {manifest['source']['size_bytes'] / 1e6:.1f} MB) in {result.seconds:.1f}s"
+                 + (f", resumed from layer {result.resumed_from_layer}" if result.resumed_from_layer else ""))
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)
+
+
+def hub_token(explicit: str | None = None) -> str | None:
+    import os
+
+    token = explicit or os.environ.get("HF_TOKEN") or None
+    if token:
+        register_secret(token)
+    return token
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,189 @@
+"""The GPTQ solver (Frantar et al., 2022): one weight matrix and its Hessian in, codes and scales out.
+
+Columns of W [N, K] are quantized one at a time, left to right. After each column,
+its rounding error is spread over the columns not yet quantized, weighted by the
+inverse Hessian, so that W @ X changes as little as possible (H = 2/n X X^T).
+Errors are applied inside a block of columns at once and to the rest of the
+matrix in one matmul per block ("lazy batch updates").
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import CorruptInputError, UsageError
+from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes
+
+log = logging.getLogger("lowbit")
+
+DAMP_RETRIES = 4  # each retry multiplies the damping by 10
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4  # 2, 3, 4 or 8
+    group_size: int = 128  # -1: one group over all input columns
+    sym: bool = True
+    act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
+    static_groups: bool = False  # group params from the original weights, before any update
+    damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 8):
+            raise UsageError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise UsageError(f"group size must be -1 or positive, not {self.group_size}")
+        if self.damp < 0 or self.block_size < 1:
+            raise UsageError("damping must be >= 0 and block size >= 1")
+
+
+@dataclass
+class QuantizedWeight:
+    codes: Tensor  # uint8 [N, K], original column order, values 0..2**bits-1
+    scales: Tensor  # float32 [n_groups, N], exactly representable in float16
+    zeros: Tensor  # int32 [n_groups, N], true zero points (not minus one)
+    g_idx: Tensor  # int32 [K], group of each input column
+    bits: int
+
+    def dequantize(self) -> Tensor:
+        """float32 [N, K]: scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n])."""
+        group = self.g_idx.long()
+        return self.scales[group].T * (self.codes.to(torch.float32) - self.zeros[group].T.to(torch.float32))
+
+
+@dataclass
+class GPTQStats:
+    damp: float  # damping fraction finally used (after any Cholesky retries)
+    loss: float  # 1/2 sum over rows of (W-Q) H_damped (W-Q)^T = sum err^2 / (2 Hinv_ii^2), as the reference
+    dead_inputs: int  # input columns with diag(H) == 0 (never active in calibration)
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[QuantizedWeight, GPTQStats]:
+    """Quantize weight [N, K] given the Hessian [K, K] of its inputs. Works in float32 on weight's device."""
+    n_rows, n_cols = weight.shape
+    group_size = _group_size(config, n_cols)
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+        raise CorruptInputError("weight or Hessian contains NaN or inf")
+
+    # Inputs that were always zero carry no information: drop their weights, keep H invertible.
+    dead = H.diagonal() == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    n_groups = n_cols // group_size
+    if config.static_groups:  # groups of original columns, params from the original weights
+        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+    else:  # groups of consecutive columns in the sweep, params filled in as each group starts
+        scales = torch.zeros(n_groups, n_rows, device=W.device)
+        zeros = torch.zeros(n_groups, n_rows, device=W.device)
+
+    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    Hinv, damp = _inverse_hessian_factor(H, config.damp)
+
+    codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
+    original_group = (perm // group_size).tolist()
+    loss = torch.zeros((), device=W.device)
+    block_size = _block_size(config.block_size, group_size, n_cols)
+    for start in range(0, n_cols, block_size):
+        end = min(start + block_size, n_cols)
+        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
+        Hinv1 = Hinv[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        for i in range(end - start):
+            col = start + i
+            if config.static_groups:
+                g = original_group[col]
+            elif col % group_size == 0:
+                # From the weights as updated so far (_block_size makes all of W[:, col:] current here).
+                g = col // group_size
+                scales[g], zeros[g] = grid_params(W[:, col : col + group_size], config.bits, config.sym)
+            w = W1[:, i : i + 1]
+            q = quantize_to_codes(w, scales[g], zeros[g], config.bits)
+            codes[:, col] = q[:, 0].to(torch.uint8)
+            err = (w - dequantize_codes(q, scales[g], zeros[g]))[:, 0] / Hinv1[i, i]
+            loss += err.square().sum() / 2
+            W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+            errors[:, i] = err
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+
+    inverse_perm = torch.argsort(perm)
+    # The group of original column k: k // G with static groups, else its position in the sweep // G.
+    g_idx = torch.arange(n_cols, device=W.device) if config.static_groups else inverse_perm
+    quantized = QuantizedWeight(
+        codes=codes[:, inverse_perm].contiguous(),
+        scales=scales,
+        zeros=zeros.round().to(torch.int32),
+        g_idx=(g_idx // group_size).to(torch.int32),
+        bits=config.bits,
+    )
+    return quantized, GPTQStats(damp=damp, loss=float(loss), dead_inputs=int(dead.sum()))
+
+
+def rtn_quantize(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
+    """Round to nearest on the same grid and groups as GPTQ (act_order and static_groups are ignored)."""
+    n_rows, n_cols = weight.shape
+    group_size = _group_size(config, n_cols)
+    W = weight.detach().to(torch.float32)
+    scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+    codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=W.device)
+    for g in range(n_cols // group_size):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        codes[:, cols] = quantize_to_codes(W[:, cols], scales[g], zeros[g], config.bits).to(torch.uint8)
+    g_idx = torch.arange(n_cols, device=W.device) // group_size
+    return QuantizedWeight(
+        codes=codes,
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        bits=config.bits,
+    )
+
+
+def _group_size(config: GPTQConfig, n_cols: int) -> int:
+    group_size = n_cols if config.group_size == -1 else config.group_size
+    if n_cols % group_size:
+        raise ValueError(f"{n_cols} input columns are not a multiple of the group size {group_size}")
+    return group_size
+
+
+def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
+    """A block size under which every group lies inside one block or starts at a block start.
+
+    Group params are computed when a group starts, from the weights updated so far.
+    Columns past the current block have not yet received this block's updates, so a
+    group may only reach past the block if it starts at the block's first column.
+    """
+    if group_size >= n_cols:
+        return block_size
+    if group_size <= block_size:
+        return block_size // group_size * group_size
+    return math.gcd(group_size, block_size)
+
+
+def _inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the damp used.
+
+    If H is not positive definite enough, retry with 10x the damping a few times.
+    """
+    mean_diag = H.diagonal().mean()
+    identity = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * identity)
+        if info.item() == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0:
+                return upper, damp
+        if attempt < DAMP_RETRIES:
+            new_damp = damp * 10 if damp > 0 else 0.01
+            log.warning("Hessian not positive definite with damp %g; retrying with damp %g", damp, new_damp)
+            damp = new_damp
+    raise CorruptInputError(f"Hessian is not positive definite even with damp {damp:g}")

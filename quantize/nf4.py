@@ -1,0 +1,228 @@
+"""bitsandbytes 4-bit tensors (NF4 / FP4), plain and calibrated.
+
+A Linear4bit weight [N, K] is flattened and cut into blocks of 64 consecutive
+values. Each block stores one scale, its absmax, and each value becomes a 4-bit
+index into a 16-entry code book (quant_map): the loader reads it back as
+quant_map[code] * absmax. With double quantization the absmaxes themselves are
+stored as 8-bit codes (blocks of 256) plus an offset, and the loader uses
+dequantized absmax + offset: the *effective* scale.
+
+Plain mode is bitsandbytes' own quantize_4bit, so the tensors are byte-identical
+to what transformers saves.
+
+Calibrated mode (our own idea) keeps bitsandbytes' scales and chooses the codes
+with GPTQ instead of round-to-nearest:
+1. Run quantize_4bit on the original weight. This fixes absmax (and, with double
+   quantization, its nested 8-bit codes); only the 4-bit codes are redone.
+2. Take the effective per-block scale, exactly as a loader computes it.
+   With K % 64 == 0 a block is 64 consecutive input columns of one row, so
+   column k of row n has the scale of block n * K / 64 + k // 64.
+   (Otherwise blocks straddle rows and we fall back to plain, with a warning.)
+3. Sweep the columns left to right as GPTQ does (dead inputs zeroed, damped
+   Hessian, upper Cholesky factor of H^-1, blocks of 128 columns with lazy
+   updates, no act-order): round each column to the nearest code-book value
+   quant_map * scale, and spread the rounding error over the columns not yet
+   quantized, so that W @ X changes as little as possible.
+4. Pack the codes as bitsandbytes does (two a byte, first value in the high
+   nibble) in place of the data from step 1. The result is an ordinary
+   bitsandbytes tensor set that any loader reads.
+With H = I nothing is spread and every value is rounded to its nearest code
+under the effective scale: without double quantization that is exactly plain.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import bitsandbytes.functional as bnb
+import torch
+from torch import Tensor
+
+from lowbit.errors import CorruptInputError, UsageError
+from quantize.gptq import _inverse_hessian_factor
+
+log = logging.getLogger("lowbit")
+
+SWEEP_BLOCK = 128  # columns per lazy-update block of the GPTQ sweep
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class BnbConfig:
+    quant_type: str = "nf4"  # "nf4" | "fp4"
+    double_quant: bool = True
+    blocksize: int = 64  # what transformers always uses
+    damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise UsageError(f"quant type must be nf4 or fp4, not {self.quant_type!r}")
+        if self.blocksize not in VALID_BLOCKSIZES:
+            raise UsageError(f"block size must be one of {VALID_BLOCKSIZES}, not {self.blocksize}")
+        if self.damp < 0:
+            raise UsageError(f"damping must be >= 0, not {self.damp}")
+
+
+def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, dict]:
+    """weight [N, K] -> (tensors, dequantized, stats).
+
+    tensors: the Linear4bit state-dict entries, keys relative to the module ("weight",
+      "weight.absmax", "weight.quant_map", ["weight.nested_absmax", "weight.nested_quant_map"],
+      "weight.quant_state.bitsandbytes__<type>"), on the CPU, contiguous.
+    dequantized: float32 [N, K], what a loader computes from those tensors.
+    stats: {"calibrated": bool, "damp", "loss", "dead_inputs" (None when plain), "weight_mse"}.
+    hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring).
+    Works on weight's device; the quant state records weight's dtype.
+    """
+    if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"expected a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
+    if not torch.isfinite(weight).all():
+        raise CorruptInputError("weight contains NaN or inf")
+    n_rows, n_cols = weight.shape
+    weight = weight.detach().contiguous()
+    packed, state = bnb.quantize_4bit(
+        weight, blocksize=config.blocksize, compress_statistics=config.double_quant, quant_type=config.quant_type
+    )
+    stats = {"calibrated": False, "damp": None, "loss": None, "dead_inputs": None}
+
+    if hessian is not None and n_cols % config.blocksize != 0:
+        log.warning(
+            "%d input columns are not a multiple of the block size %d: plain %s instead of calibrated",
+            n_cols, config.blocksize, config.quant_type,
+        )
+    elif hessian is not None:
+        if hessian.shape != (n_cols, n_cols):
+            raise ValueError(f"Hessian {tuple(hessian.shape)} does not match {n_cols} input columns")
+        scales = effective_absmax(state).reshape(n_rows, n_cols // config.blocksize)
+        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp)
+        packed = _pack_codes(codes)
+        stats.update(calibrated=True, **sweep_stats)
+
+    relative = {"weight": packed}
+    relative.update({f"weight.{key}": value for key, value in state.as_dict(packed=True).items()})
+    tensors = {key: value.cpu().contiguous() for key, value in relative.items()}
+    dequantized = dequantize_bnb(tensors, (n_rows, n_cols))
+    stats["weight_mse"] = float((dequantized - weight.float().cpu()).square().mean())
+    return tensors, dequantized, stats
+
+
+def dequantize_bnb(tensors: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
+    """float32 [N, K] from the Linear4bit state-dict entries (keys relative to the module), with bitsandbytes itself."""
+    state_keys = [key for key in tensors if key.startswith("weight.quant_state.bitsandbytes__")]
+    if "weight" not in tensors or "weight.absmax" not in tensors or len(state_keys) != 1:
+        raise CorruptInputError(f"incomplete bitsandbytes 4-bit tensors: {sorted(tensors)}")
+    state_dict = {key.removeprefix("weight."): value for key, value in tensors.items() if key != "weight"}
+    data = tensors["weight"]
+    state = bnb.QuantState.from_dict(state_dict, device=data.device)
+    if tuple(state.shape) != tuple(shape):
+        raise CorruptInputError(f"bitsandbytes quant state has shape {tuple(state.shape)}, expected {tuple(shape)}")
+    return bnb.dequantize_4bit(data, state).to(torch.float32)
+
+
+def effective_absmax(state: bnb.QuantState) -> Tensor:
+    """float32 [n_blocks]: the scale of each block as dequantize_4bit computes it."""
+    if not state.nested:
+        return state.absmax.to(torch.float32)
+    absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return absmax.to(torch.float32)
+
+
+def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_dtype: str = "bfloat16") -> dict:
+    """The config.json "quantization_config" block, as transformers' BitsAndBytesConfig.to_dict() writes it.
+
+    It has no block size: transformers always quantizes with 64, and a loader reads
+    the block size of each tensor from its quant state anyway.
+    """
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_8bit": False,
+        "_load_in_4bit": True,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_skip_modules": list(skip_modules),
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": config.quant_type,
+        "bnb_4bit_use_double_quant": config.double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+    }
+
+
+def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float) -> tuple[Tensor, dict]:
+    """GPTQ sweep onto the code book: weight [N, K], scales [N, K // blocksize] -> (codes uint8 [N, K], stats).
+
+    A column's value is what the loader will compute: code_book[code] * scale in float32,
+    cast to the weight's dtype. That value is what the error is measured against.
+    """
+    n_rows, n_cols = weight.shape
+    blocksize = n_cols // scales.shape[1]
+    W = weight.to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise CorruptInputError("Hessian contains NaN or inf")
+    dead = _drop_dead_inputs(W, H)
+    Hinv, damp = _inverse_hessian_factor(H, damp)
+
+    code_book = code_book.to(device=W.device, dtype=torch.float32)
+    bounds, order = _code_bounds(code_book)
+    codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
+    loss = torch.zeros((), device=W.device)
+    for start in range(0, n_cols, SWEEP_BLOCK):
+        end = min(start + SWEEP_BLOCK, n_cols)
+        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
+        Hinv1 = Hinv[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        for i in range(end - start):
+            col = start + i
+            w = W1[:, i]
+            scale = scales[:, col // blocksize]
+            q = _nearest_codes(w, scale, bounds, order)
+            codes[:, col] = q.to(torch.uint8)
+            value = (code_book[q] * scale).to(weight.dtype).to(torch.float32)
+            err = (w - value) / Hinv1[i, i]
+            loss += err.square().sum() / 2
+            W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+            errors[:, i] = err
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+    return codes, {"damp": damp, "loss": float(loss), "dead_inputs": int(dead.sum())}
+
+
+def _drop_dead_inputs(W: Tensor, H: Tensor) -> Tensor:
+    """Inputs never active in calibration (diag(H) == 0): zero their weights, make H invertible. In place."""
+    dead = H.diagonal() == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return dead
+
+
+def _code_bounds(code_book: Tensor) -> tuple[Tensor, Tensor]:
+    """Midpoints between the sorted code values, and the code index of each sorted position.
+
+    The same construction as bitsandbytes' quantize_4bit, so that ties (and FP4's two
+    zeros) resolve to the same codes.
+    """
+    order = torch.argsort(code_book)
+    sorted_values = code_book[order]
+    return (sorted_values[:-1] + sorted_values[1:]) / 2, order
+
+
+def _nearest_codes(w: Tensor, scale: Tensor, bounds: Tensor, order: Tensor) -> Tensor:
+    """Index of the code value nearest to w / scale, elementwise (int64).
+
+    Written as bitsandbytes writes it (w * (1 / scale), clamp, bucketize), so that with
+    bitsandbytes' own absmax the codes are bit-identical to quantize_4bit. A zero scale
+    (a block of zeros) maps everything to the zero code.
+    """
+    inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
+    scaled = torch.clamp(w * inverse, -1, 1)
+    return order[torch.bucketize(scaled, bounds, out_int32=True)]
+
+
+def _pack_codes(codes: Tensor) -> Tensor:
+    """uint8 [N, K] codes -> bitsandbytes' layout uint8 [N * K // 2, 1]: two a byte, first in the high nibble."""
+    flat = codes.reshape(-1)
+    return ((flat[::2] << 4) | flat[1::2]).unsqueeze(1)

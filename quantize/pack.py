@@ -1,0 +1,94 @@
+"""GPTQ "v1" on-disk layout, as AutoGPTQ writes it and transformers, vLLM and exllama read it.
+
+Codes are packed as a little-endian bit stream along a dimension into 32-bit words:
+value j occupies bits j*b .. j*b+b-1 of the stream, word r holding stream bits
+32r .. 32r+31. For b = 2, 4, 8 a word holds whole values; for b = 3 values 10 and 21
+of every 32 straddle two words (AutoGPTQ's 10/1/10/1/10 split is this same stream).
+Zero points are stored minus one (the v1 quirk).
+"""
+
+import torch
+from torch import Tensor
+
+from lowbit.errors import CorruptInputError
+from quantize.gptq import QuantizedWeight
+
+LOW_32_BITS = 0xFFFFFFFF
+
+
+def pack_rows(codes: Tensor, bits: int) -> Tensor:
+    """int codes [K, N] -> int32 [K * bits / 32, N], packed along dim 0. K * bits must be a multiple of 32."""
+    n_rows, n_cols = codes.shape
+    if (n_rows * bits) % 32:
+        raise ValueError(f"{n_rows} rows of {bits}-bit codes do not fill whole 32-bit words")
+    codes = codes.to(torch.int64)
+    if n_rows and (codes.min() < 0 or codes.max() >= 2**bits):
+        raise ValueError(f"codes outside 0..{2**bits - 1} cannot be packed in {bits} bits")
+    word, shift = _stream_position(n_rows, bits, codes.device)
+    shifted = codes << shift.unsqueeze(1)  # at most 31 + 8 bits: fits int64
+    # Bits are disjoint, so adding is OR. A value's bits past bit 31 go to the next word.
+    words = torch.zeros(n_rows * bits // 32 + 1, n_cols, dtype=torch.int64, device=codes.device)
+    words.index_add_(0, word, shifted & LOW_32_BITS)
+    words.index_add_(0, word + 1, shifted >> 32)
+    return _to_int32_bits(words[:-1])
+
+
+def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
+    """Inverse of pack_rows: int32 [rows * bits / 32, N] -> int32 codes [rows, N]."""
+    if packed.shape[0] * 32 != rows * bits:
+        raise ValueError(f"{packed.shape[0]} words do not hold {rows} values of {bits} bits")
+    words = packed.to(torch.int64) & LOW_32_BITS  # the unsigned value of each word
+    words = torch.cat([words, torch.zeros_like(words[:1])])
+    word, shift = _stream_position(rows, bits, packed.device)
+    # The low bits of the next word hold the rest of a value that straddles two words.
+    both = words[word] | ((words[word + 1] & 0xFF) << 32)
+    return ((both >> shift.unsqueeze(1)) & (2**bits - 1)).to(torch.int32)
+
+
+def pack_gptq_v1(q: QuantizedWeight, bias: Tensor | None = None) -> dict[str, Tensor]:
+    """Tensors of one quantized Linear, keyed by suffix: qweight, qzeros, scales, g_idx (and bias)."""
+    if (q.zeros < 1).any():
+        raise ValueError("GPTQ v1 stores zero points minus one: a zero point of 0 cannot be stored")
+    tensors = {
+        "qweight": pack_rows(q.codes.T, q.bits),
+        "qzeros": pack_rows((q.zeros.to(torch.int64) - 1).T, q.bits).T.contiguous(),
+        "scales": q.scales.to(torch.float16).contiguous(),
+        "g_idx": q.g_idx.to(torch.int32).contiguous(),
+    }
+    if bias is not None:
+        tensors["bias"] = bias.detach().to(torch.float16).contiguous()
+    return tensors
+
+
+def unpack_gptq_v1(tensors: dict[str, Tensor], bits: int) -> QuantizedWeight:
+    """The codes, scales, true zero points and g_idx of GPTQ v1 tensors (keys as pack_gptq_v1 writes)."""
+    missing = {"qweight", "qzeros", "scales", "g_idx"} - tensors.keys()
+    if missing:
+        raise CorruptInputError(f"GPTQ tensors missing: {', '.join(sorted(missing))}")
+    g_idx = tensors["g_idx"].to(torch.int32)
+    scales = tensors["scales"].to(torch.float32)
+    codes = unpack_rows(tensors["qweight"], bits, rows=g_idx.numel()).T
+    zeros = unpack_rows(tensors["qzeros"].T, bits, rows=scales.shape[1]).T + 1
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8).contiguous(),
+        scales=scales,
+        zeros=zeros.contiguous(),
+        g_idx=g_idx,
+        bits=bits,
+    )
+
+
+def dequantize_gptq_v1(tensors: dict[str, Tensor], bits: int) -> Tensor:
+    """Dense float32 weight [N, K] of GPTQ v1 tensors."""
+    return unpack_gptq_v1(tensors, bits).dequantize()
+
+
+def _stream_position(n_values: int, bits: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For each value in a packed run: the word its lowest bit is in, and the bit offset there."""
+    offset = torch.arange(n_values, device=device) * bits
+    return offset // 32, offset % 32
+
+
+def _to_int32_bits(words: Tensor) -> Tensor:
+    """int64 values in [0, 2**32) -> int32 with the same 32 bits (values >= 2**31 come out negative)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

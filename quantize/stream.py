@@ -1,0 +1,176 @@
+"""The layer-by-layer engine: a model skeleton on `meta`, one decoder layer real at a time.
+
+Quantization and evaluation both run every window through decoder layer i
+before layer i+1, keeping only the hidden states between layers. The
+skeleton is built from the config without allocating weights; a layer gets
+its weights (`load_weights`), runs, and gives them back (`free_weights`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from lowbit.errors import UsageError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device} asked for, but no CUDA GPU is available")
+    return chosen
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_dtype(dtype: str, device: torch.device, model_dtype: str | None) -> torch.dtype:
+    """The dtype layers compute in. CPUs are fast and exact in float32; GPUs use the model's half type."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise UsageError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
+        return DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if model_dtype == "float16" else torch.bfloat16
+
+
+def load_config(folder, trust_remote_code: bool = False) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as e:  # e.g. a model type this transformers does not know, or remote code refused
+        raise UsageError(f"cannot read config.json: {str(e).splitlines()[0]}") from None
+
+
+def build_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
+    """The model with every parameter on `meta` (no memory), and a real rotary embedding."""
+    config._attn_implementation = "sdpa"  # causal attention without materialising a mask
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is not None:
+        model.model.rotary_emb = type(rotary)(config=config)  # its inv_freq buffer is computed, not loaded
+    model.eval()
+    return model
+
+
+def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
+    """Give a meta module real weights (names relative to the module); all must be present."""
+    state = {name: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype) for name, t in tensors.items()}
+    missing = set(dict(module.named_parameters())) - set(state)
+    if missing:
+        raise UsageError(f"checkpoint lacks weights: {', '.join(sorted(missing)[:3])}")
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def free_weights(module: nn.Module) -> None:
+    module.to("meta")
+
+
+class _CaughtInputs(Exception):
+    pass
+
+
+@dataclass
+class Activations:
+    """Hidden states of every window between two decoder layers, and the layer call's other arguments."""
+
+    hidden: torch.Tensor  # [windows, seqlen, hidden], on `storage` (the device, or host memory when offloaded)
+    layer_kwargs: dict  # attention mask, positions, rotary embeddings: the same for every window
+
+    def window(self, i: int, device: torch.device) -> torch.Tensor:
+        return self.hidden[i : i + 1].to(device)
+
+
+def embed_windows(
+    model: nn.Module,
+    embed_weight: torch.Tensor,
+    windows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    offload: bool = False,
+) -> Activations:
+    """Run the model up to its first decoder layer for every window and catch that layer's inputs."""
+    layers = model.model.layers
+    first_layer = layers[0]
+    caught: dict = {}
+
+    class Catcher(nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            caught["hidden"] = hidden_states
+            caught["kwargs"] = kwargs
+            raise _CaughtInputs
+
+    load_weights(model.model.embed_tokens, {"weight": embed_weight}, device, dtype)
+    model.model.rotary_emb.to(device)
+    storage = torch.device("cpu") if offload else device
+    hidden = torch.empty((*windows.shape, model.config.hidden_size), dtype=dtype, device=storage)
+    layers[0] = Catcher()
+    try:
+        with torch.no_grad():
+            for i in range(windows.shape[0]):
+                try:
+                    model.model(input_ids=windows[i : i + 1].to(device), use_cache=False)
+                except _CaughtInputs:
+                    hidden[i] = caught["hidden"][0].to(storage)
+    finally:
+        layers[0] = first_layer
+        free_weights(model.model.embed_tokens)
+    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
+    return Activations(hidden=hidden, layer_kwargs=kwargs)
+
+
+def run_layer(layer: nn.Module, acts: Activations, device: torch.device, update: bool = True) -> None:
+    """Run every window through one decoder layer; with update, the outputs replace the inputs."""
+    with torch.no_grad():
+        for i in range(acts.hidden.shape[0]):
+            out = layer(acts.window(i, device), **acts.layer_kwargs)
+            if update:
+                out = out[0] if isinstance(out, tuple) else out
+                acts.hidden[i] = out[0].to(acts.hidden.device)
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a layer's forward early, once the modules we measure have run."""
+
+
+def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, last: nn.Module) -> None:
+    """Run every window through the layer only as far as module `last` (its hooks fire, nothing after)."""
+
+    def stop(module, inputs, output):
+        raise StopForward
+
+    handle = last.register_forward_hook(stop)
+    try:
+        with torch.no_grad():
+            for i in range(acts.hidden.shape[0]):
+                try:
+                    layer(acts.window(i, device), **acts.layer_kwargs)
+                except StopForward:
+                    pass
+    finally:
+        handle.remove()
+
+
+def add_input_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]):
+    """Call fn with the module's input activations, flattened to [tokens, in_features]."""
+
+    def hook(mod, inputs):
+        x = inputs[0]
+        fn(x.reshape(-1, x.shape[-1]))
+
+    return module.register_forward_pre_hook(hook)
+
+
+def live_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters that are materialised (not on meta): what the streaming engine holds."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")

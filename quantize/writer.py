@@ -1,0 +1,164 @@
+"""Write sharded safetensors one tensor at a time, and publish an output folder atomically.
+
+The shard layout is planned from shapes and dtypes before any data is read,
+so each shard's header is written first and then each tensor's bytes are
+streamed into it: host memory holds one tensor, whatever the shard size.
+Tensors of one module (a weight and its scales) always share a shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import OutputExistsError, ResourceError
+from quantize.checkpoint import SAFETENSORS_DTYPES
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write: its name, dtype and shape now, its data when `read` is called."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def parse_size(text: str) -> int:
+    """'2GB', '500MiB', '1000000' -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    cleaned = text.strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number):]
+    if not number or unit not in units:
+        raise ValueError(f"not a size: {text!r} (e.g. 2GB, 500MiB)")
+    return int(float(number) * units[unit])
+
+
+def plan_shards(units: list[list[PendingTensor]], max_shard_bytes: int) -> list[list[PendingTensor]]:
+    """Greedy: fill a shard with whole units until the next one would overflow it."""
+    shards: list[list[PendingTensor]] = [[]]
+    size = 0
+    for unit in units:
+        unit_bytes = sum(t.nbytes for t in unit)
+        if shards[-1] and size + unit_bytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(unit)
+        size += unit_bytes
+    return shards
+
+
+def _header(tensors: list[PendingTensor]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return len(raw).to_bytes(8, "little") + raw
+
+
+def _write_shard(path: Path, tensors: list[PendingTensor]) -> str:
+    sha = hashlib.sha256()
+    with open(path, "wb") as f:
+        head = _header(tensors)
+        f.write(head)
+        sha.update(head)
+        for t in tensors:
+            data = t.read().detach().to("cpu").contiguous()
+            if data.dtype != t.dtype or tuple(data.shape) != t.shape:
+                raise RuntimeError(f"{t.name}: planned {t.dtype}{t.shape}, got {data.dtype}{tuple(data.shape)}")
+            raw = memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else b""
+            f.write(raw)
+            sha.update(raw)
+    return sha.hexdigest()
+
+
+def write_sharded(folder: Path, units: list[list[PendingTensor]], max_shard_bytes: int,
+                  on_tensor: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """Write model-0000i-of-0000n.safetensors and the index; return {file: {sha256, size}}."""
+    shards = plan_shards(units, max_shard_bytes)
+    n = len(shards)
+    files: dict[str, dict] = {}
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{n:05d}.safetensors"
+        if on_tensor is not None:
+            shard = [PendingTensor(t.name, t.dtype, t.shape, _announce(t, on_tensor)) for t in shard]
+        files[name] = {"sha256": _write_shard(folder / name, shard), "size": (folder / name).stat().st_size}
+        weight_map.update({t.name: name for t in shard})
+    total = sum(t.nbytes for shard in shards for t in shard)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    write_json(folder / "model.safetensors.index.json", index)
+    return files
+
+
+def _announce(t: PendingTensor, on_tensor: Callable[[str], None]) -> Callable[[], torch.Tensor]:
+    def read() -> torch.Tensor:
+        on_tensor(t.name)
+        return t.read()
+
+    return read
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a reader never sees half of it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def check_output_free(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise OutputExistsError(f"output {output} exists (use --force to replace it)")
+
+
+def publish_folder(staging: Path, output: Path) -> None:
+    """Move a complete staging folder into place, replacing an old output (only reached with --force)."""
+    if output.exists():
+        old = output.with_name(output.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        output.rename(old)
+        staging.rename(output)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output)
+
+
+def disk_full_error(e: OSError, folder: Path, needed_bytes: int) -> ResourceError | None:
+    """A clear error for a full disk; None for other OS errors."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+    return ResourceError(
+        f"disk full while writing {folder}: about {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free"
+    )

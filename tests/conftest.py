@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2 (cached)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CACHE = Path(os.environ.get("LOWBIT_TEST_CACHE", Path.home() / ".cache" / "lowbit-tests"))
+
+
+def tiny_config(arch: str = "llama", layers: int = 3, hidden: int = 64, tie: bool = False):
+    from transformers import LlamaConfig, Phi3Config, Qwen2Config
+
+    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, tie_word_embeddings=tie)
+    if arch == "llama":
+        return LlamaConfig(**common, architectures=["LlamaForCausalLM"])
+    if arch == "phi3":
+        return Phi3Config(**common, architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "qwen2":
+        return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
+    raise ValueError(arch)
+
+
+def save_tiny_model(folder: Path, arch: str = "llama", layers: int = 3, hidden: int = 64, tie: bool = False,
+                    seed: int = 0, dtype: torch.dtype = torch.float32, max_shard_size: str = "50KB") -> Path:
+    """A random model of that architecture, saved as sharded safetensors, with a byte-level tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, layers, hidden, tie)).to(dtype)
+    with torch.no_grad():  # random init has tiny weights; make the layers matter
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def byte_tokenizer():
+    """A 256-token byte-level tokenizer: every text maps to tokens without any training."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # ByteLevel turns each byte into one printable character; token id = the byte
+    byte_chars = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_of)
+    tok = Tokenizer(models.WordLevel(vocab={c: _byte_of(c) for c in byte_chars}, unk_token=byte_chars[0]))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                                                 pre_tokenizers.Split("", behavior="isolated")])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=byte_chars[0], pad_token=byte_chars[0])
+
+
+def _byte_of(char: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip((chr(c) for c in cs), bs))[char]
+
+
+@pytest.fixture
+def tiny_llama(tmp_path) -> Path:
+    return save_tiny_model(tmp_path / "tiny-llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real SmolLM2-135M-Instruct as bf16 safetensors, built once and cached across sessions."""
+    from lowbit.errors import UsageError
+    from lowbit.examples import build_smollm2
+
+    try:
+        return build_smollm2(CACHE / "smollm2-135m-bf16")
+    except (UsageError, ImportError) as e:
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.exists():
+        pytest.skip(f"{SHARED_DATA} is absent (the shared corpora)")
+    return SHARED_DATA
