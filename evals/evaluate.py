@@ -65,6 +65,13 @@ class EvalOptions:
     chunk_tokens: int = 512  # positions projected through lm_head at once
     offload: bool | None = None  # keep hidden states in host memory; None = decide from free GPU memory
 
+    def __post_init__(self) -> None:
+        if self.seqlen < 2:
+            raise UsageError(f"seqlen must be at least 2 (position t predicts token t+1), not {self.seqlen}")
+        if self.chunk_tokens < 1 or (self.max_windows is not None and self.max_windows < 1):
+            raise UsageError(f"chunk_tokens and max_windows must be at least 1 "
+                             f"(got {self.chunk_tokens}, {self.max_windows})")
+
 
 def default_base(quantized: Path) -> str:
     """The model a lowbit checkpoint was quantized from, as its manifest names it (a folder or a Hub id)."""
@@ -138,14 +145,14 @@ def apply_final_norm(norm: nn.Module, tensors: dict[str, Tensor], acts: Activati
 
 
 def chunk_log_probs(hidden: Tensor, head: Tensor) -> Tensor:
-    """Next-token log-probabilities of one chunk: [positions, hidden] @ [vocab, hidden].T -> [positions, vocab] float32."""
+    """Next-token log-probabilities of a chunk: [positions, hidden] x [vocab, hidden] -> [positions, vocab] float32."""
     return torch.log_softmax(hidden.to(head.device, torch.float32) @ head.T, dim=-1)
 
 
 def position_chunks(seqlen: int, chunk_tokens: int) -> list[tuple[int, int]]:
     """[start, end) ranges of at most chunk_tokens positions covering the seqlen - 1 predicting positions."""
-    if chunk_tokens < 1:
-        raise UsageError(f"chunk_tokens must be at least 1, not {chunk_tokens}")
+    if chunk_tokens < 1 or seqlen < 2:
+        raise UsageError(f"need chunk_tokens >= 1 and windows of at least 2 tokens (got {chunk_tokens}, {seqlen})")
     return [(start, min(start + chunk_tokens, seqlen - 1)) for start in range(0, seqlen - 1, chunk_tokens)]
 
 

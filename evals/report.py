@@ -93,6 +93,10 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
         ("Dataset", _text(report.get("dataset"))),
         ("Dataset sha256", _text(report.get("dataset_sha256"))),
         ("Protocol", _text(report.get("protocol"))),
+        ("Scoring", _text(report.get("scoring"))),
+        ("Seconds", _fmt(report.get("seconds"), ".1f")),
+        ("Peak host memory", _gib(report.get("peak_host_bytes"))),
+        ("Peak GPU memory", _gib(report.get("peak_gpu_bytes"))),
     ]
     return [(metric, value) for metric, value in rows if value is not None]
 
@@ -100,6 +104,10 @@ def report_rows(report: dict) -> list[tuple[str, str]]:
 def _windows(report: dict) -> str | None:
     windows, seqlen = report.get("windows"), report.get("seqlen")
     return f"{windows} x {seqlen}" if windows is not None and seqlen is not None else None
+
+
+def _gib(value) -> str | None:
+    return f"{value / 2**30:.2f} GiB" if _is_number(value) else None
 
 
 def _text(value) -> str | None:
@@ -111,9 +119,11 @@ def contamination_line(report: dict) -> str | None:
     if not isinstance(contamination, dict):
         return None
     rate = contamination.get("overlap_rate")
-    rate_text = f" ({rate:.2%} of the calibration 13-grams occur in it)" if _is_number(rate) else ""
+    n = contamination.get("n", 13)
+    rate_text = f" ({rate:.2%} of the calibration {n}-grams occur in it)" if _is_number(rate) else ""
     if contamination.get("contaminated"):
-        return f"Warning: the calibration data overlaps the evaluation text{rate_text}; the perplexity delta is flattered."
+        return (f"Warning: the calibration data overlaps the evaluation text{rate_text}; "
+                "the perplexity delta is flattered.")
     return f"Calibration and evaluation data do not overlap{rate_text}."
 
 

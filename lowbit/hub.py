@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from functools import partial
 from pathlib import Path
 
 import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, RepoFile
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
@@ -116,7 +116,8 @@ def files_to_push(folder: Path) -> list[Path]:
         raise UsageError(f"{folder} is not a complete lowbit checkpoint: no .safetensors weights")
     missing = sorted(set(read_manifest(folder).get("files") or {}) - names)
     if missing:
-        raise UsageError(f"{folder} is not a complete lowbit checkpoint: {', '.join(missing)} listed in the manifest but absent")
+        listed = ", ".join(missing)
+        raise UsageError(f"{folder} is not a complete lowbit checkpoint: {listed} listed in the manifest but absent")
     return chosen
 
 
@@ -152,53 +153,82 @@ def push_folder(folder: Path, options: PushOptions, on_event: Callable[[str], No
     files_to_push(folder)  # refuse an incomplete folder before anything else
     manifest = read_manifest(folder)
     card = redact(str(build_model_card(manifest, options.repo_id)))
-    with_plot = bool(layer_errors(manifest))
-
+    plot = redact(layer_error_svg(manifest)) if layer_errors(manifest) else None
     if options.dry_run:
-        names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | ({LAYER_ERRORS_FILE} if with_plot else set())
+        names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | ({LAYER_ERRORS_FILE} if plot else set())
         return PushResult(options.repo_id, None, sorted(names), [], 0, True, card)
 
     (folder / CARD_FILE).write_text(card, encoding="utf-8")
-    if with_plot:
-        (folder / LAYER_ERRORS_FILE).write_text(redact(layer_error_svg(manifest)), encoding="utf-8")
+    if plot:
+        (folder / LAYER_ERRORS_FILE).write_text(plot, encoding="utf-8")
     paths = {path.name: path for path in files_to_push(folder)}
     digests = {name: _digests(path) for name, path in paths.items()}
 
     api = HfApi(endpoint=hub_endpoint(), token=options.token, library_name="lowbit", library_version=__version__)
-    repo_id, revision = options.repo_id, options.revision
     with _forward_library_retries(emit):
-        url = str(_call("creating the repository", lambda: api.create_repo(repo_id, private=options.private, exist_ok=True), emit, repo_id))
-        if revision and not options.create_pr:
-            _call(f"creating branch {revision}", lambda: api.create_branch(repo_id, branch=revision, exist_ok=True), emit, repo_id)
-        remote = _call("listing the files on the Hub", lambda: _remote_files(api, repo_id, list(paths), revision), emit, repo_id)
-
+        url = _prepare_repo(api, options, emit)
+        remote = _call(
+            "listing the files on the Hub",
+            lambda: _remote_files(api, options.repo_id, list(paths), options.revision),
+            emit, options.repo_id,
+        )  # fmt: skip
         skipped = [name for name in paths if name in remote and _same_content(digests[name], remote[name])]
         to_upload = [name for name in paths if name not in skipped]
-        batches = plan_commits([(name, paths[name].stat().st_size) for name in _upload_order(to_upload)], options.max_commit_bytes)
+        sizes = [(name, paths[name].stat().st_size) for name in _upload_order(to_upload)]
+        batches = [[paths[name] for name in batch] for batch in plan_commits(sizes, options.max_commit_bytes)]
         emit(f"{len(to_upload)} file(s) to upload in {len(batches)} commit(s), {len(skipped)} already on the Hub")
+        pr_url = _commit_batches(api, options, batches, digests, _default_commit_message(manifest), emit)
+    return PushResult(options.repo_id, pr_url or url, to_upload, skipped, len(batches), False, card)
 
-        create_pr = options.create_pr
-        for number, batch in enumerate(batches, 1):
-            step = f"commit {number}/{len(batches)}"
-            message = (options.commit_message or _default_commit_message(manifest)) + (f" ({step})" if len(batches) > 1 else "")
-            operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(paths[name])) for name in batch]
-            for op in operations:
-                op.upload_info.sha256 = bytes.fromhex(digests[op.path_in_repo][0])  # spares the library a re-read
-            emit(f"{step}: uploading {', '.join(batch)}")
-            _call(
-                f"uploading the files of {step}",
-                lambda: api.preupload_lfs_files(repo_id, additions=operations, revision=revision, create_pr=create_pr, free_memory=False),
-                emit, repo_id, retry=False,
-            )  # fmt: skip
-            info = _call(
-                f"making {step}",
-                lambda: api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr),
-                emit, repo_id,
-            )  # fmt: skip
-            if create_pr:  # later commits go onto the pull request's branch
-                url, revision, create_pr = info.pr_url, info.pr_revision, False
-            emit(f"{step}: committed")
-    return PushResult(repo_id, url, to_upload, skipped, len(batches), False, card)
+
+def _prepare_repo(api: HfApi, options: PushOptions, emit: Callable[[str], None]) -> str:
+    """Create the repo (and the target branch) unless they exist; returns the repo URL."""
+    repo_id = options.repo_id
+    # private=None rather than False: an existing repo and an organisation's default visibility are left alone.
+    url = _call(
+        "creating the repository",
+        lambda: api.create_repo(repo_id, private=options.private or None, exist_ok=True),
+        emit, repo_id,
+    )  # fmt: skip
+    if options.revision and not options.create_pr:
+        _call(
+            f"creating branch {options.revision}",
+            lambda: api.create_branch(repo_id, branch=options.revision, exist_ok=True),
+            emit, repo_id,
+        )  # fmt: skip
+    return str(url)
+
+
+def _commit_batches(
+    api: HfApi,
+    options: PushOptions,
+    batches: list[list[Path]],
+    digests: dict[str, tuple[str, str]],
+    default_message: str,
+    emit: Callable[[str], None],
+) -> str | None:
+    """Upload and commit each batch in turn; returns the pull request's URL when one was opened."""
+    repo_id, revision, create_pr, pr_url = options.repo_id, options.revision, options.create_pr, None
+    for number, batch in enumerate(batches, 1):
+        step = f"commit {number}/{len(batches)}"
+        message = (options.commit_message or default_message) + (f" ({step})" if len(batches) > 1 else "")
+        operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path)) for path in batch]
+        for op in operations:
+            op.upload_info.sha256 = bytes.fromhex(digests[op.path_in_repo][0])  # spares the library a re-read
+        emit(f"{step}: uploading {', '.join(path.name for path in batch)}")
+        upload = partial(
+            api.preupload_lfs_files, repo_id, additions=operations, revision=revision, create_pr=create_pr,
+            free_memory=False,
+        )  # fmt: skip
+        _call(f"uploading the files of {step}", upload, emit, repo_id, retry=False)  # the library retries these
+        commit = partial(
+            api.create_commit, repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr
+        )
+        info = _call(f"making {step}", commit, emit, repo_id)
+        if create_pr:  # the later commits go onto the pull request's branch
+            pr_url, revision, create_pr = info.pr_url, info.pr_revision, False
+        emit(f"{step}: committed")
+    return pr_url
 
 
 def plan_commits(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
@@ -254,7 +284,7 @@ def _default_commit_message(manifest: dict) -> str:
 
 def _call(step: str, fn: Callable, emit: Callable[[str], None], repo_id: str, *, retry: bool = True):
     """fn(), retrying 429/5xx with exponential backoff when `retry`; Hub and network failures become HubError."""
-    tries = RETRY_TRIES
+    tries = RETRY_TRIES if retry else 1
     for attempt in range(1, tries + 1):
         try:
             return fn()

@@ -107,7 +107,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or an int of 5000 digits
         raise corrupt("header is not valid JSON") from None
     if not isinstance(header, dict):
         raise corrupt("header is not a JSON object")
@@ -116,19 +116,18 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise corrupt(f"bad entry for tensor {name!r}") from None
-        numel = 1
+        fields = _parse_entry(entry)
+        if fields is None:
+            raise corrupt(f"bad entry for tensor {name!r}")
+        dtype, shape, (begin, end) = fields
+        numel, stride_bound = 1, 1
         for d in shape:
-            if d < 0:
-                raise corrupt(f"negative dimension in {name!r}")
             numel *= d
+            stride_bound *= max(d, 1)
+        if stride_bound > 2**62:  # torch could not even describe an empty tensor of that shape
+            raise corrupt(f"tensor {name!r} has an impossible shape {list(shape)}")
         itemsize = torch.empty((), dtype=dtype).element_size()
-        if begin < 0 or end - begin != numel * itemsize:
+        if end - begin != numel * itemsize:
             raise corrupt(f"tensor {name!r} has {end - begin} bytes, its shape needs {numel * itemsize}")
         if data_start + end > size:
             raise corrupt(f"tensor {name!r} runs past the end of the file (truncated?)")
@@ -136,40 +135,34 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
     return tensors
 
 
+def _parse_entry(entry) -> tuple[torch.dtype, tuple[int, ...], tuple[int, int]] | None:
+    """(dtype, shape, (begin, end)) of one header entry; None when it is malformed."""
+
+    def is_count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        return None
+    dtype, shape, offsets = SAFETENSORS_DTYPES.get(entry["dtype"]), entry.get("shape"), entry.get("data_offsets")
+    if dtype is None or not isinstance(shape, list) or not all(is_count(d) for d in shape):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
+        return None
+    return dtype, tuple(shape), (offsets[0], offsets[1])
+
+
 class SafetensorsCheckpoint:
     """All tensors of a (possibly sharded) safetensors checkpoint, read on demand."""
 
-    def __init__(self, folder: Path, allow_pickle: bool = False):
+    def __init__(self, folder: Path):
         self.folder = Path(folder)
-        files = sorted(self.folder.glob("*.safetensors"))
+        files = weight_files(self.folder, "model.safetensors.index.json", "*.safetensors")
         if not files:
-            if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
-                hint = " (it has pickled .bin weights, which lowbit does not load: unpickling runs code)"
-                if allow_pickle:
-                    hint = " (pickled .bin weights: convert them to safetensors first)"
-                raise UsageError(f"no safetensors weights in {folder}{hint}")
-            raise UsageError(f"no safetensors weights in {folder}")
-        index_file = self.folder / "model.safetensors.index.json"
-        if index_file.exists():
-            files = self._files_from_index(index_file)
+            hint = " (only pickled .bin weights: unpickling can run code)" if pickle_files(self.folder) else ""
+            raise UsageError(f"no safetensors weights in {folder}{hint}")
         self.tensors: dict[str, TensorInfo] = {}
         for file in files:
             self.tensors.update(read_header(file))
-
-    def _files_from_index(self, index_file: Path) -> list[Path]:
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CorruptInputError(f"corrupt index file {index_file.name}") from None
-        files = []
-        for shard in sorted(set(weight_map.values())):
-            file = (self.folder / shard).resolve()
-            if file.parent != self.folder.resolve():
-                raise CorruptInputError(f"index names a shard outside the model folder: {shard}")
-            if not file.exists():
-                raise CorruptInputError(f"index names a missing shard: {shard}")
-            files.append(file)
-        return files
 
     def names(self) -> list[str]:
         return list(self.tensors)
@@ -190,8 +183,8 @@ class SafetensorsCheckpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         tensor = torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
-        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CorruptInputError(f"weight {name} contains NaN or Inf")
+        if check_finite:
+            check_all_finite(name, tensor)
         return tensor
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -202,13 +195,112 @@ class SafetensorsCheckpoint:
         return sum(info.nbytes for info in self.tensors.values())
 
 
+class PickleCheckpoint(SafetensorsCheckpoint):
+    """Pickled PyTorch weights (*.bin), read only when the user allows it (--allow-pickle).
+
+    torch.load(weights_only=True) unpickles nothing but tensors and plain containers,
+    and mmap=True leaves the data on disk until a tensor is read.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.tensors = {}
+        self._data: dict[str, torch.Tensor] = {}
+        for file in pickle_files(self.folder):
+            for name, tensor in _load_pickle(file).items():
+                self._data[name] = tensor
+                self.tensors[name] = TensorInfo(file, tensor.dtype, tuple(tensor.shape), 0,
+                                                tensor.numel() * tensor.element_size())
+
+    def read(self, name: str, check_finite: bool = True) -> torch.Tensor:
+        tensor = self._data[name].clone()  # out of the memory map now, as a safetensors read would
+        if check_finite:
+            check_all_finite(name, tensor)
+        return tensor
+
+
+def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a refused global, a truncated zip, an old non-zip pickle, ...
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptInputError(f"cannot load pickled weights {file.name} safely: {why[:200]}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CorruptInputError(f"pickled weights {file.name} are not a plain state dict of tensors")
+    return state
+
+
+def open_checkpoint(folder: Path, allow_pickle: bool = False) -> SafetensorsCheckpoint:
+    """A model's weights: safetensors, or pickled .bin files when it has no safetensors and allow_pickle is set."""
+    folder = Path(folder)
+    if weight_files(folder, "model.safetensors.index.json", "*.safetensors") or not pickle_files(folder):
+        return SafetensorsCheckpoint(folder)
+    if not allow_pickle:
+        raise CorruptInputError(f"{folder} has only pickled .bin weights, and unpickling can run code: convert "
+                                f"them to safetensors, or pass --allow-pickle to load them with weights_only=True")
+    return PickleCheckpoint(folder)
+
+
+def weight_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
+    """The weight files of a checkpoint: the shards its index names, else every file matching pattern."""
+    index_file = folder / index_name
+    if index_file.exists():
+        return _files_from_index(folder, index_file)
+    return sorted(folder.glob(pattern))
+
+
+def pickle_files(folder: Path) -> list[Path]:
+    files = weight_files(folder, "pytorch_model.bin.index.json", "*.bin")
+    return [f for f in files if f.name != "training_args.bin"]  # the Trainer's pickled arguments, not weights
+
+
+def _files_from_index(folder: Path, index_file: Path) -> list[Path]:
+    """The shards an index names; a name that is not a plain file name ('../x', 'a/b') is refused."""
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError):  # ValueError covers bad JSON and bad UTF-8
+        raise CorruptInputError(f"corrupt index file {index_file.name}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CorruptInputError(f"corrupt index file {index_file.name}: weight_map is not names to files")
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        # Hub snapshots are symlinks into a blob store: judge the name, not the resolved path.
+        if shard in ("", ".", "..") or Path(shard).name != shard or "\\" in shard:
+            raise CorruptInputError(f"index names a shard outside the model folder: {shard}")
+        if not (folder / shard).is_file():
+            raise CorruptInputError(f"index names a missing shard: {shard}")
+        files.append(folder / shard)
+    return files
+
+
+def check_all_finite(name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_floating_point():
+        return
+    values = tensor.float() if tensor.element_size() == 1 else tensor  # isfinite has no float8 kernel
+    if not torch.isfinite(values).all():
+        raise CorruptInputError(f"weight {name} contains NaN or Inf")
+
+
+def check_remote_code(config: dict, name: str, trust_remote_code: bool) -> None:
+    """Refuse a model whose config needs the repo's own Python code, unless the user trusts it.
+
+    transformers ignores auto_map for model types it knows, so only unknown types need the code.
+    """
+    from transformers import CONFIG_MAPPING
+
+    if trust_remote_code or not config.get("auto_map") or config.get("model_type") in CONFIG_MAPPING:
+        return
+    raise UsageError(f"{name} needs its own Python code (model_type {config.get('model_type')!r} with an auto_map "
+                     f"in config.json); lowbit runs a repo's code only with --trust-remote-code")
+
+
 def load_config_dict(folder: Path) -> dict:
     file = Path(folder) / "config.json"
     if not file.exists():
         raise UsageError(f"no config.json in {folder}")
     try:
         config = json.loads(file.read_text())
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # bad JSON or bad UTF-8
         raise CorruptInputError(f"config.json in {folder} is not valid JSON") from None
     if not isinstance(config, dict):
         raise CorruptInputError(f"config.json in {folder} is not a JSON object")

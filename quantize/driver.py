@@ -12,9 +12,11 @@ command continues from there; a run with other settings or inputs refuses.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -23,12 +25,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from lowbit import __version__
-from lowbit.errors import LowbitError, UsageError
+from lowbit.errors import LowbitError, OutputExistsError, UsageError
 from quantize.arch import Architecture, architecture_of
-from quantize.checkpoint import ModelSource, SafetensorsCheckpoint, load_config_dict, resolve_model
+from quantize.checkpoint import (
+    ModelSource,
+    SafetensorsCheckpoint,
+    check_remote_code,
+    load_config_dict,
+    open_checkpoint,
+    resolve_model,
+)
 from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from quantize.nf4 import BnbConfig, bnb_quantization_config, quantize_bnb
 from quantize.pack import pack_gptq_v1
@@ -96,6 +106,7 @@ class RunOptions:
     offload: bool | None = None  # activations in host memory; None = decide from free GPU memory
     force: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # read pickled .bin weights (weights_only) when there are no safetensors
     revision: str | None = None
     token: str | None = None
 
@@ -192,7 +203,8 @@ def quantize_model(
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
     arch = architecture_of(config)
-    reader = SafetensorsCheckpoint(source.folder)
+    check_remote_code(config, source.name, options.trust_remote_code)
+    reader = open_checkpoint(source.folder, options.allow_pickle)
     check_shapes(arch, reader, settings)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
@@ -224,6 +236,11 @@ def quantize_model(
             raise
         shutil.rmtree(work, ignore_errors=True)
         raise error from None
+    except LowbitError:
+        # Bad input found part-way (a NaN weight, say): fixing the input makes this progress stale anyway.
+        # A crash or a kill keeps OUTPUT.partial for the next run to resume.
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     publish_folder(work, output)
     return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
@@ -260,7 +277,8 @@ def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
 
 def _fingerprint(settings: QuantizeSettings, reader: SafetensorsCheckpoint, config: dict, calibration_info: dict | None) -> str:
     """What the output depends on; progress made under another fingerprint is stale."""
-    tensors = sorted((name, str(info.dtype), info.shape, info.file.stat().st_size) for name, info in reader.tensors.items())
+    tensors = sorted((name, str(info.dtype), info.shape, info.file.stat().st_size, info.file.stat().st_mtime_ns)
+                     for name, info in reader.tensors.items())
     data = {
         "settings": asdict(settings),
         "config": config,
@@ -277,26 +295,44 @@ def _open_progress(work: Path, progress_dir: Path, fingerprint: str, force: bool
         if progress.get("fingerprint") == fingerprint:
             return progress
         if not force:
-            raise UsageError(f"{work} holds progress of a run with other settings or inputs; "
-                             f"re-run with --force to discard it and start over")
+            raise OutputExistsError(f"{work} holds progress of a run with other settings or inputs; "
+                                    f"re-run with --force to discard it and start over")
     if work.exists():
         shutil.rmtree(work)
     progress_dir.mkdir(parents=True)
     progress = {"fingerprint": fingerprint, "layers_done": 0, "layers": {},
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                "created": _created_timestamp()}
     write_json(progress_file, progress)
     return progress
+
+
+def _created_timestamp() -> str:
+    """Now, or SOURCE_DATE_EPOCH when set (reproducible builds: two runs then write identical manifests)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    seconds = int(epoch) if epoch.isdigit() else time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a full disk raised as the OSError that open() would raise."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if f"os error {code})" in str(e):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
 
 
 def _save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
                 layer_stats: dict, acts: Activations | None) -> None:
     """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state."""
     tmp = progress_dir / f"layer-{index:05d}.safetensors.tmp"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    _save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
     tmp.replace(progress_dir / f"layer-{index:05d}.safetensors")
     if acts is not None:
         tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
-        save_file({"hidden": acts.hidden.detach().to("cpu").contiguous()}, str(tmp))
+        _save_tensors({"hidden": acts.hidden.detach().to("cpu").contiguous()}, tmp)
         tmp.replace(progress_dir / f"activations-{index + 1:05d}.safetensors")
     progress["layers_done"] = index + 1
     progress["layers"].update(layer_stats)
@@ -422,12 +458,16 @@ def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianA
 def _assemble(work, progress_dir, source, config, arch, reader, settings, options, calibration_info,
               windows, progress, report) -> dict:
     """Stream every tensor into the final shards and write config, tokenizer and manifest."""
+    for stale in work.iterdir():  # what a run killed while assembling had written
+        if stale.is_file():
+            stale.unlink()
     layer_files = SafetensorsCheckpoint(progress_dir)  # reads layer-*.safetensors headers
     layer_names = set(layer_files.names())
 
     def pending(reader_, name):
         info = reader_.info(name)
-        return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=False))
+        check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
+        return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
 
     head = [n for n in reader.names() if not n.startswith("model.layers.")]
     units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n.startswith("model.embed_tokens")]

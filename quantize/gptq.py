@@ -9,6 +9,8 @@ matrix in one matmul per block ("lazy batch updates").
 
 import logging
 import math
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -71,12 +73,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
-    # Inputs that were always zero carry no information: drop their weights, keep H invertible.
-    dead = H.diagonal() == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    dead = drop_dead_inputs(W, H)
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
         scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
@@ -87,33 +84,23 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
     perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
     W = W[:, perm]
     H = H[perm][:, perm]
-    Hinv, damp = _inverse_hessian_factor(H, config.damp)
+    Hinv, damp = inverse_hessian_factor(H, config.damp)
 
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     original_group = (perm // group_size).tolist()
-    loss = torch.zeros((), device=W.device)
-    block_size = _block_size(config.block_size, group_size, n_cols)
-    for start in range(0, n_cols, block_size):
-        end = min(start + block_size, n_cols)
-        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
-        Hinv1 = Hinv[start:end, start:end]
-        errors = torch.zeros_like(W1)
-        for i in range(end - start):
-            col = start + i
-            if config.static_groups:
-                g = original_group[col]
-            elif col % group_size == 0:
-                # From the weights as updated so far (_block_size makes all of W[:, col:] current here).
-                g = col // group_size
+
+    def quantize_column(col: int, w: Tensor) -> Tensor:
+        if config.static_groups:
+            g = original_group[col]
+        else:
+            g = col // group_size
+            if col % group_size == 0:  # from the weights as updated so far (see _block_size)
                 scales[g], zeros[g] = grid_params(W[:, col : col + group_size], config.bits, config.sym)
-            w = W1[:, i : i + 1]
-            q = quantize_to_codes(w, scales[g], zeros[g], config.bits)
-            codes[:, col] = q[:, 0].to(torch.uint8)
-            err = (w - dequantize_codes(q, scales[g], zeros[g]))[:, 0] / Hinv1[i, i]
-            loss += err.square().sum() / 2
-            W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
-            errors[:, i] = err
-        W[:, end:] -= errors @ Hinv[start:end, end:]
+        q = quantize_to_codes(w[:, None], scales[g], zeros[g], config.bits)  # the grid works on [N, columns]
+        codes[:, col] = q[:, 0].to(torch.uint8)
+        return dequantize_codes(q, scales[g], zeros[g])[:, 0]
+
+    loss = gptq_sweep(W, Hinv, quantize_column, _block_size(config.block_size, group_size, n_cols))
 
     inverse_perm = torch.argsort(perm)
     # The group of original column k: k // G with static groups, else its position in the sweep // G.
@@ -125,7 +112,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
         g_idx=(g_idx // group_size).to(torch.int32),
         bits=config.bits,
     )
-    return quantized, GPTQStats(damp=damp, loss=float(loss), dead_inputs=int(dead.sum()))
+    return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()))
 
 
 def rtn_quantize(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
@@ -146,6 +133,57 @@ def rtn_quantize(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
         g_idx=g_idx.to(torch.int32),
         bits=config.bits,
     )
+
+
+def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor], Tensor], block_size: int) -> float:
+    """The heart of GPTQ, for any grid: quantize W [N, K] column by column, in place.
+
+    quantize_column(col, w) rounds the current column w [N] and returns its dequantized
+    value. Its error, scaled by the inverse Hessian's diagonal, is subtracted from the
+    columns not yet quantized: at once inside the block, in one matmul past it.
+    Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2).
+    """
+    n_cols = W.shape[1]
+    loss = torch.zeros((), device=W.device)
+    for start in range(0, n_cols, block_size):
+        end = min(start + block_size, n_cols)
+        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
+        Hinv1 = Hinv[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        with _one_thread_on_cpu(W.device):
+            for i in range(end - start):
+                w = W1[:, i]
+                err = (w - quantize_column(start + i, w)) / Hinv1[i, i]
+                loss += err.square().sum() / 2
+                W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+                errors[:, i] = err
+        W[:, end:] -= errors @ Hinv[start:end, end:]
+    return float(loss)
+
+
+@contextmanager
+def _one_thread_on_cpu(device: torch.device):
+    """The column loop is many tiny ops: CPU threads only add synchronisation (10x slower on a busy machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def drop_dead_inputs(W: Tensor, H: Tensor) -> Tensor:
+    """Inputs never active in calibration (diag(H) == 0) carry no information: zero their
+    weights and make H invertible there. In place; returns the mask."""
+    dead = H.diagonal() == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return dead
 
 
 def _group_size(config: GPTQConfig, n_cols: int) -> int:
@@ -169,7 +207,7 @@ def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
     return math.gcd(group_size, block_size)
 
 
-def _inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
+def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the damp used.
 
     If H is not positive definite enough, retry with 10x the damping a few times.

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.gptq import _inverse_hessian_factor
+from quantize.gptq import drop_dead_inputs, gptq_sweep, inverse_hessian_factor
 
 log = logging.getLogger("lowbit")
 
@@ -162,41 +162,21 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
     if not torch.isfinite(H).all():
         raise CorruptInputError("Hessian contains NaN or inf")
-    dead = _drop_dead_inputs(W, H)
-    Hinv, damp = _inverse_hessian_factor(H, damp)
+    dead = drop_dead_inputs(W, H)
+    Hinv, damp = inverse_hessian_factor(H, damp)
 
     code_book = code_book.to(device=W.device, dtype=torch.float32)
     bounds, order = _code_bounds(code_book)
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
-    loss = torch.zeros((), device=W.device)
-    for start in range(0, n_cols, SWEEP_BLOCK):
-        end = min(start + SWEEP_BLOCK, n_cols)
-        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
-        Hinv1 = Hinv[start:end, start:end]
-        errors = torch.zeros_like(W1)
-        for i in range(end - start):
-            col = start + i
-            w = W1[:, i]
-            scale = scales[:, col // blocksize]
-            q = _nearest_codes(w, scale, bounds, order)
-            codes[:, col] = q.to(torch.uint8)
-            value = (code_book[q] * scale).to(weight.dtype).to(torch.float32)
-            err = (w - value) / Hinv1[i, i]
-            loss += err.square().sum() / 2
-            W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
-            errors[:, i] = err
-        W[:, end:] -= errors @ Hinv[start:end, end:]
-    return codes, {"damp": damp, "loss": float(loss), "dead_inputs": int(dead.sum())}
 
+    def quantize_column(col: int, w: Tensor) -> Tensor:
+        scale = scales[:, col // blocksize]
+        q = _nearest_codes(w, scale, bounds, order)
+        codes[:, col] = q.to(torch.uint8)
+        return (code_book[q] * scale).to(weight.dtype).to(torch.float32)
 
-def _drop_dead_inputs(W: Tensor, H: Tensor) -> Tensor:
-    """Inputs never active in calibration (diag(H) == 0): zero their weights, make H invertible. In place."""
-    dead = H.diagonal() == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return dead
+    loss = gptq_sweep(W, Hinv, quantize_column, SWEEP_BLOCK)
+    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum())}
 
 
 def _code_bounds(code_book: Tensor) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from lowbit.errors import CorruptInputError
 from quantize.gptq import QuantizedWeight
 
 LOW_32_BITS = 0xFFFFFFFF
+CHUNK_VALUES = 2**22  # codes packed at once: bounds the int64 temporaries to ~100 MB whatever the matrix
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
@@ -21,28 +22,33 @@ def pack_rows(codes: Tensor, bits: int) -> Tensor:
     n_rows, n_cols = codes.shape
     if (n_rows * bits) % 32:
         raise ValueError(f"{n_rows} rows of {bits}-bit codes do not fill whole 32-bit words")
-    codes = codes.to(torch.int64)
-    if n_rows and (codes.min() < 0 or codes.max() >= 2**bits):
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**bits):
         raise ValueError(f"codes outside 0..{2**bits - 1} cannot be packed in {bits} bits")
     word, shift = _stream_position(n_rows, bits, codes.device)
-    shifted = codes << shift.unsqueeze(1)  # at most 31 + 8 bits: fits int64
-    # Bits are disjoint, so adding is OR. A value's bits past bit 31 go to the next word.
-    words = torch.zeros(n_rows * bits // 32 + 1, n_cols, dtype=torch.int64, device=codes.device)
-    words.index_add_(0, word, shifted & LOW_32_BITS)
-    words.index_add_(0, word + 1, shifted >> 32)
-    return _to_int32_bits(words[:-1])
+    packed = torch.empty(n_rows * bits // 32, n_cols, dtype=torch.int32, device=codes.device)
+    for columns in _column_chunks(n_rows, n_cols):  # int64 temporaries of a chunk, not of the whole matrix
+        shifted = codes[:, columns].to(torch.int64) << shift.unsqueeze(1)  # at most 31 + 8 bits: fits int64
+        # Bits are disjoint, so adding is OR. A value's bits past bit 31 go to the next word.
+        words = torch.zeros(packed.shape[0] + 1, shifted.shape[1], dtype=torch.int64, device=codes.device)
+        words.index_add_(0, word, shifted & LOW_32_BITS)
+        words.index_add_(0, word + 1, shifted >> 32)
+        packed[:, columns] = _to_int32_bits(words[:-1])
+    return packed
 
 
 def unpack_rows(packed: Tensor, bits: int, rows: int) -> Tensor:
     """Inverse of pack_rows: int32 [rows * bits / 32, N] -> int32 codes [rows, N]."""
     if packed.shape[0] * 32 != rows * bits:
         raise ValueError(f"{packed.shape[0]} words do not hold {rows} values of {bits} bits")
-    words = packed.to(torch.int64) & LOW_32_BITS  # the unsigned value of each word
-    words = torch.cat([words, torch.zeros_like(words[:1])])
     word, shift = _stream_position(rows, bits, packed.device)
-    # The low bits of the next word hold the rest of a value that straddles two words.
-    both = words[word] | ((words[word + 1] & 0xFF) << 32)
-    return ((both >> shift.unsqueeze(1)) & (2**bits - 1)).to(torch.int32)
+    codes = torch.empty(rows, packed.shape[1], dtype=torch.int32, device=packed.device)
+    for columns in _column_chunks(rows, packed.shape[1]):
+        words = packed[:, columns].to(torch.int64) & LOW_32_BITS  # the unsigned value of each word
+        words = torch.cat([words, torch.zeros_like(words[:1])])
+        # The low bits of the next word hold the rest of a value that straddles two words.
+        both = words[word] | ((words[word + 1] & 0xFF) << 32)
+        codes[:, columns] = ((both >> shift.unsqueeze(1)) & (2**bits - 1)).to(torch.int32)
+    return codes
 
 
 def pack_gptq_v1(q: QuantizedWeight, bias: Tensor | None = None) -> dict[str, Tensor]:
@@ -81,6 +87,12 @@ def unpack_gptq_v1(tensors: dict[str, Tensor], bits: int) -> QuantizedWeight:
 def dequantize_gptq_v1(tensors: dict[str, Tensor], bits: int) -> Tensor:
     """Dense float32 weight [N, K] of GPTQ v1 tensors."""
     return unpack_gptq_v1(tensors, bits).dequantize()
+
+
+def _column_chunks(n_rows: int, n_cols: int) -> list[slice]:
+    """Column ranges of about CHUNK_VALUES values each (at least one column)."""
+    step = max(1, CHUNK_VALUES // max(n_rows, 1))
+    return [slice(start, start + step) for start in range(0, n_cols, step)]
 
 
 def _stream_position(n_values: int, bits: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -275,7 +275,8 @@ class FakeHub:
             is_lfs = path.endswith(_LFS_SUFFIXES) or size >= self.lfs_threshold or b"\0" in sample
             existing = files.get(path)
             oid = None if existing is None else (existing.sha256 if existing.lfs else existing.git_oid)
-            answers.append({"path": path, "uploadMode": "lfs" if is_lfs else "regular", "shouldIgnore": False, "oid": oid})
+            mode = "lfs" if is_lfs else "regular"
+            answers.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
         return _json({"files": answers})
 
     def _lfs_batch(self, user, repo, body, **_):
@@ -334,7 +335,8 @@ class FakeHub:
                     return _error(422, f"LFS object {value['oid']} was not uploaded")
                 new_files[value["path"]] = Blob(content, lfs=True)
             elif key in ("deletedFile", "deletedFolder"):
-                new_files = {p: b for p, b in new_files.items() if p != value["path"] and not p.startswith(value["path"].rstrip("/") + "/")}
+                folder = value["path"].rstrip("/") + "/"
+                new_files = {p: b for p, b in new_files.items() if p != value["path"] and not p.startswith(folder)}
         pr_url = None
         if query.get("create_pr", ["0"])[0] == "1":
             found.pr_count += 1
@@ -344,7 +346,8 @@ class FakeHub:
         found.heads[rev] = oid = self._new_commit_oid()
         paths = [line["value"]["path"] for line in lines if line["key"] != "header"]
         self.commits.append({"repo_id": repo, "revision": rev, "summary": header["summary"], "paths": paths})
-        return _json({"commitUrl": f"{self.endpoint}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url, "success": True})
+        commit_url = f"{self.endpoint}/{repo}/commit/{oid}"
+        return _json({"commitUrl": commit_url, "commitOid": oid, "pullRequestUrl": pr_url, "success": True})
 
     def _resolve(self, user, repo, rev, file, **_):
         found, error = self._readable(repo, user)

@@ -23,6 +23,7 @@ from evals.evaluate import (
 from lowbit.errors import UsageError
 from quantize.checkpoint import SafetensorsCheckpoint
 from quantize.loader import DenseWeights, load_dequantized_model
+from quantize.stream import build_skeleton, live_parameter_bytes, run_layer
 
 VOCAB = 256
 SEQLEN = 32
@@ -130,6 +131,21 @@ def test_perplexity_matches_transformers(models, windows, kind):
     assert figures["ppl_base"] == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["phi3", "qwen2"])
+def test_other_architectures_match_transformers(tmp_path, windows, arch):
+    """Fused qkv/gate_up (Phi-3), attention biases (Qwen2), a checkpoint sharded over several files."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / arch, arch)
+    assert len(list(folder.glob("*.safetensors"))) > 1
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hidden = final_hidden_states(folder, windows, CPU)
+    assert perplexity(hidden, windows, head(folder), chunk_tokens=8)["ppl"] == pytest.approx(
+        reference_ppl(model, windows), rel=1e-4)
+
+
 def test_chunk_size_does_not_change_result(models, windows):
     base = final_hidden_states(models["untied"], windows, CPU)
     quant = final_hidden_states(models["perturbed"], windows, CPU)
@@ -212,10 +228,34 @@ def test_head_memory_is_bounded_by_the_chunk(models, monkeypatch):
         assert max(rows for rows, _ in shapes) == 7
 
 
-def test_chunk_tokens_must_be_positive(models, windows):
+def test_one_decoder_layer_is_materialised_at_a_time(models, windows, monkeypatch):
+    built, live_layers = [], []
+
+    def capture_skeleton(config):
+        built.append(build_skeleton(config))
+        return built[-1]
+
+    def checking_run_layer(layer, acts, device, update=True):
+        model = built[-1]
+        live_layers.append([i for i, decoder_layer in enumerate(model.model.layers)
+                            if any(p.device.type != "meta" for p in decoder_layer.parameters())])
+        assert model.model.embed_tokens.weight.device.type == "meta"
+        return run_layer(layer, acts, device, update)
+
+    monkeypatch.setattr(evaluate_module, "build_skeleton", capture_skeleton)
+    monkeypatch.setattr(evaluate_module, "run_layer", checking_run_layer)
+    final_hidden_states(models["untied"], windows, CPU)
+    assert live_layers == [[0], [1], [2]]
+    assert live_parameter_bytes(built[-1]) == 0  # the final norm is given back too
+
+
+def test_bad_sizes_are_usage_errors(models, windows):
     hidden = final_hidden_states(models["tied"], windows, CPU)
     with pytest.raises(UsageError, match="chunk_tokens"):
         perplexity(hidden, windows, head(models["tied"]), chunk_tokens=0)
+    for bad in ({"seqlen": 1}, {"chunk_tokens": 0}, {"max_windows": 0}):
+        with pytest.raises(UsageError):
+            EvalOptions(**bad)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ import json
 import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from huggingface_hub import ModelCard, constants
+from huggingface_hub.utils import _http as hf_http
 from safetensors.torch import save_file
 
 from lowbit.errors import HubError, UsageError
@@ -158,15 +160,37 @@ def test_one_server_error_is_retried_and_the_push_succeeds(hub, checkpoint, path
     assert (REPO, "config.json") in hub.files
 
 
-def test_library_retries_lfs_uploads_itself_and_we_do_not_add_a_loop(hub, checkpoint):
+@pytest.fixture
+def library_waits(monkeypatch) -> list[float]:
+    """huggingface_hub's own retry waits (1 s, 2 s, ...), recorded instead of slept."""
+    waits: list[float] = []
+    monkeypatch.setattr(hf_http, "time", SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def test_library_retries_lfs_uploads_itself(hub, checkpoint, library_waits):
     events = []
-    hub.fail_next(503, r"^/__lfs/", times=1)  # huggingface_hub waits 1 s before its retry
+    hub.fail_next(503, r"^/__lfs/", times=1)
 
     push_folder(checkpoint, PushOptions(repo_id=REPO), on_event=events.append)
 
     puts = _requests_to(hub, "PUT", "/__lfs/")
     assert [r.status for r in puts].count(503) == 1 and len(puts) == 3 + 1
-    assert any(event.startswith("hub: ") and "Retrying" in event for event in events)
+    assert library_waits == [1]
+    assert any(event.startswith("hub: ") and "Retrying in 1s" in event for event in events)
+
+
+def test_uploads_the_library_gave_up_on_are_not_retried_again(hub, checkpoint, library_waits):
+    hub.fail_next(503, r"^/__lfs/", times=100)
+
+    with pytest.raises(HubError, match="HTTP 503 while uploading"):
+        push_folder(checkpoint, PushOptions(repo_id=REPO))
+
+    # the library's loop alone: 1 try + 5 retries, for each shard it started (up to 5 threads at once)
+    puts = _requests_to(hub, "PUT", "/__lfs/")
+    tried_objects = {r.path for r in puts}
+    assert len(puts) == 6 * len(tried_objects)
+    assert not _requests_to(hub, "POST", "/commit/")
 
 
 def test_bad_token_gives_one_clear_error_and_no_retries(hub, checkpoint, monkeypatch):

@@ -25,6 +25,10 @@ REPORT = {
     "protocol": "gptq-wikitext2 (rows joined by \\n\\n)",
     "windows": 3,
     "seqlen": 2048,
+    "scoring": "position t predicts token t+1",
+    "seconds": 12.5,
+    "peak_host_bytes": 3 * 2**30,
+    "peak_gpu_bytes": None,
     "contamination": None,
 }
 
@@ -78,11 +82,12 @@ def test_markdown_table_holds_the_figures():
     markdown = report_markdown(REPORT)
     lines = markdown.splitlines()
     assert lines[:2] == ["| metric | value |", "|---|---|"]
-    assert all(line.startswith("| ") and line.endswith(" |") for line in lines)
+    assert all(line.startswith("| ") and line.endswith(" |") and line.count(" | ") == 1 for line in lines[2:])
     for row in ("| Perplexity, base | 10.0000 |", "| Perplexity delta | +0.5000 |", "| KL divergence, mean | 0.02000 |",
-                "| Same top token | 90.00% |", "| Tokens scored | 6,141 |", "| Windows x sequence length | 3 x 2048 |"):
+                "| Same top token | 90.00% |", "| Tokens scored | 6,141 |", "| Windows x sequence length | 3 x 2048 |",
+                "| Peak host memory | 3.00 GiB |", "| Seconds | 12.5 |"):
         assert row in lines
-    assert "overlap" not in markdown
+    assert "overlap" not in markdown and "GPU" not in markdown  # figures the report lacks get no row
 
 
 def test_markdown_warns_of_contamination():

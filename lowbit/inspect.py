@@ -1,0 +1,235 @@
+"""What a checkpoint folder holds, and whether it is what its manifest and config say.
+
+`summarize(folder)` reads `lowbit_manifest.json` (when there is one) and
+`config.json`: method, bits, group size, size, source, evaluation.
+`verify(folder)` lists every mismatch, one line each:
+- a file whose size or sha256 differs from the manifest's "files", or that is missing;
+- a tensor that is missing, unexpected, or has another shape or dtype than the
+  config implies. The expected tensors come from the model skeleton on `meta`
+  (no memory), with each quantized Linear [N, K] replaced by its stored form:
+  GPTQ v1 qweight/qzeros/scales/g_idx, or bitsandbytes' packed uint8 and quant state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import CorruptInputError, LowbitError, UsageError
+from quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
+
+MANIFEST = "lowbit_manifest.json"
+BNB_BLOCKSIZE = 64  # what transformers always quantizes with
+BNB_NESTED_BLOCKSIZE = 256
+
+# name -> (dtype, shape); shape None: any 1-D length (bitsandbytes' serialized quant state)
+Expected = dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]]
+
+
+@dataclass
+class CheckpointSummary:
+    folder: str
+    method: str  # gptq, rtn, nf4, fp4, or dense
+    architecture: str | None
+    bits: int | None
+    group_size: int | None  # GPTQ groups; None for bitsandbytes (blocks of 64) and dense
+    bits_per_weight: float | None  # of the quantized Linears, from the manifest
+    size_bytes: int  # the files in the folder
+    source: dict | None
+    calibration: dict | None
+    eval: dict | None
+    created: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_manifest(folder: Path) -> dict | None:
+    file = Path(folder) / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except (ValueError, RecursionError):
+        raise CorruptInputError(f"{MANIFEST} in {folder} is not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise CorruptInputError(f"{MANIFEST} in {folder} is not a JSON object")
+    return manifest
+
+
+def summarize(folder: Path) -> CheckpointSummary:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"not a checkpoint folder: {folder}")
+    config = load_config_dict(folder)
+    manifest = read_manifest(folder) or {}
+    quant = config.get("quantization_config") or {}
+    method = manifest.get("method") or _method_of(quant)
+    settings = manifest.get("settings") or {}
+    if quant.get("quant_method") == "gptq":
+        bits, group_size = settings.get("bits", quant.get("bits")), settings.get("group_size", quant.get("group_size"))
+    else:
+        bits, group_size = (4 if method in ("nf4", "fp4") else None), None
+    return CheckpointSummary(
+        folder=str(folder),
+        method=method,
+        architecture=(config.get("architectures") or [None])[0],
+        bits=bits,
+        group_size=group_size,
+        bits_per_weight=manifest.get("bits_per_weight"),
+        size_bytes=sum(f.stat().st_size for f in folder.iterdir() if f.is_file()),
+        source=manifest.get("source"),
+        calibration=manifest.get("calibration"),
+        eval=manifest.get("eval"),
+        created=manifest.get("created"),
+    )
+
+
+def _method_of(quant: dict) -> str:
+    if quant.get("quant_method") == "gptq":
+        return (quant.get("meta") or {}).get("method") or "gptq"
+    if quant.get("quant_method") == "bitsandbytes":
+        return quant.get("bnb_4bit_quant_type") or "nf4"
+    return quant.get("quant_method") or "dense"
+
+
+def verify(folder: Path) -> list[str]:
+    """Every mismatch between the folder and its manifest and config; [] when there is none."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except LowbitError as e:
+        return [str(e)]
+    if manifest is None:
+        return [f"no {MANIFEST} in {folder}: nothing to check the files against"]
+    problems = file_problems(folder, manifest.get("files"))
+    try:
+        problems += tensor_problems(folder)
+    except LowbitError as e:  # e.g. a shard too corrupt to read its header
+        problems.append(str(e))
+    return problems
+
+
+def file_problems(folder: Path, files) -> list[str]:
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        return [f'{MANIFEST} has no "files" table']
+    problems = []
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if Path(name).name != name or name in (".", ".."):
+            problems.append(f"the manifest names a file outside the folder: {name}")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry.get("size"):
+            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('size')}")
+        elif _sha256(path) != entry.get("sha256"):
+            problems.append(f"{name}: sha256 differs from the manifest")
+    problems += [f"{f.name}: not in the manifest" for f in sorted(folder.glob("*.safetensors")) if f.name not in files]
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    from quantize.writer import sha256_file
+
+    return sha256_file(path)
+
+
+def tensor_problems(folder: Path) -> list[str]:
+    config = load_config_dict(folder)
+    expected, optional = expected_tensors(folder, config)
+    actual = SafetensorsCheckpoint(folder).tensors
+    problems = []
+    for name, (dtype, shape) in expected.items():
+        if name not in actual:
+            if name not in optional:
+                problems.append(f"{name}: missing")
+            continue
+        info = actual[name]
+        shape_ok = len(info.shape) == 1 if shape is None else info.shape == shape
+        if not shape_ok or (dtype is not None and info.dtype != dtype):
+            problems.append(f"{name}: {_describe(info.dtype, info.shape)}, the config implies {_describe(dtype, shape)}")
+    problems += [f"{name}: not a tensor this config has" for name in actual if name not in expected]
+    return problems
+
+
+def _describe(dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> str:
+    dtype_name = str(dtype).removeprefix("torch.") if dtype is not None else "any dtype"
+    return f"{dtype_name} {list(shape) if shape is not None else '[any]'}"
+
+
+def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
+    """Every tensor the config implies, and the names that may be absent (a tied lm_head)."""
+    from quantize.arch import architecture_of
+    from quantize.stream import build_skeleton, load_config
+
+    arch = architecture_of(config)
+    check_remote_code(config, str(folder), trust_remote_code=False)
+    skeleton = build_skeleton(load_config(folder))  # every parameter on meta: shapes, no memory
+    dtype_name = config.get("torch_dtype") or config.get("dtype")
+    dense_dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    quant = config.get("quantization_config") or {}
+    quantized = quantized_modules(arch, quant)
+
+    expected: Expected = {}
+    for name, param in skeleton.named_parameters():
+        module, _, kind = name.rpartition(".")
+        if module not in quantized:
+            expected[name] = (dense_dtype, tuple(param.shape))
+        elif kind == "weight":
+            n, k = param.shape
+            stored = gptq_tensors(n, k, quant) if quant.get("quant_method") == "gptq" else bnb_tensors(n, k, quant)
+            expected.update({f"{module}.{key}": value for key, value in stored.items()})
+        else:  # a quantized Linear's bias: float16 in GPTQ, the model's dtype in bitsandbytes
+            bias_dtype = torch.float16 if quant.get("quant_method") == "gptq" else dense_dtype
+            expected[name] = (bias_dtype, tuple(param.shape))
+    optional = set()
+    embed = skeleton.get_input_embeddings().weight
+    if skeleton.get_output_embeddings() is not None and skeleton.get_output_embeddings().weight is embed:
+        expected["lm_head.weight"] = (dense_dtype, tuple(embed.shape))  # tied: saved or not
+        optional.add("lm_head.weight")
+    return expected, optional
+
+
+def quantized_modules(arch, quant: dict) -> set[str]:
+    """Full names of the Linears stored quantized: every decoder-layer projection, less bitsandbytes' skips."""
+    method = quant.get("quant_method")
+    if method is None:
+        return set()
+    if method not in ("gptq", "bitsandbytes"):
+        raise UsageError(f"cannot verify a {method} checkpoint (lowbit writes gptq and bitsandbytes)")
+    skip = (quant.get("llm_int8_skip_modules") or []) if method == "bitsandbytes" else []
+    names = {arch.layer_prefix(i) + name for i in range(arch.num_layers) for name in arch.linear_names()}
+    return {n for n in names if not any(n == s or n.startswith(s + ".") for s in skip)}
+
+
+def gptq_tensors(n: int, k: int, quant: dict) -> Expected:
+    """GPTQ v1 tensors of a Linear [N, K]: qweight [K*b/32, N], qzeros [groups, N*b/32], scales, g_idx [K]."""
+    bits, group_size = quant.get("bits", 4), quant.get("group_size", 128)
+    groups = 1 if group_size in (-1, None) else math.ceil(k / group_size)
+    return {
+        "qweight": (torch.int32, (k * bits // 32, n)),
+        "qzeros": (torch.int32, (groups, n * bits // 32)),
+        "scales": (torch.float16, (groups, n)),
+        "g_idx": (torch.int32, (k,)),
+    }
+
+
+def bnb_tensors(n: int, k: int, quant: dict) -> Expected:
+    """bitsandbytes 4-bit tensors of a Linear [N, K]: two codes a byte, one absmax per 64 values."""
+    blocks = math.ceil(n * k / BNB_BLOCKSIZE)
+    double_quant = bool(quant.get("bnb_4bit_use_double_quant"))
+    quant_type = quant.get("bnb_4bit_quant_type", "nf4")
+    tensors: Expected = {
+        "weight": (torch.uint8, ((n * k + 1) // 2, 1)),
+        "weight.absmax": (torch.uint8 if double_quant else torch.float32, (blocks,)),
+        "weight.quant_map": (torch.float32, (16,)),
+        f"weight.quant_state.bitsandbytes__{quant_type}": (torch.uint8, None),
+    }
+    if double_quant:
+        tensors["weight.nested_absmax"] = (torch.float32, (math.ceil(blocks / BNB_NESTED_BLOCKSIZE),))
+        tensors["weight.nested_quant_map"] = (torch.float32, (256,))
+    return tensors

@@ -1,0 +1,512 @@
+"""Predict the peak memory of `lowbit quantize` and `lowbit eval` from a model's config.json alone.
+
+The engine runs in phases (embed the windows; per decoder layer: a Hessian
+pass per group, a solve per Linear, a pass to move the activations on, a save;
+then the writer). For each phase we add up the bytes that are resident then,
+on the device and in host memory, reading off the code what each step holds;
+the predicted peak is the largest phase. Every figure is a plain product of
+config sizes, so `lowbit plan` answers before anything is downloaded, and the
+driver uses the same figures to decide whether activations go to host memory.
+
+Sizes: h hidden, I intermediate, V vocabulary, K/N a Linear's in/out features,
+n x S calibration windows, c bytes of the compute dtype (4 on the CPU, 2 on a
+GPU), s bytes of the checkpoint's dtype. GPU figures are allocated tensor
+bytes (what torch.cuda.max_memory_allocated reports); `gpu_needed` adds the
+CUDA context and the caching allocator's slack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from lowbit.errors import UsageError
+from quantize.arch import LINEAR_GROUPS
+
+GiB = 2**30
+HOST_BASELINE = int(0.5 * GiB)  # Python, torch, transformers, tokenizer: measured 0.47-0.49 GiB (CPU torch 2.13)
+HOST_CUDA_RUNTIME = 1 * GiB  # CUDA libraries mapped into the process (an estimate, not measured here)
+CUDA_CONTEXT = int(0.5 * GiB)  # on the card, outside torch's allocated bytes
+ALLOCATOR_SLACK = 0.10  # reserved over allocated in torch's caching allocator
+FLOAT32 = 4
+PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (int64 temporaries)
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    out_features: int  # N
+    in_features: int  # K
+
+    @property
+    def weights(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, from config.json."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    source_bytes: int  # bytes per weight in the checkpoint
+    groups: tuple[tuple[Linear, ...], ...]  # one decoder layer's Linears; a group shares one input (and Hessian)
+    layer_other_params: int  # norms and biases of one decoder layer
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [linear for group in self.groups for linear in group]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(linear.weights for linear in self.linears) + self.layer_other_params
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    method: str = "gptq"  # gptq | rtn | nf4 | fp4
+    bits: int = 4
+    group_size: int = 128
+    true_sequential: bool = True
+    calibrated: bool = True  # nf4/fp4 with calibration data; gptq always, rtn never
+    nsamples: int = 128
+    seqlen: int = 2048
+    device: str = "cuda"  # cuda | cpu
+    compute_bytes: int | None = None  # None: as lowbit picks (float32 on the CPU, 16-bit on a GPU)
+    offload: bool = False  # calibration activations in host memory
+    eval_windows: int = 40
+    eval_seqlen: int = 2048
+    eval_chunk: int = 512
+    eval_offload: bool = False
+    eval_base: bool = True  # score against the base model: two sets of final hidden states
+
+    @property
+    def c(self) -> int:
+        if self.compute_bytes is not None:
+            return self.compute_bytes
+        return FLOAT32 if self.device == "cpu" else 2
+
+    @property
+    def uses_activations(self) -> bool:
+        return self.method == "gptq" or (self.method in ("nf4", "fp4") and self.calibrated)
+
+
+@dataclass
+class Phase:
+    """What is resident during one step of the engine: {what: bytes} on the device and in host memory."""
+
+    name: str
+    device: dict[str, int] = field(default_factory=dict)
+    host: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Peak:
+    bytes: int
+    phase: str
+    parts: dict[str, int]
+
+
+# ---- the model's shape ----
+
+def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every projection name lowbit knows."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {
+        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+        "self_attn.qkv_proj": (q + 2 * kv, hidden), "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "mlp.gate_up_proj": (2 * intermediate, hidden), "mlp.down_proj": (hidden, intermediate),
+    }
+
+
+def model_shape(config: dict) -> ModelShape:
+    names = config.get("architectures") or []
+    if not names or names[0] not in LINEAR_GROUPS:
+        raise UsageError(f"unsupported architecture {names[0] if names else '(none)'} "
+                         f"(lowbit supports {', '.join(sorted(LINEAR_GROUPS))})")
+    try:
+        hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads, layers, vocab = int(config["num_attention_heads"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"config.json lacks a usable {e}") from None
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    shapes = _linear_shapes(hidden, intermediate, heads, kv_heads, head_dim)
+    groups = tuple(tuple(Linear(name, *shapes[name]) for name in group) for group in LINEAR_GROUPS[names[0]])
+    biased = names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias"))
+    biases = sum(shapes[n][0] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) if biased else 0
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    return ModelShape(
+        architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
+        tied=bool(config.get("tie_word_embeddings", False)), source_bytes=DTYPE_BYTES.get(str(dtype), 2),
+        groups=groups, layer_other_params=2 * hidden + biases,
+    )
+
+
+# ---- output ----
+
+def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
+    """Bytes on disk of one quantized Linear (without bias), as the driver writes it."""
+    n, k = linear.out_features, linear.in_features
+    if s.method in ("gptq", "rtn"):
+        groups = 1 if s.group_size == -1 else k // s.group_size
+        return n * k * s.bits // 8 + groups * n * s.bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
+    blocks = n * k // 64  # double quantization: uint8 absmax per block, float32 per 256 blocks, nested code book
+    absmax = blocks + (blocks // 256 + 1) * 4 + 256 * 4
+    return n * k // 2 + absmax + 16 * 4 + 200  # codes, absmax, quant_map, quant_state json
+
+
+def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
+    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them."""
+    quantized = shape.layers * sum(linear_output_bytes(linear, s) for linear in shape.linears)
+    weights = shape.layers * sum(linear.weights for linear in shape.linears)
+    rest = (shape.layers * shape.layer_other_params + shape.hidden
+            + shape.embedding_params * (1 if shape.tied else 2)) * shape.source_bytes
+    return quantized + rest, 8 * quantized / weights
+
+
+# ---- what one step holds ----
+
+def gptq_solver_bytes(linear: Linear) -> int:
+    """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian.
+
+    Stages, each float32 unless said: W and its column permutation (2 NK + K^2); H, H[perm], H[perm][:, perm]
+    (NK + 3 K^2); the Cholesky steps: H, identity, lower factor, its inverse, upper factor (NK + 5 K^2);
+    the column sweep with its block update (2 NK + NK codes + 2 K^2); dequantize: codes plus four NK
+    temporaries (17 bytes a weight).
+    """
+    nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
+    return max(2 * nk + kk, nk + 3 * kk, nk + 5 * kk, 2 * nk + linear.weights + 2 * kk, 17 * linear.weights + _pack_bytes(linear))
+
+
+def nf4_solver_bytes(linear: Linear, calibrated: bool) -> tuple[int, int]:
+    """(on the device, in host memory) for quantize/nf4.py's quantize_bnb on one Linear.
+
+    Calibrated: W, H and the Cholesky steps as GPTQ (no permutation), codes, packed codes. Then, on the
+    host: the dequantized weight, a host copy of the weight and two NK temporaries of the error.
+    """
+    nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
+    device = linear.weights // 2 + (max(nk + 5 * kk, 2 * nk + linear.weights + 2 * kk) if calibrated else 0)
+    return device, 4 * nk
+
+
+def _pack_bytes(linear: Linear) -> int:
+    """pack_rows' int64 temporaries (three live at once, and the words) for one chunk of codes."""
+    return 3 * 8 * min(linear.weights, PACK_CHUNK_VALUES) + linear.weights // 8
+
+
+def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ...] | None = None) -> int:
+    """Intermediates of one window through one decoder layer, sdpa attention (no [S, S] matrix).
+
+    upto: stop after this group (run_layer_until), else the whole layer. The groups are, in order,
+    the q/k/v projections, o_proj, gate/up, down. RMSNorm works in float32; attention holds q, k, v,
+    rotary copies of q and k, and its output; the MLP four [S, I] tensors with a fused gate_up
+    (the fused output, the activation, the product), three without.
+    """
+    h, width = shape.hidden, seqlen * c
+    norm = width * h + seqlen * h * FLOAT32 * 2
+    qkv = width * sum(linear.out_features for linear in shape.groups[0])
+    attention = 3 * qkv + 2 * width * h
+    fused = len(shape.groups[2]) == 1
+    mlp = width * ((4 if fused else 3) * shape.intermediate + 2 * h)
+    stage = len(shape.groups) - 1 if upto is None else shape.groups.index(upto)
+    return [norm + qkv, attention, norm + width * 2 * shape.intermediate, max(attention, mlp)][stage]
+
+
+def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
+    """HessianAccumulator.add for one window: the input in float32 (a copy unless already), scaled, and x^T x."""
+    return seqlen * linear.in_features * FLOAT32 * (1 if c == FLOAT32 else 2) + linear.in_features ** 2 * FLOAT32
+
+
+def _packed_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
+    return sum(linear_output_bytes(linear, s) for linear in shape.linears)
+
+
+# ---- quantization ----
+
+def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
+    """The engine's steps for one decoder layer (every layer holds the same), plus the start and the end.
+
+    What a step still holds from the one before matters as much as its own temporaries: the driver's
+    locals keep the previous group's Hessians and weight until they are reassigned, and on a GPU the
+    previous Linear's float32 dequantized weight too; the previous layer's quantized tensors stay
+    referenced while the next layer is quantized.
+    """
+    if not s.uses_activations:
+        return _weights_only_phases(shape, s)
+    c, src, h = s.c, shape.source_bytes, shape.hidden
+    on_gpu = s.device != "cpu"
+    acts = s.nsamples * s.seqlen * h * c
+    acts_device = {} if s.offload else {"calibration activations": acts}
+    acts_host = {"calibration activations (offloaded)": acts} if s.offload else {}
+    window = {"one window copied to the device": s.seqlen * h * c} if s.offload else {}
+    host = {"decoder layer as read": shape.layer_params * src, **acts_host}
+    shares_source = not on_gpu and c == src  # load_weights keeps the tensors as read
+    layer = {} if shares_source else {"decoder layer (compute dtype)": shape.layer_params * c}
+    packed = _packed_layer_bytes(shape, s)
+    quantized = ({"quantized Linears (this layer and the last)": 2 * packed} if s.method == "gptq" else {})
+    if s.method != "gptq":
+        host["quantized Linears (this layer and the last)"] = 2 * packed  # quantize_bnb returns host tensors
+    phases = [Phase("embed the calibration windows",
+                    device={**({} if shares_source else {"embedding (compute dtype)": shape.embedding_params * c}),
+                            **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
+                    host={"embedding as read": shape.embedding_params * src, **acts_host})]
+    batches = [[g] for g in shape.groups] if s.true_sequential else [list(shape.groups)]
+    previous: Linear | None = None  # the last Linear solved in this layer
+    previous_hessians = 0
+    for batch in batches:
+        hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
+        leftovers = {}
+        if previous is not None:
+            leftovers = {"previous group's Hessians": previous_hessians,
+                         "previous Linear's weight": previous.weights * FLOAT32,
+                         **_previous_dequantized(previous, s)}
+        phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
+                            device={**layer, **acts_device, **window, **quantized, **leftovers, **hessians,
+                                    "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
+                                    "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
+                            host=host))
+        for group in batch:
+            for linear in group:
+                weight_copy = {} if c == FLOAT32 else {"weight in float32": linear.weights * FLOAT32}
+                if s.method == "gptq":
+                    solver_device, solver_host = gptq_solver_bytes(linear), 0
+                else:
+                    solver_device, solver_host = nf4_solver_bytes(linear, calibrated=True)
+                leftover = _previous_dequantized(previous, s) if previous is not None else {}
+                phases.append(Phase(f"solve {linear.name}",
+                                    device={**layer, **acts_device, **quantized, **hessians, **weight_copy, **leftover,
+                                            f"solver temporaries of {linear.name}": solver_device},
+                                    host={**host, **({f"nf4 error check of {linear.name}": solver_host} if solver_host else {})}))
+                previous = linear
+        previous_hessians = hessians["Hessians"]
+    phases.append(Phase("run the layer to move activations on",
+                        device={**layer, **acts_device, **window, **quantized,
+                                "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
+                        host=host))
+    copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
+    phases.append(Phase("save the layer and its output activations", device={**acts_device, **quantized},
+                        host={**host, **copy, "quantized Linears copied to the host": packed}))
+    phases.append(_writer_phase(shape, s))
+    return phases
+
+
+def _previous_dequantized(previous: Linear, s: PlanSettings) -> dict[str, int]:
+    """On a GPU the previous Linear's float32 dequantized weight lives on in the driver's `solved`
+    (the layer holds a compute-dtype copy); on the CPU it is the layer's weight itself."""
+    if s.c == FLOAT32 or s.method != "gptq":
+        return {}
+    return {"previous Linear's dequantized weight": previous.weights * FLOAT32}
+
+
+def _weights_only_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
+    """RTN and plain NF4/FP4 read one tensor at a time and quantize it on the CPU: no device memory."""
+    src = shape.source_bytes
+    phases = []
+    for linear in shape.linears:
+        nk = linear.weights
+        if s.method == "rtn":  # the weight as read and in float32, group statistics, codes, then dequantize
+            solver = 2 * nk * FLOAT32 + nk + max(2 * nk * FLOAT32, 17 * nk + _pack_bytes(linear))
+        else:  # float32 weight, bitsandbytes' codes, the dequantized weight and the error's two temporaries
+            solver = nk * FLOAT32 + nk // 2 + 3 * nk * FLOAT32
+        phases.append(Phase(f"quantize {linear.name}",
+                            host={"weight as read": nk * src, f"temporaries of {linear.name}": solver,
+                                  "quantized Linears of the layer": _packed_layer_bytes(shape, s)}))
+    phases.append(_writer_phase(shape, s))
+    return phases
+
+
+def _writer_phase(shape: ModelShape, s: PlanSettings) -> Phase:
+    largest = max([shape.embedding_params * shape.source_bytes] + [linear_output_bytes(l, s) for l in shape.linears])
+    return Phase("write the output shards", host={"largest tensor being written": largest})
+
+
+# ---- evaluation ----
+
+def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
+    """evals/evaluate.py: each model's windows layer by layer to the final norm, then the head in chunks.
+
+    Shown for the quantized model, the second to run: the base's final hidden states wait meanwhile.
+    """
+    c, src, h = s.c, shape.source_bytes, shape.hidden
+    sets = 2 if s.eval_base else 1
+    hidden_set = s.eval_windows * s.eval_seqlen * h * c
+    hidden_device = {} if s.eval_offload else {"final hidden states": sets * hidden_set}
+    hidden_host = {"final hidden states (offloaded)": sets * hidden_set} if s.eval_offload else {}
+    window = {"one window copied to the device": s.eval_seqlen * h * c} if s.eval_offload else {}
+    on_cpu = s.device == "cpu"
+    largest = max(shape.linears, key=lambda linear: linear.weights)
+    # the loader dequantizes every Linear of the layer to float32, one at a time (unpack, then dequantize)
+    dense_layer = shape.layer_params * FLOAT32
+    dequantize = 17 * largest.weights + _pack_bytes(largest)
+    layer_device = {} if on_cpu and c == FLOAT32 else {"decoder layer (compute dtype)": shape.layer_params * c}
+    head = shape.embedding_params * FLOAT32
+    chunk = 5 * s.eval_chunk * shape.vocab * FLOAT32 + s.eval_chunk * h * FLOAT32  # log-probs of both models, KLD terms
+    if not s.eval_base:
+        chunk = 2 * s.eval_chunk * shape.vocab * FLOAT32 + s.eval_chunk * h * FLOAT32
+    return [
+        Phase("read and dequantize a layer",
+              device={**hidden_device}, host={**hidden_host, "layer as read": _packed_layer_bytes(shape, s),
+                                              "dense float32 layer": dense_layer,
+                                              f"dequantizing {largest.name}": dequantize}),
+        Phase("run a layer",
+              device={**hidden_device, **layer_device, **window,
+                      "one window's intermediates": forward_bytes(shape, s.eval_seqlen, c)},
+              host={**hidden_host, **({"dense float32 layer": dense_layer} if on_cpu and c == FLOAT32 else {})}),
+        Phase("score in chunks of positions",
+              device={**hidden_device, "lm_head in float32": head, "one chunk's log-probabilities": chunk},
+              host={**hidden_host, "lm_head as read (both models)": 2 * shape.embedding_params * src}),
+    ]
+
+
+# ---- peaks and verdicts ----
+
+def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
+    """(device peak, host peak); on the CPU the device is host memory, and the device peak is empty."""
+    baseline = HOST_BASELINE + (HOST_CUDA_RUNTIME if s.device != "cpu" else 0)
+
+    def host_parts(phase: Phase) -> dict[str, int]:
+        parts = {"process (Python, torch, transformers)": baseline, **phase.host}
+        if s.device == "cpu":
+            parts.update({f"{k} [compute]": v for k, v in phase.device.items()})
+        return parts
+
+    def peak_of(parts_of) -> Peak:
+        best = max(phases, key=lambda p: sum(parts_of(p).values()))
+        parts = {k: v for k, v in parts_of(best).items() if v}
+        return Peak(sum(parts.values()), best.name, parts)
+
+    device = Peak(0, "none", {}) if s.device == "cpu" else peak_of(lambda p: p.device)
+    return device, peak_of(host_parts)
+
+
+def gpu_needed(allocated: int) -> int:
+    """Card memory for a peak of allocated tensor bytes: the allocator's slack and the CUDA context on top."""
+    return int(allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if allocated else 0
+
+
+def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes: int | None = None) -> dict:
+    """Everything `lowbit plan` prints: peaks of quantization and evaluation, output size, fits, suggestions."""
+    shape = model_shape(config)
+    check_settings(shape, s)
+    result = _verdict(shape, s, gpu_bytes, host_bytes)
+    size, bits_per_weight = output_size(shape, s)
+    result.update(
+        model={"architecture": shape.architecture, "layers": shape.layers, "hidden": shape.hidden,
+               "intermediate": shape.intermediate, "vocab": shape.vocab,
+               "parameters": shape.layers * shape.layer_params + shape.embedding_params * (1 if shape.tied else 2) + shape.hidden},
+        settings={"method": s.method, "bits": s.bits, "group_size": s.group_size, "nsamples": s.nsamples,
+                  "seqlen": s.seqlen, "device": s.device, "compute_bytes": s.c, "offload": s.offload,
+                  "eval_windows": s.eval_windows, "eval_seqlen": s.eval_seqlen, "eval_chunk": s.eval_chunk,
+                  "eval_offload": s.eval_offload},
+        output_bytes=size, bits_per_weight=round(bits_per_weight, 4),
+        limits={"gpu_bytes": gpu_bytes, "host_bytes": host_bytes},
+    )
+    result["suggestions"] = [] if result["fits"] else suggestions(shape, s, gpu_bytes, host_bytes)
+    return result
+
+
+def check_settings(shape: ModelShape, s: PlanSettings) -> None:
+    for name in ("nsamples", "seqlen", "eval_windows", "eval_seqlen", "eval_chunk"):
+        if getattr(s, name) < 1:
+            raise UsageError(f"{name} must be at least 1")
+    if s.method in ("gptq", "rtn") and s.group_size != -1:
+        bad = [l.name for l in shape.linears if l.in_features % s.group_size]
+        if bad:
+            raise UsageError(f"group size {s.group_size} does not divide in_features of {bad[0]}")
+
+
+def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> dict:
+    q_device, q_host = peaks(quantize_phases(shape, s), s)
+    e_device, e_host = peaks(eval_phases(shape, s), s)
+
+    def entry(device: Peak, host: Peak) -> dict:
+        needed = gpu_needed(device.bytes)
+        fits_gpu = gpu_bytes is None or s.device == "cpu" or needed <= gpu_bytes
+        fits_host = host_bytes is None or host.bytes <= host_bytes
+        return {"gpu_peak_bytes": device.bytes, "gpu_needed_bytes": needed, "gpu_phase": device.phase,
+                "gpu_parts": device.parts, "host_peak_bytes": host.bytes, "host_phase": host.phase,
+                "host_parts": host.parts, "fits_gpu": fits_gpu, "fits_host": fits_host, "fits": fits_gpu and fits_host}
+
+    quantize, evaluate = entry(q_device, q_host), entry(e_device, e_host)
+    return {"quantize": quantize, "evaluate": evaluate, "fits": quantize["fits"] and evaluate["fits"]}
+
+
+def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> list[dict]:
+    """Single changes of settings that make the part that does not fit fit, each with what it costs."""
+    out = []
+    base = _verdict(shape, s, gpu_bytes, host_bytes)
+    tokens = s.nsamples * s.seqlen
+
+    def try_change(option: str, changed: PlanSettings, part: str, cost: str) -> bool:
+        verdict = _verdict(shape, changed, gpu_bytes, host_bytes)[part]
+        if verdict["fits"]:
+            out.append({"for": part, "option": option, "gpu_needed_bytes": verdict["gpu_needed_bytes"],
+                        "host_peak_bytes": verdict["host_peak_bytes"], "cost": cost})
+        return verdict["fits"]
+
+    if not base["quantize"]["fits"]:
+        acts = s.nsamples * s.seqlen * shape.hidden * s.c
+        passes = shape.layers * (len(shape.groups) + 2)
+        if not s.offload:
+            try_change("--offload", replace(s, offload=True), "quantize",
+                       f"activations ({acts / GiB:.2f} GiB) live in host memory; each of {passes} passes over "
+                       f"them crosses PCIe ({passes * acts / GiB:.0f} GiB in all)")
+        for offload in ([False, True] if not s.offload else [True]):
+            for name in ("nsamples", "seqlen"):
+                value = getattr(s, name) // 2
+                while value >= (1 if name == "nsamples" else 128):
+                    changed = replace(s, offload=offload, **{name: value})
+                    new_tokens = changed.nsamples * changed.seqlen
+                    flag = ("--offload " if offload and not s.offload else "") + f"--{name} {value}"
+                    if try_change(flag, changed, "quantize",
+                                  f"calibrates on {new_tokens} tokens instead of {tokens}: noisier Hessians"):
+                        break
+                    value //= 2
+        if s.device != "cpu":
+            try_change("--device cpu", replace(s, device="cpu"), "quantize",
+                       "runs on the CPU in float32: hours instead of minutes for a large model")
+    if not base["evaluate"]["fits"]:
+        value = s.eval_chunk // 2
+        while value >= 16:
+            if try_change(f"--chunk-tokens {value}", replace(s, eval_chunk=value), "evaluate",
+                          "the same figures, from more and smaller head matmuls"):
+                break
+            value //= 2
+        if not s.eval_offload:
+            try_change("--offload (eval)", replace(s, eval_offload=True), "evaluate",
+                       "final hidden states live in host memory and cross PCIe per layer")
+        value = s.eval_windows // 2
+        while value >= 1:
+            if try_change(f"--max-windows {value}", replace(s, eval_windows=value), "evaluate",
+                          f"scores {value * (s.eval_seqlen - 1)} tokens instead of "
+                          f"{s.eval_windows * (s.eval_seqlen - 1)}: a noisier perplexity"):
+                break
+            value //= 2
+    return out
+
+
+# ---- the engine's automatic decisions ----
+
+def should_offload_calibration(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
+    """Offload the activations when quantizing with them on the GPU would not fit its free memory, and
+    offloading helps. free_gpu_bytes is after the CUDA context, so only the allocator's slack is added."""
+    shape = model_shape(config)
+    on_device, _ = peaks(quantize_phases(shape, replace(s, offload=False)), s)
+    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
+
+
+def should_offload_eval(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
+    """The same for evaluation's final hidden states."""
+    shape = model_shape(config)
+    on_device, _ = peaks(eval_phases(shape, replace(s, eval_offload=False)), s)
+    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
