@@ -33,11 +33,10 @@ from torch import Tensor, nn
 
 from evals.contamination import contamination_report
 from evals.datasets import eval_windows, load_eval_text
-from evals.report import read_manifest
 from lowbit.errors import UsageError
 from quantize.arch import architecture_of
 from quantize.checkpoint import hub_token, load_config_dict, resolve_model
-from quantize.driver import CALIBRATION_FILE, MANIFEST
+from quantize.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
 from quantize.loader import DenseWeights
 from quantize.stream import (
     Activations,

@@ -7,14 +7,12 @@ evaluated; a single model's report has "ppl" instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.table import Table
 
-from lowbit.errors import CorruptInputError, UsageError
-from quantize.driver import MANIFEST
+from quantize.manifest import MANIFEST, read_manifest
 from quantize.writer import write_json
 
 
@@ -148,19 +146,6 @@ def report_markdown(report: dict) -> str:
 
 def _markdown_cell(value: str) -> str:
     return value.replace("|", "\\|").replace("\n", " ")
-
-
-def read_manifest(folder: Path) -> dict:
-    file = Path(folder) / MANIFEST
-    if not file.exists():
-        raise UsageError(f"no {MANIFEST} in {folder} (not a lowbit checkpoint)")
-    try:
-        manifest = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CorruptInputError(f"{file} is not valid JSON") from None
-    if not isinstance(manifest, dict):
-        raise CorruptInputError(f"{file} is not a JSON object")
-    return manifest
 
 
 def attach_to_manifest(quantized: Path, report: dict) -> None:

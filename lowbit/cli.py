@@ -117,6 +117,7 @@ def quantize(
     offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Calibration activations in host memory (default: when they would not fit the GPU)."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model repo's own Python code to run."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Read pickled .bin weights (torch.load weights_only) when there are no safetensors."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output, or discard stale progress."),
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
@@ -142,7 +143,7 @@ def quantize(
         calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template)
     token = hub_token()
     options = RunOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, offload=offload, force=force,
-                         trust_remote_code=trust_remote_code, revision=revision, token=token)
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, revision=revision, token=token)
     with progress_bar() as progress:
         result = quantize_model(model, output, settings, calib, options, on_progress=progress_callback(progress))
     manifest = result.manifest
@@ -153,6 +154,144 @@ def quantize(
                  f"{manifest['bits_per_weight']:.2f} bits/weight, {manifest['output_bytes'] / 1e6:.1f} MB "
                  f"(source {manifest['source']['size_bytes'] / 1e6:.1f} MB) in {result.seconds:.1f}s"
                  + (f", resumed from layer {result.resumed_from_layer}" if result.resumed_from_layer else ""))
+
+
+@app.command()
+@handle_errors
+def inspect(
+    folder: Path = typer.Argument(..., help="A checkpoint folder (lowbit quantize's output)."),
+    verify: bool = typer.Option(False, "--verify", help="Check every file's sha256 and every tensor's shape and dtype."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary (and the problems found) as JSON."),
+) -> None:
+    """Show what a checkpoint is; with --verify, check it against its manifest and config (exit 7 on a mismatch)."""
+    from lowbit.errors import VerifyError
+    from lowbit.inspect import summarize
+    from lowbit.inspect import verify as verify_checkpoint
+
+    summary = summarize(folder)
+    problems = verify_checkpoint(folder) if verify else None
+    if json_out:
+        print_json({"summary": summary.to_dict(), "problems": problems})
+    else:
+        print_summary(summary)
+        if problems == []:
+            stdout.print("[green]verified[/green]: every file matches the manifest, every tensor the config")
+    if problems:
+        for problem in problems:
+            log.error("mismatch: %s", redact(problem))
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise VerifyError(f"{folder} failed verification: {problems[0]}{more}")
+
+
+def print_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table(show_header=False, box=None)
+    source = summary.source or {}
+    rows = [
+        ("method", summary.method),
+        ("architecture", summary.architecture),
+        ("bits", summary.bits),
+        ("group size", summary.group_size),
+        ("bits per weight", summary.bits_per_weight),
+        ("size", f"{summary.size_bytes / 1e6:.1f} MB"),
+        ("source", " ".join(str(v) for v in (source.get("model"), source.get("revision")) if v) or None),
+        ("source size", f"{source['size_bytes'] / 1e6:.1f} MB" if source.get("size_bytes") else None),
+        ("calibration", (summary.calibration or {}).get("source")),
+        ("created", summary.created),
+    ]
+    if summary.eval:
+        from evals.report import report_rows
+
+        rows += [(f"eval: {metric}", value) for metric, value in report_rows(summary.eval)]
+    for key, value in rows:
+        if value is not None:
+            table.add_row(key, redact(str(value)))
+    stdout.print(table)
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    quantized: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the source named in the manifest)."),
+    dataset: str = typer.Option("wikitext2", help="wikitext2, c4, or a .txt/.jsonl PATH."),
+    seqlen: int = typer.Option(2048, help="Tokens per window (GPTQ protocol: 2048)."),
+    max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, float16, bfloat16."),
+    chunk_tokens: int = typer.Option(512, help="Positions projected through the head at once."),
+    offload: Optional[bool] = typer.Option(None, "--offload/--no-offload", help="Hidden states in host memory."),
+    max_ppl_delta: Optional[float] = typer.Option(None, help="Gate: PPL(quantized) - PPL(base) at most this."),
+    max_ppl_ratio: Optional[float] = typer.Option(None, help="Gate: PPL(quantized) / PPL(base) at most this."),
+    max_kld: Optional[float] = typer.Option(None, help="Gate: mean KL divergence at most this."),
+    min_same_top: Optional[float] = typer.Option(None, help="Gate: same-top-token rate at least this (0-1)."),
+    attach: bool = typer.Option(True, "--attach/--no-attach", help="Store the report in the checkpoint's manifest."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
+) -> None:
+    """Score QUANTIZED against its base on the same windows; exit 1 when a gate fails."""
+    from evals.evaluate import EvalOptions, default_base, evaluate
+    from evals.report import Gates, attach_to_manifest, check_gates, report_table
+    from quantize.manifest import read_manifest
+
+    revision = None
+    if base is None:
+        base = default_base(quantized)
+        revision = (read_manifest(quantized).get("source") or {}).get("revision")
+    options = EvalOptions(seqlen=seqlen, max_windows=max_windows, device=device, dtype=dtype,
+                          chunk_tokens=chunk_tokens, offload=offload)
+    hub_token()
+    with progress_bar() as progress:
+        report = evaluate(quantized, base, dataset, options, on_progress=progress_callback(progress), base_revision=revision)
+    gates = Gates(max_ppl_delta=max_ppl_delta, max_ppl_ratio=max_ppl_ratio, max_kld=max_kld, min_same_top=min_same_top)
+    failures = check_gates(report, gates)
+    report["gates"] = {"passed": not failures, "failures": failures, **{k: v for k, v in vars(gates).items() if v is not None}}
+    if attach:
+        attach_to_manifest(quantized, report)
+    if json_path == "-":
+        print_json(report)
+    else:
+        if json_path:
+            Path(json_path).write_text(redact(json.dumps(report, indent=2, default=str)) + "\n")
+        stdout.print(report_table(report))
+    warning = (report.get("contamination") or {}).get("contaminated")
+    if warning:
+        stderr.print("[yellow bold]warning:[/] the evaluation text overlaps the calibration data: the delta flatters the model")
+    if failures:
+        from lowbit.errors import GateFailed
+
+        raise GateFailed("gate failed: " + "; ".join(failures))
+
+
+@app.command()
+@handle_errors
+def push(
+    folder: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
+    repo_id: str = typer.Argument(..., help="namespace/name on the Hub."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    revision: Optional[str] = typer.Option(None, help="Branch to push to."),
+    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
+    commit_message: Optional[str] = typer.Option(None, help="Commit message."),
+    token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN, or the stored login)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and print the card; send nothing."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Upload a checkpoint with its model card; a re-run uploads only what is missing."""
+    from lowbit.hub import PushOptions, push_folder
+
+    options = PushOptions(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
+                          commit_message=commit_message, token=hub_token(token), dry_run=dry_run)
+    result = push_folder(folder, options, on_event=lambda message: log.info(message))
+    if json_out:
+        print_json(vars(result))
+        return
+    if dry_run:
+        stdout.print(result.card, markup=False, highlight=False)
+        stdout.print(f"[bold]dry run:[/bold] would upload {len(result.uploaded)} files to {repo_id}: "
+                     + ", ".join(result.uploaded))
+        return
+    stdout.print(f"[green]pushed[/green] {len(result.uploaded)} files ({len(result.skipped)} already there) "
+                 f"in {result.commits} commits to {result.url or repo_id}")
 
 
 def check_choice(name: str, value, choices) -> None:

@@ -17,7 +17,6 @@ retry messages forwarded to `on_event`, and the other calls go through
 """
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -36,17 +35,17 @@ from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
 from lowbit import __version__
 from lowbit.card import LAYER_ERRORS_FILE, build_model_card, layer_error_svg, layer_errors
-from lowbit.errors import CorruptInputError, HubError, UsageError
+from lowbit.errors import HubError, UsageError
 from lowbit.redact import redact, register_secret
+from quantize.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
 
-MANIFEST_FILE = "lowbit_manifest.json"
 CARD_FILE = "README.md"
 RETRY_TRIES = 4  # our own loop: 1 try + 3 retries, waits of base, 2*base, 4*base
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
 # What a lowbit checkpoint folder publishes; anything else (resume state, temp files) stays local.
 _PUSHED_NAMES = {
-    "config.json", "generation_config.json", "quantize_config.json", MANIFEST_FILE, "lowbit_calibration.json",
+    "config.json", "generation_config.json", "quantize_config.json", MANIFEST, CALIBRATION_FILE,
     CARD_FILE, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
     "chat_template.json",
@@ -98,7 +97,7 @@ def files_to_push(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder")
     root = folder.resolve()
-    for required in (MANIFEST_FILE, "config.json"):
+    for required in (MANIFEST, "config.json"):
         if not (folder / required).is_file():
             raise UsageError(f"{folder} is not a complete lowbit checkpoint: {required} is missing")
     chosen = []
@@ -119,17 +118,6 @@ def files_to_push(folder: Path) -> list[Path]:
         listed = ", ".join(missing)
         raise UsageError(f"{folder} is not a complete lowbit checkpoint: {listed} listed in the manifest but absent")
     return chosen
-
-
-def read_manifest(folder: Path) -> dict:
-    path = Path(folder) / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CorruptInputError(f"cannot read {path}: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "lowbit-manifest":
-        raise CorruptInputError(f"{path} is not a lowbit manifest")
-    return manifest
 
 
 def hub_endpoint() -> str | None:

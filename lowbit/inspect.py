@@ -105,8 +105,9 @@ def verify(folder: Path) -> list[str]:
     except LowbitError as e:
         return [str(e)]
     if manifest is None:
-        return [f"no {MANIFEST} in {folder}: nothing to check the files against"]
-    problems = file_problems(folder, manifest.get("files"))
+        problems = [f"no {MANIFEST} in {folder}: nothing to check the files against"]
+    else:
+        problems = file_problems(folder, manifest.get("files"))
     try:
         problems += tensor_problems(folder)
     except LowbitError as e:  # e.g. a shard too corrupt to read its header

@@ -39,6 +39,7 @@ from quantize.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
+from quantize.manifest import CALIBRATION_FILE, MANIFEST
 from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from quantize.nf4 import BnbConfig, bnb_quantization_config, quantize_bnb
 from quantize.pack import pack_gptq_v1
@@ -73,8 +74,6 @@ TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
     r"chat_template\.(jinja|json)|generation_config\.json)$"
 )
-MANIFEST = "lowbit_manifest.json"
-CALIBRATION_FILE = "lowbit_calibration.json"
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
 
 @contextmanager
 def _one_thread_on_cpu(device: torch.device):
-    """The column loop is many tiny ops: CPU threads only add synchronisation (10x slower on a busy machine)."""
+    """Many small ops: CPU threads only add synchronisation (10x slower on a busy machine)."""
     if device.type != "cpu":
         yield
         return
@@ -215,11 +215,12 @@ def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
     mean_diag = H.diagonal().mean()
     identity = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in range(DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * identity)
-        if info.item() == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        with _one_thread_on_cpu(H.device):  # LAPACK's threaded inverse is 10x slower on a busy CPU
+            lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * identity)
             if info.item() == 0:
-                return upper, damp
+                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+        if info.item() == 0:
+            return upper, damp
         if attempt < DAMP_RETRIES:
             new_damp = damp * 10 if damp > 0 else 0.01
             log.warning("Hessian not positive definite with damp %g; retrying with damp %g", damp, new_damp)

@@ -159,6 +159,8 @@ def disk_full_error(e: OSError, folder: Path, needed_bytes: int) -> ResourceErro
     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
     free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
-    return ResourceError(
-        f"disk full while writing {folder}: about {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free"
-    )
+    return ResourceError(f"disk full while writing {folder}: about {_human(needed_bytes)} needed, {_human(free)} free")
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
