@@ -164,39 +164,13 @@ def _size_section(manifest: dict) -> str:
 
 
 def _eval_section(manifest: dict) -> str:
+    from evals.report import report_markdown
+
     report = manifest.get("eval")
     if not isinstance(report, dict):
         return ""
-    if isinstance(report.get("markdown"), str) and report["markdown"].strip():
-        return "## Evaluation\n\n" + report["markdown"].strip()
-    kld = report.get("kld") or {}
-    delta_p = report.get("delta_p") or {}
-    rows = [
-        ("Perplexity, base", _num(report.get("ppl_base"), ".4f")),
-        ("Perplexity, quantized", _num(report.get("ppl_quantized"), ".4f")),
-        ("Perplexity delta", _num(report.get("ppl_delta"), "+.4f")),
-        ("Perplexity ratio", _num(report.get("ppl_ratio"), ".4f")),
-        ("Mean ln(PPL(Q)/PPL(base))", _num(report.get("mean_log_ppl_ratio"), ".5f")),
-        ("KL divergence, mean", _num(kld.get("mean"), ".5f")),
-        ("KL divergence, median", _num(kld.get("median"), ".5f")),
-        ("KL divergence, p99", _num(kld.get("p99"), ".5f")),
-        ("KL divergence, p99.9", _num(kld.get("p999"), ".5f")),
-        ("KL divergence, max", _num(kld.get("max"), ".4f")),
-        ("Same top token", _num(report.get("same_top"), ".2%")),
-        ("Delta p, mean", _num(delta_p.get("mean"), "+.5f")),
-        ("Delta p, RMS", _num(delta_p.get("rms"), ".5f")),
-        ("Tokens scored", _num(report.get("tokens"), ",")),
-        ("Windows x sequence length", _windows(report)),
-        ("Dataset", _cell(report.get("dataset"))),
-        ("Dataset sha256", _cell(report.get("dataset_sha256"))),
-        ("Protocol", _cell(report.get("protocol"))),
-    ]
-    lines = ["## Evaluation", "", "| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in rows if value != "-"]
-    contamination = report.get("contamination")
-    if isinstance(contamination, dict):
-        lines += ["", _contamination_line(contamination)]
-    return "\n".join(lines)
+    markdown = report.get("markdown") if isinstance(report.get("markdown"), str) else report_markdown(report)
+    return "## Evaluation\n\n" + markdown.strip()
 
 
 def _usage_section(manifest: dict, repo_id: str | None) -> str:
@@ -325,27 +299,7 @@ def _human_bytes(n: int) -> str:
     return f"{n:.2f} TB"
 
 
-def _num(value, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
-
-
 def _cell(value) -> str:
     if value is None or value == "":
         return "-"
     return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _windows(report: dict) -> str:
-    windows, seqlen = report.get("windows"), report.get("seqlen")
-    return f"{windows} x {seqlen}" if windows is not None and seqlen is not None else "-"
-
-
-def _contamination_line(contamination: dict) -> str:
-    rate = contamination.get("overlap_rate")
-    rate_text = f" (n-gram overlap {rate:.2%})" if isinstance(rate, (int, float)) else ""
-    if contamination.get("contaminated"):
-        return (
-            f"**Warning: the calibration data overlaps the evaluation text{rate_text}.** "
-            "The perplexity delta above is likely flattered."
-        )
-    return f"Calibration and evaluation data do not overlap{rate_text}."

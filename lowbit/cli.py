@@ -294,6 +294,35 @@ def push(
                  f"in {result.commits} commits to {result.url or repo_id}")
 
 
+@app.command("run")
+@handle_errors
+def run_command(
+    recipe: Path = typer.Argument(..., help="A recipe TOML file (see examples/smollm2.toml)."),
+    dry_run_push: bool = typer.Option(False, "--dry-run-push", help="Show what push would upload and the card; send nothing."),
+    force: bool = typer.Option(False, "--force", help="Run every stage even if unchanged; replace an output `lowbit run` did not make."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Quantize -> eval (with gates) -> push, as RECIPE says; a re-run skips unchanged stages. Exit 1 when a gate fails."""
+    from lowbit.errors import GateFailed
+    from lowbit.recipe import run_recipe, summary_lines
+
+    hub_token()  # registers HF_TOKEN, so that no output shows it
+    with progress_bar() as progress:
+        summary = run_recipe(recipe, dry_run_push=dry_run_push, force=force, on_progress=progress_callback(progress),
+                             on_event=lambda message: log.info(message))
+    if json_out:
+        print_json(summary)
+    else:
+        card = (summary["push"] or {}).get("card")
+        if card:
+            stdout.print(card, markup=False, highlight=False)
+        for line in summary_lines(summary):
+            stdout.print(line, markup=False, highlight=False)
+    failures = (summary["gates"] or {}).get("failures")
+    if failures:
+        raise GateFailed("gate failed, nothing pushed: " + "; ".join(failures))
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)

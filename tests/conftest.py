@@ -92,3 +92,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} is absent (the shared corpora)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    """A local fake Hub (tests/fake_hub.py) that huggingface_hub talks to, with a valid HF_TOKEN set."""
+    from huggingface_hub import constants
+
+    from tests.fake_hub import FAKE_TOKEN, FakeHub
+
+    with FakeHub() as fake:
+        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        # huggingface_hub reads HF_HUB_DISABLE_XET once, at import: set the constant it consults too.
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
+        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("LOWBIT_RETRY_BASE_SECONDS", "0.01")
+        yield fake

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from huggingface_hub.utils import _http as hf_http
 from safetensors.torch import save_file
 
@@ -43,20 +43,6 @@ def make_checkpoint(folder: Path, shards: int = 3) -> Path:
     }
     (folder / "lowbit_manifest.json").write_text(json.dumps(manifest))
     return folder
-
-
-@pytest.fixture
-def hub(monkeypatch, tmp_path):
-    with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        # huggingface_hub reads HF_HUB_DISABLE_XET once, at import: set the constant it consults too.
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-stored-token"))
-        monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-        monkeypatch.setenv("LOWBIT_RETRY_BASE_SECONDS", "0.01")
-        yield fake
 
 
 @pytest.fixture
