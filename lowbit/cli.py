@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +26,9 @@ from lowbit.redact import redact, register_secret
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize LLMs to 4 bits shard by shard, verify them, publish them.")
-stdout = Console()
-stderr = Console(stderr=True)
+# soft_wrap: a message is one line, however narrow the (absent) terminal
+stdout = Console(soft_wrap=True)
+stderr = Console(stderr=True, soft_wrap=True)
 state = {"verbose": False, "quiet": False}
 log = logging.getLogger("lowbit")
 
@@ -62,7 +64,7 @@ def handle_errors(command):
             raise
         except Exception as e:  # a bug: still one line, the traceback with --verbose
             if state["verbose"]:
-                stderr.print_exception()
+                stderr.print(redact(traceback.format_exc()), markup=False, highlight=False)
             message = redact(f"{type(e).__name__}: {e}".splitlines()[0])
             stderr.print(f"[red]internal error:[/red] {message} (run with --verbose for details)", markup=True)
             raise typer.Exit(70) from None
@@ -184,9 +186,6 @@ def inspect(
 
 
 def print_summary(summary) -> None:
-    from rich.table import Table
-
-    table = Table(show_header=False, box=None)
     source = summary.source or {}
     rows = [
         ("method", summary.method),
@@ -204,10 +203,10 @@ def print_summary(summary) -> None:
         from evals.report import report_rows
 
         rows += [(f"eval: {metric}", value) for metric, value in report_rows(summary.eval)]
+    width = max(len(key) for key, _ in rows)
     for key, value in rows:
-        if value is not None:
-            table.add_row(key, redact(str(value)))
-    stdout.print(table)
+        if value is not None:  # soft_wrap: a long path stays on its line
+            stdout.print(f"{key:<{width}}  {redact(str(value))}", soft_wrap=True, markup=False, highlight=False)
 
 
 @app.command("eval")
@@ -314,10 +313,10 @@ def run_command(
         print_json(summary)
     else:
         card = (summary["push"] or {}).get("card")
-        if card:
-            stdout.print(card, markup=False, highlight=False)
+        if card:  # soft_wrap: the card is printed as it would be published, lines unbroken
+            stdout.print(card, markup=False, highlight=False, soft_wrap=True)
         for line in summary_lines(summary):
-            stdout.print(line, markup=False, highlight=False)
+            stdout.print(line, markup=False, highlight=False, soft_wrap=True)
     failures = (summary["gates"] or {}).get("failures")
     if failures:
         raise GateFailed("gate failed, nothing pushed: " + "; ".join(failures))

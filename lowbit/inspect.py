@@ -12,17 +12,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from lowbit.errors import CorruptInputError, LowbitError, UsageError
+from lowbit.errors import LowbitError, UsageError
 from quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
+from quantize.manifest import MANIFEST, read_manifest
+from quantize.writer import sha256_file
 
-MANIFEST = "lowbit_manifest.json"
 BNB_BLOCKSIZE = 64  # what transformers always quantizes with
 BNB_NESTED_BLOCKSIZE = 256
 
@@ -48,17 +48,9 @@ class CheckpointSummary:
         return asdict(self)
 
 
-def read_manifest(folder: Path) -> dict | None:
-    file = Path(folder) / MANIFEST
-    if not file.exists():
-        return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (ValueError, RecursionError):
-        raise CorruptInputError(f"{MANIFEST} in {folder} is not valid JSON") from None
-    if not isinstance(manifest, dict):
-        raise CorruptInputError(f"{MANIFEST} in {folder} is not a JSON object")
-    return manifest
+def manifest_if_any(folder: Path) -> dict | None:
+    """The manifest, or None for a checkpoint that lowbit did not write."""
+    return read_manifest(folder) if (Path(folder) / MANIFEST).exists() else None
 
 
 def summarize(folder: Path) -> CheckpointSummary:
@@ -66,7 +58,7 @@ def summarize(folder: Path) -> CheckpointSummary:
     if not folder.is_dir():
         raise UsageError(f"not a checkpoint folder: {folder}")
     config = load_config_dict(folder)
-    manifest = read_manifest(folder) or {}
+    manifest = manifest_if_any(folder) or {}
     quant = config.get("quantization_config") or {}
     method = manifest.get("method") or _method_of(quant)
     settings = manifest.get("settings") or {}
@@ -101,7 +93,7 @@ def verify(folder: Path) -> list[str]:
     """Every mismatch between the folder and its manifest and config; [] when there is none."""
     folder = Path(folder)
     try:
-        manifest = read_manifest(folder)
+        manifest = manifest_if_any(folder)
     except LowbitError as e:
         return [str(e)]
     if manifest is None:
@@ -127,16 +119,10 @@ def file_problems(folder: Path, files) -> list[str]:
             problems.append(f"{name}: missing")
         elif path.stat().st_size != entry.get("size"):
             problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {entry.get('size')}")
-        elif _sha256(path) != entry.get("sha256"):
+        elif sha256_file(path) != entry.get("sha256"):
             problems.append(f"{name}: sha256 differs from the manifest")
     problems += [f"{f.name}: not in the manifest" for f in sorted(folder.glob("*.safetensors")) if f.name not in files]
     return problems
-
-
-def _sha256(path: Path) -> str:
-    from quantize.writer import sha256_file
-
-    return sha256_file(path)
 
 
 def tensor_problems(folder: Path) -> list[str]:
@@ -152,7 +138,8 @@ def tensor_problems(folder: Path) -> list[str]:
         info = actual[name]
         shape_ok = len(info.shape) == 1 if shape is None else info.shape == shape
         if not shape_ok or (dtype is not None and info.dtype != dtype):
-            problems.append(f"{name}: {_describe(info.dtype, info.shape)}, the config implies {_describe(dtype, shape)}")
+            found, implied = _describe(info.dtype, info.shape), _describe(dtype, shape)
+            problems.append(f"{name}: {found}, the config implies {implied}")
     problems += [f"{name}: not a tensor this config has" for name in actual if name not in expected]
     return problems
 
@@ -172,6 +159,7 @@ def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
     skeleton = build_skeleton(load_config(folder))  # every parameter on meta: shapes, no memory
     dtype_name = config.get("torch_dtype") or config.get("dtype")
     dense_dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    dense_dtype = dense_dtype if isinstance(dense_dtype, torch.dtype) else None  # unknown: any dtype
     quant = config.get("quantization_config") or {}
     quantized = quantized_modules(arch, quant)
 

@@ -123,7 +123,7 @@ def load_recipe(path: Path) -> Recipe:
     tables = check_table(data, SCHEMA, "", path)
     for required in ("model", "output"):
         if required not in tables:
-            raise UsageError(f"{path}: the recipe needs a [{required}] table")
+            raise UsageError(f"{path}: the recipe has no {required} table")  # no brackets: the CLI prints rich markup
     return build_recipe(tables, path)
 
 

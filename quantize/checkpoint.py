@@ -225,7 +225,8 @@ def _load_pickle(file: Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # a refused global, a truncated zip, an old non-zip pickle, ...
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CorruptInputError(f"cannot load pickled weights {file.name} safely: {why[:200]}") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    is_state_dict = isinstance(state, dict) and all(isinstance(k, str) for k in state)
+    if not is_state_dict or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CorruptInputError(f"pickled weights {file.name} are not a plain state dict of tensors")
     return state
 

@@ -185,37 +185,50 @@ def gptq_solver_bytes(linear: Linear) -> int:
     temporaries (17 bytes a weight).
     """
     nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
-    return max(2 * nk + kk, nk + 3 * kk, nk + 5 * kk, 2 * nk + linear.weights + 2 * kk, 17 * linear.weights + _pack_bytes(linear))
+    packing = linear.weights + _pack_bytes(linear)
+    return max(2 * nk + kk, nk + 3 * kk, nk + 5 * kk, 2 * nk + linear.weights + 2 * kk, packing, 17 * linear.weights)
 
 
-def nf4_solver_bytes(linear: Linear, calibrated: bool) -> tuple[int, int]:
-    """(on the device, in host memory) for quantize/nf4.py's quantize_bnb on one Linear.
-
-    Calibrated: W, H and the Cholesky steps as GPTQ (no permutation), codes, packed codes. Then, on the
-    host: the dequantized weight, a host copy of the weight and two NK temporaries of the error.
-    """
+def nf4_solver_bytes(linear: Linear) -> int:
+    """quantize/nf4.py's calibrated sweep for one Linear, beside its Hessian: bitsandbytes' packed codes,
+    then W, H and the Cholesky steps as GPTQ (no permutation), or the sweep with codes and block update."""
     nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
-    device = linear.weights // 2 + (max(nk + 5 * kk, 2 * nk + linear.weights + 2 * kk) if calibrated else 0)
-    return device, 4 * nk
+    return linear.weights // 2 + max(nk + 5 * kk, 2 * nk + linear.weights + 2 * kk)
+
+
+def nf4_check_bytes(linear: Linear, on_gpu: bool) -> int:
+    """quantize_bnb's error check, in host memory: the dequantized weight, the error and its square,
+    and on a GPU a host copy of the weight."""
+    return (4 if on_gpu else 3) * linear.weights * FLOAT32
+
+
+def error_check_bytes(linear: Linear) -> int:
+    """driver.relative_output_error without a Hessian: a float32 weight, the full difference (sliced to
+    512 rows after it is made) and the square of the slice."""
+    return 2 * linear.weights * FLOAT32 + linear.weights * FLOAT32 * min(1.0, 512 / linear.out_features)
 
 
 def _pack_bytes(linear: Linear) -> int:
-    """pack_rows' int64 temporaries (three live at once, and the words) for one chunk of codes."""
-    return 3 * 8 * min(linear.weights, PACK_CHUNK_VALUES) + linear.weights // 8
+    """pack_rows' temporaries for one chunk of codes: two int64 copies and the int64 words."""
+    chunk = min(linear.weights, PACK_CHUNK_VALUES)
+    return 2 * 8 * chunk + chunk
 
 
 def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ...] | None = None) -> int:
     """Intermediates of one window through one decoder layer, sdpa attention (no [S, S] matrix).
 
     upto: stop after this group (run_layer_until), else the whole layer. The groups are, in order,
-    the q/k/v projections, o_proj, gate/up, down. RMSNorm works in float32; attention holds q, k, v,
-    rotary copies of q and k, and its output; the MLP four [S, I] tensors with a fused gate_up
+    the q/k/v projections, o_proj, gate/up, down. RMSNorm works in float32; attention holds rotary
+    copies of q and k, k and v repeated to every head, and its output; the MLP four [S, I] tensors with a fused gate_up
     (the fused output, the activation, the product), three without.
     """
     h, width = shape.hidden, seqlen * c
     norm = width * h + seqlen * h * FLOAT32 * 2
-    qkv = width * sum(linear.out_features for linear in shape.groups[0])
-    attention = 3 * qkv + 2 * width * h
+    q = shape.groups[1][0].in_features  # o_proj reads the heads' outputs
+    qkv = sum(linear.out_features for linear in shape.groups[0])
+    # rotary q and k, k and v repeated to every head, the output and its contiguous copy
+    attention = width * (4 * q + (qkv - q) + 2 * h)
+    qkv *= width
     fused = len(shape.groups[2]) == 1
     mlp = width * ((4 if fused else 3) * shape.intermediate + 2 * h)
     stage = len(shape.groups) - 1 if upto is None else shape.groups.index(upto)
@@ -278,15 +291,14 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
         for group in batch:
             for linear in group:
                 weight_copy = {} if c == FLOAT32 else {"weight in float32": linear.weights * FLOAT32}
-                if s.method == "gptq":
-                    solver_device, solver_host = gptq_solver_bytes(linear), 0
-                else:
-                    solver_device, solver_host = nf4_solver_bytes(linear, calibrated=True)
                 leftover = _previous_dequantized(previous, s) if previous is not None else {}
+                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **leftover}
+                solver = gptq_solver_bytes(linear) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
-                                    device={**layer, **acts_device, **quantized, **hessians, **weight_copy, **leftover,
-                                            f"solver temporaries of {linear.name}": solver_device},
-                                    host={**host, **({f"nf4 error check of {linear.name}": solver_host} if solver_host else {})}))
+                                    device={**resident, f"solver temporaries of {linear.name}": solver}, host=host))
+                if s.method != "gptq":
+                    phases.append(Phase(f"check {linear.name}", device={**resident, "packed codes": linear.weights // 2},
+                                        host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))
                 previous = linear
         previous_hessians = hessians["Hessians"]
     phases.append(Phase("run the layer to move activations on",
@@ -309,18 +321,30 @@ def _previous_dequantized(previous: Linear, s: PlanSettings) -> dict[str, int]:
 
 
 def _weights_only_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
-    """RTN and plain NF4/FP4 read one tensor at a time and quantize it on the CPU: no device memory."""
+    """RTN and plain NF4/FP4 read one tensor at a time and quantize it on the CPU: no device memory.
+
+    RTN: the float32 weight, then the largest of: the group statistics (a regrouped copy and its
+    absolute values), the codes while packing, dequantize (17 bytes a weight). NF4: the float32
+    weight, the packed codes, the dequantized weight, the error and its square. Then the error check.
+    """
     src = shape.source_bytes
+    done = {"quantized Linears of the layer": _packed_layer_bytes(shape, s)}
     phases = []
+    previous: Linear | None = None
     for linear in shape.linears:
         nk = linear.weights
-        if s.method == "rtn":  # the weight as read and in float32, group statistics, codes, then dequantize
-            solver = 2 * nk * FLOAT32 + nk + max(2 * nk * FLOAT32, 17 * nk + _pack_bytes(linear))
-        else:  # float32 weight, bitsandbytes' codes, the dequantized weight and the error's two temporaries
-            solver = nk * FLOAT32 + nk // 2 + 3 * nk * FLOAT32
+        as_read = {"weight as read": nk * src, **({} if src == FLOAT32 else {"weight in float32": nk * FLOAT32})}
+        if s.method == "rtn":
+            solver = max(2 * nk * FLOAT32, nk + _pack_bytes(linear), 17 * nk)
+        else:
+            solver = nk // 2 + 3 * nk * FLOAT32
+        # the previous Linear's result (its float32 dequantized weight) lives until this one's is returned
+        leftover = {"previous Linear's dequantized weight": previous.weights * FLOAT32} if previous else {}
         phases.append(Phase(f"quantize {linear.name}",
-                            host={"weight as read": nk * src, f"temporaries of {linear.name}": solver,
-                                  "quantized Linears of the layer": _packed_layer_bytes(shape, s)}))
+                            host={**as_read, **done, **leftover, f"temporaries of {linear.name}": solver}))
+        phases.append(Phase(f"check {linear.name}", host={**as_read, **done, "dequantized weight": nk * FLOAT32,
+                                                          f"error check of {linear.name}": int(error_check_bytes(linear))}))
+        previous = linear
     phases.append(_writer_phase(shape, s))
     return phases
 

@@ -161,17 +161,31 @@ def perplexity(folder, windows) -> float:
     return float(nll.mean().exp())
 
 
-@pytest.mark.slow
+def split_wikitext(shared_data, folder):
+    """The wikitext-2 test text cut in two at a line: calibrate on the first half, score the second."""
+    text = (shared_data / "wikitext-2-raw" / "wiki.test.raw").read_bytes().decode().replace("\r\n", "\n")
+    lines = text.split("\n")
+    first, second = folder / "wikitext-first-half.txt", folder / "wikitext-second-half.txt"
+    first.write_text("\n".join(lines[: len(lines) // 2]))
+    second.write_text("\n".join(lines[len(lines) // 2 :]))
+    return first, second
+
+
 def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smollm2_dir, shared_data, tmp_path):
-    """Quantize the real model, reload it from disk, score held-out wikitext (calibration: c4)."""
+    """Quantize the real model, reload it from disk, score held-out text.
+
+    Calibration and evaluation come from the two halves of wikitext-2 test: the same
+    kind of text, never the same words. A few calibration windows keep this affordable
+    on a CPU; GPTQ generalises better with more (see BENCHMARKS.md).
+    """
     from transformers import AutoTokenizer
 
     from evals.datasets import eval_windows, load_eval_text
 
+    calibration_text, eval_text = split_wikitext(shared_data, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    text, _ = load_eval_text("wikitext2")
-    windows = eval_windows(text, tokenizer, 512, 3)
-    calib = CalibrationConfig(source="c4", nsamples=8, seqlen=512, seed=0)
+    windows = eval_windows(load_eval_text(str(eval_text))[0], tokenizer, 512, 4)
+    calib = CalibrationConfig(source=str(calibration_text), nsamples=8, seqlen=512, seed=0)
     runs = {
         "gptq4": (QuantizeSettings(method="gptq", bits=4, group_size=64), calib),
         "gptq3": (QuantizeSettings(method="gptq", bits=3, group_size=64), calib),
@@ -183,5 +197,5 @@ def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smoll
         assert result.manifest["bits_per_weight"] < settings.bits + 1
         ppl[name] = perplexity(tmp_path / name, windows)
     print(ppl)
-    assert ppl["gptq4"] < 1.6 * ppl["base"]  # 4-bit: within a stated bound of the base
+    assert ppl["gptq4"] < 1.6 * ppl["base"]  # 4-bit: within 60 % of the base
     assert ppl["gptq3"] < 0.6 * ppl["rtn3"]  # 3-bit: error compensation must pay off

@@ -346,3 +346,18 @@ def test_hub_token_never_appears_in_output_or_files(model, tmp_path, monkeypatch
     for file in tmp_path.rglob("*"):
         if file.is_file():
             assert FAKE_TOKEN.encode() not in file.read_bytes(), file
+
+
+def test_hub_snapshot_with_symlinked_shards_is_read(model, tmp_path):
+    """A Hub snapshot's files are symlinks into a blob store: the index check judges names, not targets."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for file in sorted(model.iterdir()):
+        blob = blobs / f"blob-{file.name}"
+        file.rename(blob)
+        file.symlink_to(blob)
+
+    result = run("quantize", model, *RTN, "-o", tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
