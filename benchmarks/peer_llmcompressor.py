@@ -6,8 +6,8 @@ llm-compressor lives in its own virtual environment (default ~/.cache/lowbit-ben
 on first use with the same torch as ours. Both tools get the same calibration token ids (lowbit's own
 windows: `pydoc`, 16 x 512, seed 0, which `lowbit quantize` rebuilds identically; checked afterwards
 against the lowbit_calibration.json it writes), 4 bits, group size 64, symmetric, damping 0.01, no
-act-order, lm_head kept, float32 compute on the CPU. Each quantization runs in a child process: wall
-time and ru_maxrss are the child's. Perplexity is one plain transformers computation for every model
+act-order, lm_head kept, float32 compute on the CPU. Each quantization runs in a child process, from
+interpreter start to the written checkpoint: wall time and ru_maxrss are the child's. Perplexity is one plain transformers computation for every model
 (base, lowbit, llm-compressor) over the same wikitext-2 test windows (8 x 512); lowbit's own
 `evals.evaluate` is run too, as a cross-check, with its peak memory.
 """
@@ -51,21 +51,14 @@ def load_ids(path: Path):
     return torch.tensor(json.loads(Path(path).read_text())["windows"], dtype=torch.int64)
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def child_llmc(model: str, calibration: str, evaluation: str, output: str) -> dict:
-    """llm-compressor's GPTQ (W4A16, group 64) on the given windows, saved compressed; then its perplexity."""
+def child_llmc(model: str, calibration: str, output: str) -> dict:
+    """llm-compressor's GPTQ (W4A16, group 64) on the given windows, saved compressed (pack-quantized)."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    started = time.time()
     windows = load_ids(Path(calibration))
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
@@ -75,22 +68,16 @@ def child_llmc(model: str, calibration: str, evaluation: str, output: str) -> di
                           dampening_frac=DAMP, block_size=128)
     oneshot(model=loaded, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
-    quantize_seconds = time.time() - started
-    quantize_peak = peak_rss_bytes()
-    ppl = perplexity(loaded.eval(), load_ids(Path(evaluation)))  # the fake-quantized weights, before compression
-    started = time.time()
     loaded.save_pretrained(output, save_compressed=True)
-    save_seconds = time.time() - started
-    size = sum(f.stat().st_size for f in Path(output).glob("*.safetensors"))
-    return {"seconds": round(quantize_seconds + save_seconds, 1), "peak_rss_bytes": quantize_peak, "ppl": ppl,
-            "output_bytes": size, "peak_rss_bytes_with_eval": peak_rss_bytes()}
+    return {}
 
 
-def child_ppl(model: str, evaluation: str, lowbit: bool) -> dict:
+def child_ppl(model: str, evaluation: str, kind: str) -> dict:
+    """Perplexity of a model folder: plain (or llm-compressor's, decompressed by transformers), or lowbit's."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if lowbit:
+    if kind == "lowbit":
         sys.path.insert(0, str(REPO))
         from quantize.loader import load_dequantized_model
 
@@ -116,12 +103,11 @@ def ensure_llmc_venv(venv: Path) -> Path:
 
 
 def run_child(command: list[str]) -> dict:
-    """Run a child; its JSON result (last stdout line), wall seconds and ru_maxrss."""
+    """Run a child; its JSON result (the last stdout line that is one) and wall seconds."""
     started = time.time()
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     stdout, stderr = child.communicate()
     seconds = time.time() - started
-    _, _, usage = os.wait4(child.pid, os.WNOHANG) if child.returncode is None else (0, 0, None)
     if child.returncode != 0:
         raise SystemExit(f"failed ({child.returncode}): {' '.join(command)}\n{stderr.decode(errors='replace')[-3000:]}")
     lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
@@ -156,6 +142,15 @@ def prepare_windows(model: Path, work: Path) -> tuple[Path, Path]:
     return work / "calibration.json", work / "evaluation.json"
 
 
+def predicted_lowbit_peak(model: Path) -> int:
+    """quantize/plan.py's host peak for the lowbit run above."""
+    from quantize.plan import PlanSettings, model_shape, peaks, quantize_phases
+
+    settings = PlanSettings(method="gptq", bits=BITS, group_size=GROUP_SIZE, device="cpu", nsamples=NSAMPLES, seqlen=SEQLEN)
+    config = json.loads((model / "config.json").read_text())
+    return peaks(quantize_phases(model_shape(config), settings), settings)[1].bytes
+
+
 def lowbit_evaluate(quantized: Path, base: Path) -> dict:
     """lowbit's own evaluator on the same windows (wikitext2, 8 x 512), in a child for its peak memory."""
     code = ("import json,sys; sys.path.insert(0, %r); from evals.evaluate import EvalOptions, evaluate; "
@@ -174,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        result = child_llmc(*rest) if kind == "llmc" else child_ppl(rest[0], rest[1], lowbit=kind == "ppl-lowbit")
+        result = child_llmc(*rest) if kind == "llmc" else child_ppl(rest[0], rest[1], kind)
         print(json.dumps(result))
         return
 
@@ -192,7 +187,7 @@ def main() -> None:
                       "--method", "gptq", "--bits", str(BITS), "--group-size", str(GROUP_SIZE), "--damp", str(DAMP),
                       "--calibration", "pydoc", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
                       "--device", "cpu", "--force"]
-    llmc_command = [str(llmc_python), script, "--child", "llmc", str(model), str(calibration), str(evaluation), str(llmc_out)]
+    llmc_command = [str(llmc_python), script, "--child", "llmc", str(model), str(calibration), str(llmc_out)]
     print("lowbit:", " ".join(lowbit_command[1:]), flush=True)
     lowbit = timed_child(lowbit_command)
     same = json.loads((lowbit_out / "lowbit_calibration.json").read_text())["windows"] == \
@@ -200,10 +195,14 @@ def main() -> None:
     if not same:
         raise SystemExit("lowbit drew other calibration windows than the ones given to llm-compressor")
     lowbit["output_bytes"] = sum(f.stat().st_size for f in lowbit_out.glob("*.safetensors"))
-    lowbit.update(run_child([sys.executable, script, "--child", "ppl-lowbit", str(lowbit_out), str(evaluation)]))
+    lowbit["predicted_peak_rss_bytes"] = predicted_lowbit_peak(model)
+    lowbit["predicted_over_measured"] = round(lowbit["predicted_peak_rss_bytes"] / lowbit["peak_rss_bytes"], 4)
+    lowbit.update(run_child([sys.executable, script, "--child", "lowbit", str(lowbit_out), str(evaluation)]))
     print("llm-compressor:", " ".join(llmc_command), flush=True)
-    llmc = run_child(llmc_command)
-    base = run_child([sys.executable, script, "--child", "ppl", str(model), str(evaluation)])
+    llmc = timed_child(llmc_command)
+    llmc["output_bytes"] = sum(f.stat().st_size for f in llmc_out.glob("*.safetensors"))
+    llmc.update(run_child([str(llmc_python), script, "--child", "plain", str(llmc_out), str(evaluation)]))
+    base = run_child([sys.executable, script, "--child", "plain", str(model), str(evaluation)])
     check = lowbit_evaluate(lowbit_out, model)
 
     results = {

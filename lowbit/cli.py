@@ -322,6 +322,54 @@ def run_command(
         raise GateFailed("gate failed, nothing pushed: " + "; ".join(failures))
 
 
+@app.command()
+@handle_errors
+def plan(
+    model: str = typer.Argument(..., help="Local folder or Hub repo id: only its config.json is read."),
+    gpu: Optional[str] = typer.Option(None, help="GPU memory, e.g. 16GiB (without it: plan for the CPU)."),
+    host_memory: Optional[str] = typer.Option(None, "--host-memory", help="Host memory, e.g. 32GiB."),
+    method: str = typer.Option("gptq", help="gptq, rtn, nf4 or fp4."),
+    calibrated: bool = typer.Option(False, "--calibrated", help="nf4/fp4 with calibration data (GPTQ onto the code book)."),
+    bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
+    group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
+    nsamples: int = typer.Option(128, help="Calibration windows."),
+    seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
+    offload: bool = typer.Option(False, "--offload", help="Calibration activations in host memory."),
+    true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    eval_windows: int = typer.Option(40, help="Evaluation windows (lowbit eval --max-windows)."),
+    eval_seqlen: int = typer.Option(2048, help="Tokens per evaluation window."),
+    eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
+    json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+) -> None:
+    """Predict peak GPU and host memory of quantizing and evaluating MODEL; exit 1 when it does not fit."""
+    from lowbit.errors import GateFailed, UsageError
+    from quantize.plan import PlanSettings, plan as make_plan, read_config, render
+    from quantize.writer import parse_size
+
+    limits = {}
+    for name, text in (("--gpu", gpu), ("--host-memory", host_memory)):
+        try:
+            limits[name] = parse_size(text) if text is not None else None
+        except ValueError:
+            raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
+    for name, value, choices in (("--method", method, ("gptq", "rtn", "nf4", "fp4")), ("--bits", bits, (2, 3, 4, 8))):
+        if value not in choices:
+            raise UsageError(f"{name}: {value} is not one of {', '.join(map(str, choices))}")
+    settings = PlanSettings(method=method, bits=bits, group_size=group_size, true_sequential=true_sequential,
+                            calibrated=method == "gptq" or calibrated, nsamples=nsamples, seqlen=seqlen,
+                            device="cuda" if gpu is not None else "cpu", offload=offload, eval_windows=eval_windows,
+                            eval_seqlen=eval_seqlen, eval_chunk=eval_chunk)
+    result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"])
+    if json_out:
+        print_json(result)
+    else:
+        for line in render(result):
+            stdout.print(line, markup=False, highlight=False, soft_wrap=True)
+    if not result["fits"]:
+        raise GateFailed("does not fit" + (": see the suggestions" if result["suggestions"] else ""))
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)

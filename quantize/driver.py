@@ -372,7 +372,7 @@ def _quantize_calibrated(source, config, arch, reader, settings, options, solve,
                          progress_dir, progress, report) -> None:
     """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on."""
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
-    offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device)
+    offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device, settings)
     start = progress["layers_done"]
     embed = reader.read("model.embed_tokens.weight")
     if start == 0:
@@ -401,12 +401,18 @@ def _read_activations(path: Path) -> torch.Tensor:
     return load_file(str(path))["hidden"]
 
 
-def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, device: torch.device) -> bool:
+def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, device: torch.device,
+                    settings: QuantizeSettings = QuantizeSettings()) -> bool:
+    """Activations to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
     if device.type != "cuda":
         return False
-    needed = windows.numel() * config["hidden_size"] * torch.empty((), dtype=dtype).element_size()
+    from quantize.plan import PlanSettings, should_offload_calibration
+
+    plan = PlanSettings(method=settings.method, bits=settings.bits, group_size=settings.group_size,
+                        true_sequential=settings.true_sequential, nsamples=windows.shape[0], seqlen=windows.shape[1],
+                        device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size())
     free, _ = torch.cuda.mem_get_info(device)
-    return needed > 0.3 * free
+    return should_offload_calibration(config, plan, free)
 
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device):

@@ -30,6 +30,8 @@ ALLOCATOR_SLACK = 0.10  # reserved over allocated in torch's caching allocator
 FLOAT32 = 4
 PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (int64 temporaries)
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+OPTION_NAMES = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_chunk": "--chunk-tokens",
+                "eval_windows": "--max-windows"}  # as `lowbit quantize` / `lowbit eval` spell them
 
 
 @dataclass(frozen=True)
@@ -401,7 +403,8 @@ def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
     def host_parts(phase: Phase) -> dict[str, int]:
         parts = {"process (Python, torch, transformers)": baseline, **phase.host}
         if s.device == "cpu":
-            parts.update({f"{k} [compute]": v for k, v in phase.device.items()})
+            for k, v in phase.device.items():
+                parts[k] = parts.get(k, 0) + v
         return parts
 
     def peak_of(parts_of) -> Peak:
@@ -428,7 +431,8 @@ def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes
         model={"architecture": shape.architecture, "layers": shape.layers, "hidden": shape.hidden,
                "intermediate": shape.intermediate, "vocab": shape.vocab,
                "parameters": shape.layers * shape.layer_params + shape.embedding_params * (1 if shape.tied else 2) + shape.hidden},
-        settings={"method": s.method, "bits": s.bits, "group_size": s.group_size, "nsamples": s.nsamples,
+        settings={"method": s.method, "bits": s.bits, "group_size": s.group_size, "calibrated": s.uses_activations,
+                  "nsamples": s.nsamples,
                   "seqlen": s.seqlen, "device": s.device, "compute_bytes": s.c, "offload": s.offload,
                   "eval_windows": s.eval_windows, "eval_seqlen": s.eval_seqlen, "eval_chunk": s.eval_chunk,
                   "eval_offload": s.eval_offload},
@@ -466,56 +470,63 @@ def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_byt
 
 
 def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> list[dict]:
-    """Single changes of settings that make the part that does not fit fit, each with what it costs."""
-    out = []
-    base = _verdict(shape, s, gpu_bytes, host_bytes)
-    tokens = s.nsamples * s.seqlen
+    """Changes of settings that make the part that does not fit fit, each with what it costs.
 
-    def try_change(option: str, changed: PlanSettings, part: str, cost: str) -> bool:
+    Tried in order of cost: offloading, then (with offloading if it alone is not enough) halving the
+    calibration windows or their length, then the CPU; for evaluation a smaller head chunk, offloading,
+    fewer windows. A part nothing rescues gets an entry without an option.
+    """
+    out: list[dict] = []
+    base = _verdict(shape, s, gpu_bytes, host_bytes)
+    on_gpu = s.device != "cpu"
+
+    def fits(option: str, changed: PlanSettings, part: str, cost: str) -> bool:
         verdict = _verdict(shape, changed, gpu_bytes, host_bytes)[part]
         if verdict["fits"]:
-            out.append({"for": part, "option": option, "gpu_needed_bytes": verdict["gpu_needed_bytes"],
+            gpu_needed = verdict["gpu_needed_bytes"] if changed.device != "cpu" else None
+            out.append({"for": part, "option": option, "gpu_needed_bytes": gpu_needed,
                         "host_peak_bytes": verdict["host_peak_bytes"], "cost": cost})
         return verdict["fits"]
 
+    def halve(part: str, name: str, smallest: int, prefix: str, template: PlanSettings, cost) -> None:
+        value = getattr(s, name) // 2
+        while value >= smallest and not fits(f"{prefix}{OPTION_NAMES[name]} {value}",
+                                             replace(template, **{name: value}), part, cost(value)):
+            value //= 2
+
     if not base["quantize"]["fits"]:
-        acts = s.nsamples * s.seqlen * shape.hidden * s.c
+        tokens = s.nsamples * s.seqlen
+        acts = tokens * shape.hidden * s.c
         passes = shape.layers * (len(shape.groups) + 2)
-        if not s.offload:
-            try_change("--offload", replace(s, offload=True), "quantize",
-                       f"activations ({acts / GiB:.2f} GiB) live in host memory; each of {passes} passes over "
-                       f"them crosses PCIe ({passes * acts / GiB:.0f} GiB in all)")
-        for offload in ([False, True] if not s.offload else [True]):
-            for name in ("nsamples", "seqlen"):
-                value = getattr(s, name) // 2
-                while value >= (1 if name == "nsamples" else 128):
-                    changed = replace(s, offload=offload, **{name: value})
-                    new_tokens = changed.nsamples * changed.seqlen
-                    flag = ("--offload " if offload and not s.offload else "") + f"--{name} {value}"
-                    if try_change(flag, changed, "quantize",
-                                  f"calibrates on {new_tokens} tokens instead of {tokens}: noisier Hessians"):
-                        break
-                    value //= 2
-        if s.device != "cpu":
-            try_change("--device cpu", replace(s, device="cpu"), "quantize",
-                       "runs on the CPU in float32: hours instead of minutes for a large model")
+        offload = on_gpu and not s.offload and not base["quantize"]["fits_gpu"]  # it helps the GPU only
+        if not offload or not fits("--offload", replace(s, offload=True), "quantize",
+                                   f"activations ({gib(acts)}) in host memory; each of {passes} passes over them "
+                                   f"crosses PCIe ({passes * acts / GiB:.0f} GiB in all)"):
+            template = replace(s, offload=s.offload or offload)
+            prefix = "--offload " if offload else ""
+            halve("quantize", "nsamples", 1, prefix, template,
+                  lambda v: f"calibrates on {v * s.seqlen} tokens instead of {tokens}: noisier Hessians")
+            halve("quantize", "seqlen", 128, prefix, template,
+                  lambda v: f"calibrates on {s.nsamples * v} tokens instead of {tokens}, in shorter contexts")
+        if on_gpu:
+            fits("--device cpu", replace(s, device="cpu"), "quantize",
+                 "runs on the CPU in float32: hours instead of minutes for a large model")
     if not base["evaluate"]["fits"]:
-        value = s.eval_chunk // 2
-        while value >= 16:
-            if try_change(f"--chunk-tokens {value}", replace(s, eval_chunk=value), "evaluate",
-                          "the same figures, from more and smaller head matmuls"):
-                break
-            value //= 2
-        if not s.eval_offload:
-            try_change("--offload (eval)", replace(s, eval_offload=True), "evaluate",
-                       "final hidden states live in host memory and cross PCIe per layer")
-        value = s.eval_windows // 2
-        while value >= 1:
-            if try_change(f"--max-windows {value}", replace(s, eval_windows=value), "evaluate",
-                          f"scores {value * (s.eval_seqlen - 1)} tokens instead of "
-                          f"{s.eval_windows * (s.eval_seqlen - 1)}: a noisier perplexity"):
-                break
-            value //= 2
+        halve("evaluate", "eval_chunk", 16, "lowbit eval ", s, lambda v: "the same figures, from more, smaller head matmuls")
+        if on_gpu and not s.eval_offload:
+            fits("lowbit eval --offload", replace(s, eval_offload=True), "evaluate",
+                 "final hidden states in host memory; each layer's pass moves them over PCIe")
+        halve("evaluate", "eval_windows", 1, "lowbit eval ", s,
+              lambda v: f"scores {v * (s.eval_seqlen - 1)} tokens instead of {s.eval_windows * (s.eval_seqlen - 1)}: "
+                        f"a noisier perplexity")
+    for part in ("quantize", "evaluate"):
+        if not base[part]["fits"] and not any(tip["for"] == part for tip in out):
+            where = "gpu" if not base[part]["fits_gpu"] else "host"
+            parts = base[part][f"{where}_parts"]
+            largest = max(parts, key=parts.get)
+            out.append({"for": part, "option": None, "gpu_needed_bytes": None, "host_peak_bytes": None,
+                        "cost": f"no setting here makes it fit: its {where} peak is at '{base[part][f'{where}_phase']}', "
+                                f"where {largest} alone is {gib(parts[largest])}"})
     return out
 
 
@@ -534,3 +545,87 @@ def should_offload_eval(config: dict, s: PlanSettings, free_gpu_bytes: int) -> b
     shape = model_shape(config)
     on_device, _ = peaks(eval_phases(shape, replace(s, eval_offload=False)), s)
     return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
+
+
+# ---- reading the config, and the text `lowbit plan` prints ----
+
+def read_config(model: str, revision: str | None = None, token: str | None = None) -> dict:
+    """config.json of a local folder, or of a Hub repo (that file alone is downloaded)."""
+    from pathlib import Path
+
+    from quantize.checkpoint import REPO_ID, load_config_dict
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_config_dict(path)
+    if path.is_file() and path.name.endswith(".json"):
+        return load_config_dict(path.parent) if path.name == "config.json" else _json_file(path)
+    if not REPO_ID.match(model):
+        raise UsageError(f"model not found: {model} (no such folder, and not a Hub repo id)")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        file = hf_hub_download(model, "config.json", revision=revision, token=token)
+    except RepositoryNotFoundError:
+        raise UsageError(f"model not found: {model} (no such Hub repo, or no access to it)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise UsageError(f"cannot download config.json of {model}: {type(e).__name__}") from None
+    return load_config_dict(Path(file).parent)
+
+
+def _json_file(path) -> dict:
+    import json
+
+    from lowbit.errors import CorruptInputError
+
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CorruptInputError(f"{path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptInputError(f"{path} is not a JSON object")
+    return data
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def render(result: dict) -> list[str]:
+    """The human-readable plan, line by line."""
+    m, s = result["model"], result["settings"]
+    device = "the CPU (float32)" if s["device"] == "cpu" else f"a GPU ({8 * s['compute_bytes']}-bit compute)"
+    lines = [f"{m['architecture']}: {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, "
+             f"vocab {m['vocab']}, {m['parameters'] / 1e9:.2f}B parameters",
+             (f"{s['method']} {s['bits']}-bit, group {s['group_size']}" if s["method"] in ("gptq", "rtn") else s["method"])
+             + (f", calibration {s['nsamples']} x {s['seqlen']}{' (offloaded)' if s['offload'] else ''}"
+                if s["calibrated"] else ", no calibration")
+             + f"; eval {s['eval_windows']} x {s['eval_seqlen']}, "
+             + f"chunk {s['eval_chunk']}; on {device}",
+             f"{'':10}{'GPU peak':>12}{'GPU needed':>13}{'host peak':>12}  fits"]
+    on_gpu = s["device"] != "cpu"
+    for name in ("quantize", "evaluate"):
+        r = result[name]
+        gpu_peak, gpu_needed = (r["gpu_peak_bytes"], r["gpu_needed_bytes"]) if on_gpu else (None, None)
+        lines.append(f"{name:10}{gib(gpu_peak):>12}{gib(gpu_needed):>13}"
+                     f"{gib(r['host_peak_bytes']):>12}  {'yes' if r['fits'] else 'NO'}")
+    for name in ("quantize", "evaluate"):
+        r = result[name]
+        where = ("gpu", "host") if s["device"] != "cpu" else ("host",)
+        for memory in where:
+            parts = sorted(r[f"{memory}_parts"].items(), key=lambda kv: -kv[1])[:4]
+            lines.append(f"  {name} {memory} peak at '{r[f'{memory}_phase']}': "
+                         + ", ".join(f"{k} {gib(v)}" for k, v in parts))
+    limits = result["limits"]
+    lines.append(f"output {result['output_bytes'] / 1e9:.2f} GB, {result['bits_per_weight']:.2f} bits per weight")
+    lines.append(f"limits: GPU {gib(limits['gpu_bytes'])} (needed = peak + {ALLOCATOR_SLACK:.0%} allocator slack + "
+                 f"{gib(CUDA_CONTEXT)} CUDA context), host {gib(limits['host_bytes'])}")
+    lines.append("fits" if result["fits"] else "does NOT fit")
+    for tip in result["suggestions"]:
+        if tip["option"] is None:
+            lines.append(f"  {tip['for']}: {tip['cost']}")
+            continue
+        gpu = f"GPU needed {gib(tip['gpu_needed_bytes'])}, " if s["device"] != "cpu" else ""
+        lines.append(f"  {tip['for']}: {tip['option']} -> {gpu}host {gib(tip['host_peak_bytes'])}; cost: {tip['cost']}")
+    return lines
