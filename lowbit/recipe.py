@@ -43,7 +43,8 @@ from evals.report import Gates, attach_to_manifest, check_gates
 from lowbit.errors import LowbitError, OutputExistsError, UsageError
 from lowbit.hub import PushOptions, hub_endpoint, push_folder, validate_repo_id
 from lowbit.redact import register_secret
-from quantize.driver import METHODS, QuantizeSettings, RunOptions, quantize_model
+from quantize.driver import RunOptions, quantize_model
+from quantize.settings import METHODS, QuantizeSettings
 from quantize.manifest import MANIFEST, read_manifest
 from quantize.writer import parse_size, sha256_file, write_json
 

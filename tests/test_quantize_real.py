@@ -11,7 +11,7 @@ from calibration.windows import CalibrationConfig, build_calibration
 from quantize import driver, stream
 from quantize.arch import architecture_of
 from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.driver import QuantizeSettings, RunOptions, quantize_model, relative_output_error
+from quantize.driver import QuantizeSettings, quantize_model
 from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from quantize.loader import DenseWeights
 from tests.conftest import save_tiny_model

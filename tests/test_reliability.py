@@ -270,7 +270,7 @@ def safetensors_disk_full(*args, **kwargs):
 
 
 @pytest.mark.parametrize("target, fail", [("quantize.writer._write_shard", fail_with_enospc),
-                                          ("quantize.driver.save_file", safetensors_disk_full)],
+                                          ("quantize.progress.save_file", safetensors_disk_full)],
                          ids=["writing-shards", "saving-progress"])
 def test_disk_full_cleans_up_and_says_how_much_is_needed(target, fail, model, tmp_path, monkeypatch):
     monkeypatch.setattr(target, fail)

@@ -103,14 +103,14 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
 
 def interrupt_after_layers(monkeypatch, layers: int) -> None:
     """Make the next run stop like a Ctrl-C once `layers` decoder layers are saved."""
-    save_layer = quantize.driver._save_layer
+    save_layer = quantize.driver.save_layer
 
     def save_then_stop(progress_dir, index, *args):
         save_layer(progress_dir, index, *args)
         if index + 1 >= layers:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize.driver, "_save_layer", save_then_stop)
+    monkeypatch.setattr(quantize.driver, "save_layer", save_then_stop)
 
 
 @pytest.fixture

@@ -1,0 +1,139 @@
+"""The last step of a quantization run: every tensor into the final shards, plus config, tokenizer, manifest.
+
+Layer files from the progress folder and the source's embeddings, norm and head are
+streamed one tensor at a time into `model-0000i-of-0000n.safetensors`, then the
+config (with its `quantization_config`), the tokenizer files and `lowbit_manifest.json`
+are written. See DESIGN.md for the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import asdict
+
+from lowbit import __version__
+from quantize.arch import architecture_of
+from quantize.checkpoint import SafetensorsCheckpoint
+from quantize.manifest import CALIBRATION_FILE, MANIFEST
+from quantize.nf4 import BnbConfig, bnb_quantization_config
+from quantize.settings import QuantizeSettings
+from quantize.writer import PendingTensor, parse_size, sha256_file, write_json, write_sharded
+
+TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
+    r"chat_template\.(jinja|json)|generation_config\.json)$"
+)
+
+
+def assemble(work, progress_dir, source, config, arch, reader, settings, options, calibration_info,
+              windows, progress, report) -> dict:
+    """Stream every tensor into the final shards and write config, tokenizer and manifest."""
+    for stale in work.iterdir():  # what a run killed while assembling had written
+        if stale.is_file():
+            stale.unlink()
+    layer_files = SafetensorsCheckpoint(progress_dir)  # reads layer-*.safetensors headers
+    layer_names = set(layer_files.names())
+
+    def pending(reader_, name):
+        info = reader_.info(name)
+        check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
+        return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
+
+    head = [n for n in reader.names() if not n.startswith("model.layers.")]
+    units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n.startswith("model.embed_tokens")]
+    for i in range(arch.num_layers):
+        prefix = arch.layer_prefix(i)
+        by_module: dict[str, list[PendingTensor]] = {}
+        for name in sorted(n for n in layer_names if n.startswith(prefix)):
+            by_module.setdefault(_module_of(name), []).append(pending(layer_files, name))
+        units.extend(by_module.values())
+    units.extend([pending(reader, n)] for n in head if not n.startswith("model.embed_tokens"))
+
+    total = sum(len(u) for u in units)
+    written = iter(range(1, total + 1))
+    files = write_sharded(work, units, parse_size(options.max_shard_size),
+                          on_tensor=lambda name: report("write", next(written), total))
+
+    quantization_config = _quantization_config(settings, config)
+    write_json(work / "config.json", {**config, "quantization_config": quantization_config})
+    if settings.method in ("gptq", "rtn"):
+        write_json(work / "quantize_config.json", quantization_config)
+    for file in sorted(source.folder.iterdir()):
+        if file.is_file() and TOKENIZER_FILES.match(file.name):
+            shutil.copyfile(file, work / file.name)
+    if windows is not None:
+        from calibration.windows import save_windows
+
+        save_windows(work / CALIBRATION_FILE, windows)
+    for file in sorted(work.iterdir()):
+        if file.is_file() and file.name not in files and file.name != MANIFEST:
+            files[file.name] = {"sha256": sha256_file(file), "size": file.stat().st_size}
+
+    quantized_modules = {arch.layer_prefix(i) + n for i in range(arch.num_layers) for n in arch.linear_names()
+                         if not settings.is_skipped(arch.layer_prefix(i) + n)}
+    quantized_weights = sum(_numel(reader.info(m + ".weight").shape) for m in quantized_modules)
+    quantized_bytes = sum(layer_files.info(n).nbytes for n in layer_names
+                          if _module_of(n) in quantized_modules and not n.endswith(".bias"))
+    manifest = {
+        "format": "lowbit-manifest",
+        "version": 1,
+        "tool": {"name": "lowbit", "version": __version__},
+        "created": progress["created"],
+        "method": settings.method,
+        "settings": asdict(settings),
+        "source": {
+            "model": source.name,
+            "revision": source.revision,
+            "architecture": arch.name,
+            "dtype": config.get("torch_dtype") or config.get("dtype"),
+            "num_parameters": sum(_numel(info.shape) for info in reader.tensors.values()),
+            "size_bytes": reader.total_bytes(),
+        },
+        "calibration": calibration_info and {**calibration_info, "tokens_file": CALIBRATION_FILE},
+        "layers": progress["layers"],
+        "files": files,
+        "output_bytes": sum(f["size"] for f in files.values()),
+        "bits_per_weight": round(8 * quantized_bytes / max(quantized_weights, 1), 4),
+        "eval": None,
+    }
+    write_json(work / MANIFEST, manifest)
+    shutil.rmtree(progress_dir)
+    return manifest
+
+
+def _module_of(name: str) -> str:
+    """The module a tensor belongs to: 'a.b.weight.absmax' -> 'a.b', 'a.b.qweight' -> 'a.b'."""
+    if ".weight." in name:
+        return name.split(".weight.")[0]
+    return name.rsplit(".", 1)[0]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _quantization_config(settings: QuantizeSettings, config: dict) -> dict:
+    if settings.method in ("gptq", "rtn"):
+        return {
+            "quant_method": "gptq",
+            "bits": settings.bits,
+            "group_size": settings.group_size,
+            "desc_act": settings.act_order,
+            "sym": settings.sym,
+            "checkpoint_format": "gptq",
+            "damp_percent": settings.damp,
+            "true_sequential": settings.true_sequential,
+            "static_groups": settings.static_groups,
+            "lm_head": False,
+            "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
+        }
+    arch = architecture_of(config)
+    skipped = sorted({arch.layer_prefix(i) + n for i in range(arch.num_layers) for n in arch.linear_names()
+                      if settings.is_skipped(arch.layer_prefix(i) + n)})
+    source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
+    return bnb_quantization_config(bnb, ["lm_head", *skipped], compute_dtype=source_dtype)

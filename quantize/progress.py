@@ -1,0 +1,98 @@
+"""Progress of a quantization run, kept so that a killed run resumes where it stopped.
+
+`OUTPUT.partial/.lowbit-progress/` holds one safetensors file per finished decoder
+layer, the activations entering the next layer, and `progress.json`, written last:
+it is the commit point. Progress made under another fingerprint (settings, source
+files, calibration windows) is stale and refused.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lowbit.errors import OutputExistsError
+from quantize.checkpoint import SafetensorsCheckpoint
+from quantize.settings import QuantizeSettings
+from quantize.stream import Activations
+from quantize.writer import write_json
+
+
+def progress_fingerprint(settings: QuantizeSettings, reader: SafetensorsCheckpoint, config: dict, calibration_info: dict | None) -> str:
+    """What the output depends on; progress made under another fingerprint is stale."""
+    tensors = sorted((name, str(info.dtype), info.shape, info.file.stat().st_size, info.file.stat().st_mtime_ns)
+                     for name, info in reader.tensors.items())
+    data = {
+        "settings": asdict(settings),
+        "config": config,
+        "tensors": tensors,
+        "calibration": calibration_info and calibration_info.get("windows_sha256"),
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def open_progress(work: Path, progress_dir: Path, fingerprint: str, force: bool) -> dict:
+    progress_file = progress_dir / "progress.json"
+    if progress_file.exists():
+        progress = json.loads(progress_file.read_text())
+        if progress.get("fingerprint") == fingerprint:
+            return progress
+        if not force:
+            raise OutputExistsError(f"{work} holds progress of a run with other settings or inputs; "
+                                    f"re-run with --force to discard it and start over")
+    if work.exists():
+        shutil.rmtree(work)
+    progress_dir.mkdir(parents=True)
+    progress = {"fingerprint": fingerprint, "layers_done": 0, "layers": {},
+                "created": created_timestamp()}
+    write_json(progress_file, progress)
+    return progress
+
+
+def created_timestamp() -> str:
+    """Now, or SOURCE_DATE_EPOCH when set (reproducible builds: two runs then write identical manifests)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    seconds = int(epoch) if epoch.isdigit() else time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with a full disk raised as the OSError that open() would raise."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if f"os error {code})" in str(e):
+                raise OSError(code, os.strerror(code), str(path)) from None
+        raise
+
+
+def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
+                layer_stats: dict, acts: Activations | None) -> None:
+    """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state."""
+    tmp = progress_dir / f"layer-{index:05d}.safetensors.tmp"
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    tmp.replace(progress_dir / f"layer-{index:05d}.safetensors")
+    if acts is not None:
+        tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
+        save_tensors({"hidden": acts.hidden.detach().to("cpu").contiguous()}, tmp)
+        tmp.replace(progress_dir / f"activations-{index + 1:05d}.safetensors")
+    progress["layers_done"] = index + 1
+    progress["layers"].update(layer_stats)
+    write_json(progress_dir / "progress.json", progress)
+    old = progress_dir / f"activations-{index:05d}.safetensors"
+    old.unlink(missing_ok=True)
+
+
+def read_activations(path: Path) -> torch.Tensor:
+    return load_file(str(path))["hidden"]
