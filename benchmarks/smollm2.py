@@ -131,15 +131,21 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--only", default=None, help="comma-separated subset of the methods")
-    parser.add_argument("--out", type=Path, default=REPO / "out" / "bench-smollm2")
+    parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "smollm2")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--fresh", action="store_true", help="quantize again even when a result is recorded")
     args = parser.parse_args()
     build_smollm2(MODEL_DIR)
     MODEL_DIR_SIZE_MB = sum(f.stat().st_size for f in MODEL_DIR.glob("*.safetensors")) / 1e6
     chosen = {k: v for k, v in methods(args).items() if args.only is None or k in args.only.split(",")}
     quant = {}
     for name, options in chosen.items():
-        quant[name] = quantize(name, options, args.out)
+        record = args.out / f"{name}.json"  # a finished quantization is reused unless --fresh
+        if record.exists() and not args.fresh and json.loads(record.read_text())["command"].endswith(shlex.join(options)):
+            quant[name] = json.loads(record.read_text())
+        else:
+            quant[name] = quantize(name, options, args.out)
+            record.write_text(json.dumps(quant[name]))
         print(name, quant[name], flush=True)
     scores = evaluate_all({name: args.out / name for name in quant}, args)
     command = "python benchmarks/smollm2.py " + shlex.join(sys.argv[1:])
