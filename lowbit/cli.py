@@ -19,6 +19,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lowbit.errors import LowbitError
@@ -52,7 +53,7 @@ def handle_errors(command):
         try:
             return command(*args, **kwargs)
         except LowbitError as e:
-            stderr.print(f"[red]error:[/red] {redact(str(e))}", highlight=False, markup=True)
+            stderr.print(f"[red]error:[/red] {escape(redact(str(e)))}", highlight=False, markup=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             stderr.print("interrupted: re-run the same command to resume")
@@ -66,7 +67,7 @@ def handle_errors(command):
             if state["verbose"]:
                 stderr.print(redact(traceback.format_exc()), markup=False, highlight=False)
             message = redact(f"{type(e).__name__}: {e}".splitlines()[0])
-            stderr.print(f"[red]internal error:[/red] {message} (run with --verbose for details)", markup=True)
+            stderr.print(f"[red]internal error:[/red] {escape(message)} (run with --verbose for details)", markup=True)
             raise typer.Exit(70) from None
 
     return wrapper

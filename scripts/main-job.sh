@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 if [ ! -f out/smollm2-135m/config.json ]; then
-  python -m lowbit.examples smollm2 out/smollm2-135m
+  python -m lowbit.examples smollm2 out/smollm2-135m >&2   # stdout stays the run's (e.g. with --json)
 fi
 lowbit run examples/smollm2.toml --dry-run-push "$@"
