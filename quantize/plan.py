@@ -271,7 +271,10 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     quantized = ({"quantized Linears (this layer and the last)": 2 * packed} if s.method == "gptq" else {})
     if s.method != "gptq":
         host["quantized Linears (this layer and the last)"] = 2 * packed  # quantize_bnb returns host tensors
-    phases = [Phase("embed the calibration windows",
+    embedding_check = {"its NaN check": finite_check_bytes(shape.embedding_params, src)}
+    phases = [Phase("read the embedding", host={"embedding as read": shape.embedding_params * src, **embedding_check}),
+              _read_layer_phase(shape, host),
+              Phase("embed the calibration windows",
                     device={**({} if shares_source else {"embedding (compute dtype)": shape.embedding_params * c}),
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
@@ -351,9 +354,24 @@ def _weights_only_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     return phases
 
 
+def finite_check_bytes(values: int, itemsize: int) -> int:
+    """checkpoint.check_all_finite on a tensor as it is read: isfinite's masks and absolute values."""
+    return values * (itemsize + 2)
+
+
 def _writer_phase(shape: ModelShape, s: PlanSettings) -> Phase:
-    largest = max([shape.embedding_params * shape.source_bytes] + [linear_output_bytes(l, s) for l in shape.linears])
-    return Phase("write the output shards", host={"largest tensor being written": largest})
+    """One tensor at a time; the source's embedding and head are checked for NaN as they stream."""
+    embedding = shape.embedding_params
+    largest = max([embedding * shape.source_bytes] + [linear_output_bytes(l, s) for l in shape.linears])
+    return Phase("write the output shards", host={"largest tensor being written": largest,
+                                                  "its NaN check": finite_check_bytes(embedding, shape.source_bytes)})
+
+
+def _read_layer_phase(shape: ModelShape, host: dict[str, int]) -> Phase:
+    """Reading the next layer while the last one's tensors are still referenced, each checked for NaN."""
+    largest = max(linear.weights for linear in shape.linears)
+    return Phase("read the next layer", host={**host, "next decoder layer as read": shape.layer_params * shape.source_bytes,
+                                              "its NaN check": finite_check_bytes(largest, shape.source_bytes)})
 
 
 # ---- evaluation ----

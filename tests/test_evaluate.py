@@ -332,8 +332,8 @@ def test_base_with_another_vocabulary_is_refused(models, eval_text_file, tmp_pat
 def test_default_base_needs_a_manifest_naming_the_source(tmp_path):
     with pytest.raises(UsageError, match="lowbit_manifest.json"):
         default_base(tmp_path)
-    (tmp_path / "lowbit_manifest.json").write_text(json.dumps({"source": {}}))
+    (tmp_path / "lowbit_manifest.json").write_text(json.dumps({"format": "lowbit-manifest", "source": {}}))
     with pytest.raises(UsageError, match="no source model"):
         default_base(tmp_path)
-    (tmp_path / "lowbit_manifest.json").write_text(json.dumps({"source": {"model": "org/base"}}))
+    (tmp_path / "lowbit_manifest.json").write_text(json.dumps({"format": "lowbit-manifest", "source": {"model": "org/base"}}))
     assert default_base(tmp_path) == "org/base"
