@@ -119,7 +119,8 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessi
     """||(W - Q) X||^2 / ||W X||^2 through the Hessian (on a strided subset of rows, to stay cheap);
     without a Hessian, the plain relative weight error."""
     step = max(1, weight.shape[0] // max_rows)
-    w, d = weight[::step].float(), (weight - dequantized)[::step].float()
+    w = weight[::step].float()
+    d = w - dequantized[::step].float()
     if hessian is None:
         return float((d * d).sum() / (w * w).sum().clamp_min(1e-30))
     return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
@@ -251,7 +252,7 @@ def _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress
             weight = reader.read(name)
             bias_name = prefix + module + ".bias"
             bias = reader.read(bias_name) if bias_name in reader else None
-            solved = solve(weight.float(), None, bias)
+            solved = solve(weight, None, bias)  # in its own dtype: bitsandbytes records it
             out.update({f"{prefix}{module}.{k}": v for k, v in solved.tensors.items()})
             stats[prefix + module] = {"error": relative_output_error(weight.float(), solved.dequantized, None), **solved.stats}
         save_layer(progress_dir, i, out, progress, stats, None)
@@ -313,7 +314,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
                 if settings.is_skipped(prefix + name):
                     continue
                 linear = layer.get_submodule(name)
-                weight = linear.weight.detach().float()
+                # the source dtype (bitsandbytes records it); the CPU computes in float32, a lossless cast back
+                weight = linear.weight.detach().to(source_tensors[name + ".weight"].dtype)
                 bias = source_tensors.get(name + ".bias")
                 try:
                     solved = solve(weight, hessian.hessian, bias)
