@@ -61,7 +61,7 @@ def handle_errors(command):
         except MemoryError:
             stderr.print("[red]error:[/red] out of host memory (see `lowbit plan` for settings that fit)")
             raise typer.Exit(5) from None
-        except (typer.Exit, click.exceptions.ClickException):
+        except (typer.Exit, click.exceptions.ClickException, typer.BadParameter):
             raise
         except Exception as e:  # a bug: still one line, the traceback with --verbose
             if state["verbose"]:
