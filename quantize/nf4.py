@@ -69,7 +69,7 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
     tensors: the Linear4bit state-dict entries, keys relative to the module ("weight",
       "weight.absmax", "weight.quant_map", ["weight.nested_absmax", "weight.nested_quant_map"],
       "weight.quant_state.bitsandbytes__<type>"), on the CPU, contiguous.
-    dequantized: float32 [N, K], what a loader computes from those tensors.
+    dequantized: float32 [N, K] on weight's device, what a loader computes from those tensors.
     stats: {"calibrated": bool, "damp", "loss", "dead_inputs" (None when plain), "weight_mse"}.
     hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring).
     Works on weight's device; the quant state records weight's dtype.
@@ -100,9 +100,9 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
 
     relative = {"weight": packed}
     relative.update({f"weight.{key}": value for key, value in state.as_dict(packed=True).items()})
+    dequantized = dequantize_bnb(relative, (n_rows, n_cols))  # on weight's device: the layer runs with it next
     tensors = {key: value.cpu().contiguous() for key, value in relative.items()}
-    dequantized = dequantize_bnb(tensors, (n_rows, n_cols))
-    stats["weight_mse"] = float((dequantized - weight.float().cpu()).square().mean())
+    stats["weight_mse"] = float((dequantized - weight.float()).square().mean())
     return tensors, dequantized, stats
 
 

@@ -14,6 +14,7 @@ from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from quantize.driver import QuantizeSettings, quantize_model
 from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from quantize.loader import DenseWeights
+from quantize.nf4 import BnbConfig, quantize_bnb
 from tests.conftest import save_tiny_model
 
 
@@ -22,9 +23,11 @@ def output_error(weight, dequantized, hessian) -> float:
     return float(((d @ hessian) * d).sum())
 
 
-@pytest.mark.parametrize("bits", [3, 4])
-def test_gptq_beats_rtn_on_every_linear_of_real_layers(smollm2_dir, bits):
-    """Real SmolLM2 weights, Hessians from real calibration activations through the real first layers."""
+def real_linears_with_hessians(smollm2_dir, n_layers: int = 2):
+    """(layer index, module name, weight, Hessian) for every Linear of SmolLM2's first layers.
+
+    Real weights; Hessians from real calibration text run through the real earlier layers.
+    """
     from transformers import AutoTokenizer
 
     config = load_config_dict(smollm2_dir)
@@ -35,24 +38,51 @@ def test_gptq_beats_rtn_on_every_linear_of_real_layers(smollm2_dir, bits):
     skeleton = stream.build_skeleton(stream.load_config(smollm2_dir))
     device = torch.device("cpu")
     acts = stream.embed_windows(skeleton, reader.read("model.embed_tokens.weight"), windows, device, torch.float32)
-    gptq_config = GPTQConfig(bits=bits, group_size=64)
-    compared = 0
-    for i in range(2):
+    for i in range(n_layers):
         layer = skeleton.model.layers[i]
         stream.load_weights(layer, reader.read_prefix(arch.layer_prefix(i)), device, torch.float32)
         hessians = driver._collect_hessians(layer, list(arch.groups), acts, device)
         for group, acc in zip(arch.groups, hessians):
             for name in group:
-                weight = layer.get_submodule(name).weight.detach().float()
-                gptq, _ = gptq_quantize(weight, acc.hessian, gptq_config)
-                rtn = rtn_quantize(weight, gptq_config)
-                gptq_error = output_error(weight, gptq.dequantize(), acc.hessian)
-                rtn_error = output_error(weight, rtn.dequantize(), acc.hessian)
-                assert gptq_error < rtn_error, f"layer {i} {name}: GPTQ {gptq_error:.4g} >= RTN {rtn_error:.4g}"
-                compared += 1
+                yield i, name, layer.get_submodule(name).weight.detach().float(), acc.hessian
         stream.run_layer(layer, acts, device)
         stream.free_weights(layer)
-    assert compared == 2 * len(arch.linear_names())
+
+
+@pytest.fixture(scope="module")
+def smollm2_linears(smollm2_dir):
+    """Computed once for the tests below: 2 layers x 7 Linears."""
+    linears = list(real_linears_with_hessians(smollm2_dir))
+    assert len(linears) == 2 * len(architecture_of(load_config_dict(smollm2_dir)).linear_names())
+    return linears
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_beats_rtn_on_every_linear_of_real_layers(smollm2_linears, bits):
+    gptq_config = GPTQConfig(bits=bits, group_size=64)
+    for i, name, weight, hessian in smollm2_linears:
+        gptq, _ = gptq_quantize(weight, hessian, gptq_config)
+        rtn = rtn_quantize(weight, gptq_config)
+        gptq_error = output_error(weight, gptq.dequantize(), hessian)
+        rtn_error = output_error(weight, rtn.dequantize(), hessian)
+        assert gptq_error < rtn_error, f"layer {i} {name}: GPTQ {gptq_error:.4g} >= RTN {rtn_error:.4g}"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_calibrated_nf4_beats_plain_nf4_on_every_linear_of_real_layers(smollm2_linears, quant_type):
+    """Same code book, same block scales, same bytes on disk: only the rounding differs."""
+    config = BnbConfig(quant_type=quant_type)
+    for i, name, weight, hessian in smollm2_linears:
+        plain_tensors, plain, _ = quantize_bnb(weight, config)
+        calibrated_tensors, calibrated, stats = quantize_bnb(weight, config, hessian)
+        assert stats["calibrated"]
+        assert {k: (v.shape, v.dtype) for k, v in calibrated_tensors.items()} == \
+            {k: (v.shape, v.dtype) for k, v in plain_tensors.items()}
+        assert torch.equal(calibrated_tensors["weight.absmax"], plain_tensors["weight.absmax"])
+        plain_error = output_error(weight, plain, hessian)
+        calibrated_error = output_error(weight, calibrated, hessian)
+        assert calibrated_error < plain_error, \
+            f"layer {i} {name}: calibrated {calibrated_error:.4g} >= plain {plain_error:.4g}"
 
 
 def test_fused_phi3_equals_unfused(tmp_path):
