@@ -87,13 +87,18 @@ def model_dtype(config: dict) -> str | None:
     return config.get("torch_dtype") or config.get("dtype")
 
 
-def should_offload(windows: Tensor, hidden_size: int, dtype: torch.dtype, device: torch.device, copies: int) -> bool:
-    """Keep hidden states in host memory when `copies` sets of them would take much of the GPU's free memory."""
+def should_offload(config: dict, windows: Tensor, chunk_tokens: int, dtype: torch.dtype, device: torch.device,
+                   with_base: bool) -> bool:
+    """Hidden states to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
     if device.type != "cuda":
         return False
-    needed = copies * windows.numel() * hidden_size * torch.empty((), dtype=dtype).element_size()
+    from quantize.plan import PlanSettings, should_offload_eval
+
+    plan = PlanSettings(device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size(),
+                        eval_windows=windows.shape[0], eval_seqlen=windows.shape[1], eval_chunk=chunk_tokens,
+                        eval_base=with_base)
     free, _ = torch.cuda.mem_get_info(device)
-    return needed > 0.3 * free
+    return should_offload_eval(config, plan, free)
 
 
 def dense_skeleton(folder: Path) -> nn.Module:
@@ -117,7 +122,7 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
     dtype = pick_dtype(options.dtype, device, model_dtype(weights.config))
     offload = options.offload
     if offload is None:
-        offload = should_offload(windows, weights.config["hidden_size"], dtype, device, copies=1)
+        offload = should_offload(weights.config, windows, options.chunk_tokens, dtype, device, with_base=False)
     model = dense_skeleton(Path(folder))
     acts = embed_windows(model, weights.read("model.embed_tokens.weight"), windows, device, dtype, offload)
     report("layers", 0, arch.num_layers)
@@ -235,8 +240,8 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, model_dtype(config))
     if options.offload is None:
-        copies = 1 if base_folder is None else 2  # the base's hidden states wait while the quantized model runs
-        options = replace(options, offload=should_offload(windows, config["hidden_size"], dtype, device, copies))
+        offload = should_offload(config, windows, options.chunk_tokens, dtype, device, with_base=base_folder is not None)
+        options = replace(options, offload=offload)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -154,6 +154,19 @@ def test_driver_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch
     assert driver._should_offload(windows, PHI4, torch.float32, torch.device("cpu"), settings) is False
 
 
+def test_evaluator_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
+    from evals import evaluate
+
+    windows = torch.zeros(40, 2048, dtype=torch.int64)
+    settings = PlanSettings(eval_windows=40, eval_seqlen=2048, eval_chunk=512)
+    predicted, _ = peaks(eval_phases(model_shape(PHI4), settings), settings)
+    cuda = torch.device("cuda")
+    for free, expected in ((int(predicted.bytes * 1.3), False), (int(predicted.bytes * 0.9), True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
+        assert evaluate.should_offload(PHI4, windows, 512, torch.bfloat16, cuda, with_base=True) is expected
+    assert evaluate.should_offload(PHI4, windows, 512, torch.float32, torch.device("cpu"), with_base=True) is False
+
+
 # ---- against the engine ----
 
 def test_chunked_packing_equals_packing_at_once(monkeypatch):
