@@ -26,9 +26,12 @@ _METHOD_NAMES = {
 _BNB_METHODS = ("nf4", "fp4")
 
 
-def build_model_card(manifest: dict, repo_id: str | None) -> ModelCard:
-    """The card for the checkpoint described by `manifest`, to be published as `repo_id`."""
-    base_model = _hub_base_model(manifest)
+def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None = None) -> ModelCard:
+    """The card for the checkpoint described by `manifest`, to be published as `repo_id`.
+
+    base_model: the Hub id of the source model, when the manifest cannot tell (quantized from a local copy).
+    """
+    base_model = base_model or _hub_base_model(manifest)
     data = ModelCardData(
         base_model=base_model,
         # Set explicitly: the Hub tends to infer "finetune" for safetensors quants.
@@ -38,7 +41,7 @@ def build_model_card(manifest: dict, repo_id: str | None) -> ModelCard:
         tags=card_tags(manifest),
     )
     sections = [
-        _summary(manifest, repo_id),
+        _summary(manifest, repo_id, base_model),
         _settings_section(manifest),
         _size_section(manifest),
         _eval_section(manifest),
@@ -119,10 +122,9 @@ def layer_error_svg(manifest: dict) -> str:
 # --- pieces of the card ------------------------------------------------------
 
 
-def _summary(manifest: dict, repo_id: str | None) -> str:
+def _summary(manifest: dict, repo_id: str | None, base: str | None) -> str:
     source = manifest.get("source") or {}
     name = repo_id.split("/")[-1] if repo_id else "Quantized model"
-    base = _hub_base_model(manifest)
     base_text = f"[{base}](https://huggingface.co/{base})" if base else _local_source_name(source)
     architecture = f" ({source['architecture']})" if source.get("architecture") else ""
     revision = f" at revision `{source['revision']}`" if base and source.get("revision") else ""
@@ -259,15 +261,24 @@ def _provenance(manifest: dict) -> str:
 
 
 def _hub_base_model(manifest: dict) -> str | None:
-    """The source model when it reads as a Hub id ("namespace/name"), not a local path."""
+    """The source model's Hub id: the source as given when it reads as one ("namespace/name"), or the
+    repo of a Hugging Face cache folder (".../models--namespace--name/snapshots/<sha>")."""
     model = (manifest.get("source") or {}).get("model")
-    if not isinstance(model, str) or model.count("/") != 1 or model.startswith((".", "/", "~")):
+    if not isinstance(model, str):
+        return None
+    cached = _HF_CACHE_SNAPSHOT.search(model)
+    if cached:
+        model = f"{cached['namespace']}/{cached['name']}"
+    elif model.count("/") != 1 or model.startswith((".", "/", "~")):
         return None
     try:
         validate_repo_id(model)
     except HFValidationError:
         return None
     return model
+
+
+_HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<namespace>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+/?$")
 
 
 def _local_source_name(source: dict) -> str:

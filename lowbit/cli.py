@@ -273,6 +273,8 @@ def push(
     create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing to the branch."),
     commit_message: Optional[str] = typer.Option(None, help="Commit message."),
     token: Optional[str] = typer.Option(None, help="Hub token (default: HF_TOKEN, or the stored login)."),
+    base_model: Optional[str] = typer.Option(None, help="Hub id of the source model, for the card, when it was "
+                                             "quantized from a local folder (e.g. microsoft/phi-4)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List what would be uploaded and print the card; send nothing."),
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
@@ -280,7 +282,8 @@ def push(
     from lowbit.hub import PushOptions, push_folder
 
     options = PushOptions(repo_id=repo_id, private=private, revision=revision, create_pr=create_pr,
-                          commit_message=commit_message, token=hub_token(token), dry_run=dry_run)
+                          commit_message=commit_message, token=hub_token(token), dry_run=dry_run,
+                          base_model=base_model)
     result = push_folder(folder, options, on_event=lambda message: log.info(message))
     if json_out:
         print_json(vars(result))

@@ -62,6 +62,7 @@ class PushOptions:
     commit_message: str | None = None
     token: str | None = None  # else HF_TOKEN or the stored login (huggingface_hub resolves that)
     dry_run: bool = False
+    base_model: str | None = None  # the source's Hub id for the card, when the manifest cannot tell
     max_commit_bytes: int = 2 * 1024**3  # large folders go up in several commits
 
 
@@ -140,7 +141,9 @@ def push_folder(folder: Path, options: PushOptions, on_event: Callable[[str], No
     folder = Path(folder)
     files_to_push(folder)  # refuse an incomplete folder before anything else
     manifest = read_manifest(folder)
-    card = redact(str(build_model_card(manifest, options.repo_id)))
+    if options.base_model is not None:
+        validate_repo_id(options.base_model)
+    card = redact(str(build_model_card(manifest, options.repo_id, options.base_model)))
     plot = redact(layer_error_svg(manifest)) if layer_errors(manifest) else None
     if options.dry_run:
         names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | ({LAYER_ERRORS_FILE} if plot else set())

@@ -66,7 +66,7 @@ SCHEMA: dict[str, dict] = {
         "gates": {"max_ppl_delta": float, "max_ppl_ratio": float, "max_kld": float, "min_same_top": float},
     },
     "push": {"repo_id": str, "private": bool, "revision": str, "create_pr": bool, "commit_message": str,
-             "dry_run": bool},
+             "base_model": str, "dry_run": bool},
     "output": {"dir": str},
 }  # fmt: skip
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -92,6 +92,7 @@ class PushSection:
     revision: str | None = None
     create_pr: bool = False
     commit_message: str | None = None
+    base_model: str | None = None
     dry_run: bool = False
 
 
@@ -232,6 +233,11 @@ def push_section(table: dict | None, path: Path) -> PushSection | None:
         validate_repo_id(table["repo_id"])
     except UsageError as e:
         raise UsageError(f"{path}: push.repo_id: {e}") from None
+    if "base_model" in table:
+        try:
+            validate_repo_id(table["base_model"])
+        except UsageError as e:
+            raise UsageError(f"{path}: push.base_model: {e}") from None
     return PushSection(**table)
 
 
@@ -368,9 +374,10 @@ def push_stage(recipe: Recipe, dry_run: bool, force: bool, token: str | None,
     push, output = recipe.push, recipe.output
     options = PushOptions(repo_id=push.repo_id, private=push.private, revision=push.revision,
                           create_pr=push.create_pr, commit_message=push.commit_message, token=token,
-                          dry_run=dry_run or push.dry_run)
+                          dry_run=dry_run or push.dry_run, base_model=push.base_model)
     manifest = read_manifest(output)
     inputs = stable_hash({"repo_id": push.repo_id, "revision": push.revision, "create_pr": push.create_pr,
+                          "base_model": push.base_model,
                           "endpoint": hub_endpoint() or "https://huggingface.co",
                           "files": files_hash(manifest), "eval": stable_hash(manifest.get("eval"))})
     record = (manifest.get(RUN) or {}).get("push") or {}

@@ -133,6 +133,17 @@ def test_local_source_is_not_declared_as_base_model_nor_exposed():
     assert "my-llama" in card.text and "/home/someone" not in card.text
 
 
+def test_base_model_from_a_hub_cache_folder_or_given_explicitly():
+    manifest = sample_manifest()
+    manifest["source"]["model"] = "/home/ci/.cache/huggingface/hub/models--microsoft--phi-4/snapshots/187ef07/"
+    assert build_model_card(manifest, "alice/m").data.base_model == "microsoft/phi-4"
+
+    manifest["source"]["model"] = "/data/phi-4-local"
+    card = build_model_card(manifest, "alice/m", base_model="microsoft/phi-4")
+    assert card.data.base_model == "microsoft/phi-4" and card.data.base_model_relation == "quantized"
+    assert "[microsoft/phi-4](https://huggingface.co/microsoft/phi-4)" in card.text
+
+
 def test_layer_error_svg_draws_one_bar_per_module_scaled_to_the_largest():
     manifest = sample_manifest()
     root = ET.fromstring(layer_error_svg(manifest))

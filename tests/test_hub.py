@@ -223,6 +223,18 @@ def test_invalid_repo_id_is_refused_before_any_request(hub, checkpoint, repo_id)
     assert hub.requests == []
 
 
+def test_base_model_given_at_push_reaches_the_uploaded_card_and_a_bad_one_is_refused(hub, checkpoint, tmp_path):
+    push_folder(checkpoint, PushOptions(repo_id=REPO, base_model="microsoft/phi-4"))
+    readme = tmp_path / "README.md"
+    readme.write_bytes(hub.files[(REPO, "README.md")])
+    assert ModelCard.load(readme).data.base_model == "microsoft/phi-4"
+
+    requests = len(hub.requests)
+    with pytest.raises(UsageError, match="invalid repo id"):
+        push_folder(checkpoint, PushOptions(repo_id=REPO, base_model="not a repo"))
+    assert len(hub.requests) == requests
+
+
 def test_dry_run_makes_no_request_and_writes_nothing(hub, checkpoint):
     before = sorted(p.name for p in checkpoint.iterdir())
 
