@@ -49,7 +49,7 @@ from quantize.stream import (
     run_layer,
     run_layer_until,
 )
-from quantize.writer import check_output_free, disk_full_error, publish_folder
+from quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
 
@@ -151,13 +151,19 @@ def quantize_model(
     on_progress: ProgressFn | None = None,
 ) -> QuantizeResult:
     """The whole `lowbit quantize`: returns once OUTPUT holds a complete checkpoint."""
+    output = Path(output)
+    with output_lock(output):
+        return _quantize_model_locked(model, output, settings, calibration, options, on_progress)
+
+
+def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings, calibration, options: RunOptions,
+                           on_progress: ProgressFn | None) -> QuantizeResult:
     started = time.time()
     report = on_progress or (lambda stage, done, total: None)
     if settings.method not in METHODS:
         raise UsageError(f"unknown method {settings.method!r} (use {', '.join(METHODS)})")
     if settings.method == "gptq" and calibration is None:
         raise UsageError("gptq needs calibration data (--calibration)")
-    output = Path(output)
     check_output_free(output, options.force)
 
     source = resolve_model(model, options.revision, options.token)

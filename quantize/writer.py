@@ -9,10 +9,13 @@ Tensors of one module (a weight and its scales) always share a shard.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,39 @@ def sha256_file(path: Path) -> str:
 def check_output_free(output: Path, force: bool) -> None:
     if output.exists() and not force:
         raise OutputExistsError(f"output {output} exists (use --force to replace it)")
+
+
+@contextmanager
+def output_lock(output: Path) -> Iterator[None]:
+    """Only one run may write OUTPUT (and OUTPUT.partial) at a time: an exclusive flock on OUTPUT.lock.
+
+    The lock file is removed on the way out; a run that opened it just before that notices the file
+    it locked is gone (another inode at the path, or none) and opens it again.
+    """
+    path = output.with_name(output.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OutputExistsError(f"another lowbit run (pid {holder}) is writing {output}; "
+                                    f"wait for it, or stop it first") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def publish_folder(staging: Path, output: Path) -> None:

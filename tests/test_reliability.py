@@ -309,6 +309,21 @@ def test_output_stays_inside_its_folder(model, tmp_path):
     assert {p.name for p in out.iterdir()} == set(manifest["files"]) | {"lowbit_manifest.json"}
 
 
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(model, tmp_path):
+    from quantize.writer import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):  # what a running `lowbit quantize -o out` holds
+        result = run("quantize", model, *RTN, "-o", out, "--force")
+        assert result.exit_code == 4, result.output
+        assert "another lowbit run" in error_message(result.stderr)
+        assert not out.exists() and not out.with_name("out.partial").exists()
+
+    result = run("quantize", model, *RTN, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert not out.with_name("out.lock").exists()  # gone with the run
+
+
 def test_quiet_json_output_is_only_json_on_stdout(model, tmp_path):
     result = run("-q", "quantize", model, *RTN, "-o", tmp_path / "out", "--json")
 
