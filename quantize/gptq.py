@@ -82,9 +82,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
         zeros = torch.zeros(n_groups, n_rows, device=W.device)
 
     perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
-    W = W[:, perm]
-    H = H[perm][:, perm]
+    if config.act_order:
+        W = W[:, perm]
+        H = H[perm]
+        H = H[:, perm]
     Hinv, damp = inverse_hessian_factor(H, config.damp)
+    del H  # K x K: the largest thing here after Hinv
 
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     original_group = (perm // group_size).tolist()
@@ -210,15 +213,21 @@ def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
 def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the damp used.
 
-    If H is not positive definite enough, retry with 10x the damping a few times.
+    Damps H in place (the caller's copy). If H is not positive definite enough, retry with
+    10x the damping a few times. At most three K x K matrices live at once: H and two factors.
     """
     mean_diag = H.diagonal().mean()
-    identity = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    added = 0.0  # damping already on H's diagonal
     for attempt in range(DAMP_RETRIES + 1):
+        H.diagonal().add_((damp - added) * mean_diag)
+        added = damp
         with _one_thread_on_cpu(H.device):  # LAPACK's threaded inverse is 10x slower on a busy CPU
-            lower, info = torch.linalg.cholesky_ex(H + damp * mean_diag * identity)
+            lower, info = torch.linalg.cholesky_ex(H)
             if info.item() == 0:
-                upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+                inverse = torch.cholesky_inverse(lower)
+                del lower
+                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+                del inverse
         if info.item() == 0:
             return upper, damp
         if attempt < DAMP_RETRIES:

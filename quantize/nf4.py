@@ -164,6 +164,7 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
         raise CorruptInputError("Hessian contains NaN or inf")
     dead = drop_dead_inputs(W, H)
     Hinv, damp = inverse_hessian_factor(H, damp)
+    del H
 
     code_book = code_book.to(device=W.device, dtype=torch.float32)
     bounds, order = _code_bounds(code_book)

@@ -181,21 +181,21 @@ def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
 def gptq_solver_bytes(linear: Linear) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian.
 
-    Stages, each float32 unless said: W and its column permutation (2 NK + K^2); H, H[perm], H[perm][:, perm]
-    (NK + 3 K^2); the Cholesky steps: H, identity, lower factor, its inverse, upper factor (NK + 5 K^2);
-    the column sweep with its block update (2 NK + NK codes + 2 K^2); dequantize: codes plus four NK
-    temporaries (17 bytes a weight).
+    Stages, each float32 unless said: W and H copied, with act-order their permutations (2 NK + 2 K^2);
+    the Cholesky steps: H damped in place, lower factor, its inverse, then the upper factor in place of
+    the lower (NK + 3 K^2); the column sweep with its block update (2 NK + NK codes + K^2); dequantize:
+    codes plus four NK temporaries (17 bytes a weight).
     """
     nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
     packing = linear.weights + _pack_bytes(linear)
-    return max(2 * nk + kk, nk + 3 * kk, nk + 5 * kk, 2 * nk + linear.weights + 2 * kk, packing, 17 * linear.weights)
+    return max(2 * nk + 2 * kk, nk + 3 * kk, 2 * nk + linear.weights + kk, packing, 17 * linear.weights)
 
 
 def nf4_solver_bytes(linear: Linear) -> int:
     """quantize/nf4.py's calibrated sweep for one Linear, beside its Hessian: bitsandbytes' packed codes,
     then W, H and the Cholesky steps as GPTQ (no permutation), or the sweep with codes and block update."""
     nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
-    return linear.weights // 2 + max(nk + 5 * kk, 2 * nk + linear.weights + 2 * kk)
+    return linear.weights // 2 + max(nk + 3 * kk, 2 * nk + linear.weights + kk)
 
 
 def nf4_check_bytes(linear: Linear, on_gpu: bool) -> int:
