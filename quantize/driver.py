@@ -319,21 +319,29 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             for name in group:
                 if settings.is_skipped(prefix + name):
                     continue
-                linear = layer.get_submodule(name)
-                # the source dtype (bitsandbytes records it); the CPU computes in float32, a lossless cast back
-                weight = linear.weight.detach().to(source_tensors[name + ".weight"].dtype)
-                bias = source_tensors.get(name + ".bias")
-                try:
-                    solved = solve(weight, hessian.hessian, bias)
-                except LowbitError as e:
-                    raise type(e)(f"{prefix}{name}: {e}") from None
-                linear.weight.data = solved.dequantized.to(linear.weight.dtype)
                 for key in ("weight", "bias"):
                     out.pop(f"{prefix}{name}.{key}", None)
-                out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
-                error = relative_output_error(weight, solved.dequantized, hessian.hessian)
-                stats[prefix + name] = {"error": error, **solved.stats}
+                try:
+                    tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, hessian.hessian)
+                except LowbitError as e:
+                    raise type(e)(f"{prefix}{name}: {e}") from None
+                out.update({f"{prefix}{name}.{k}": v for k, v in tensors.items()})
+        del hessians, hessian  # K x K each: gone before the next Hessian pass
     return out, stats
+
+
+def _solve_linear(layer, name, solve, source_tensors, hessian) -> tuple[dict[str, torch.Tensor], dict]:
+    """Quantize one Linear and put its dequantized weight in the layer; returns (its tensors, its stats).
+
+    A function of its own so that the float32 weight and dequantized copies die with it.
+    """
+    linear = layer.get_submodule(name)
+    # the source dtype (bitsandbytes records it); the CPU computes in float32, a lossless cast back
+    weight = linear.weight.detach().to(source_tensors[name + ".weight"].dtype)
+    solved = solve(weight, hessian, source_tensors.get(name + ".bias"))
+    linear.weight.data = solved.dequantized.to(linear.weight.dtype)
+    error = relative_output_error(weight, solved.dequantized, hessian)
+    return solved.tensors, {"error": error, **solved.stats}
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

@@ -251,10 +251,9 @@ def _packed_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
 def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     """The engine's steps for one decoder layer (every layer holds the same), plus the start and the end.
 
-    What a step still holds from the one before matters as much as its own temporaries: the driver's
-    locals keep the previous group's Hessians and weight until they are reassigned, and on a GPU the
-    previous Linear's float32 dequantized weight too; the previous layer's quantized tensors stay
-    referenced while the next layer is quantized.
+    What a step still holds from the one before matters as much as its own temporaries: the previous
+    layer's quantized tensors stay referenced while the next layer is quantized. (The driver drops each
+    group's Hessians and each Linear's float32 copies before the next one starts.)
     """
     if not s.uses_activations:
         return _weights_only_phases(shape, s)
@@ -279,33 +278,23 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
     batches = [[g] for g in shape.groups] if s.true_sequential else [list(shape.groups)]
-    previous: Linear | None = None  # the last Linear solved in this layer
-    previous_hessians = 0
     for batch in batches:
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
-        leftovers = {}
-        if previous is not None:
-            leftovers = {"previous group's Hessians": previous_hessians,
-                         "previous Linear's weight": previous.weights * FLOAT32,
-                         **_previous_dequantized(previous, s)}
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
-                            device={**layer, **acts_device, **window, **quantized, **leftovers, **hessians,
+                            device={**layer, **acts_device, **window, **quantized, **hessians,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
                                     "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
                             host=host))
         for group in batch:
             for linear in group:
                 weight_copy = {} if c == FLOAT32 else {"weight in float32": linear.weights * FLOAT32}
-                leftover = _previous_dequantized(previous, s) if previous is not None else {}
-                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **leftover}
+                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy}
                 solver = gptq_solver_bytes(linear) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver}, host=host))
                 if s.method != "gptq":
                     phases.append(Phase(f"check {linear.name}", device={**resident, "packed codes": linear.weights // 2},
                                         host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))
-                previous = linear
-        previous_hessians = hessians["Hessians"]
     phases.append(Phase("run the layer to move activations on",
                         device={**layer, **acts_device, **window, **quantized,
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
@@ -315,14 +304,6 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                         host={**host, **copy, "quantized Linears copied to the host": packed}))
     phases.append(_writer_phase(shape, s))
     return phases
-
-
-def _previous_dequantized(previous: Linear, s: PlanSettings) -> dict[str, int]:
-    """On a GPU the previous Linear's float32 dequantized weight lives on in the driver's `solved`
-    (the layer holds a compute-dtype copy); on the CPU it is the layer's weight itself."""
-    if s.c == FLOAT32 or s.method != "gptq":
-        return {}
-    return {"previous Linear's dequantized weight": previous.weights * FLOAT32}
 
 
 def _weights_only_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
