@@ -152,7 +152,9 @@ def main() -> None:
     text = markdown(quant, scores, args, command)
     print(text)
     if not args.no_write:
-        replace_section(REPO / "BENCHMARKS.md", "smollm2", "SmolLM2-135M: quantization and evaluation", text)
+        key = "smollm2" if args.eval_seqlen == 2048 else f"smollm2-{args.eval_seqlen}"  # the protocol's windows, or not
+        title = f"SmolLM2-135M: quantization and evaluation, {args.eval_windows} x {args.eval_seqlen} windows"
+        replace_section(REPO / "BENCHMARKS.md", key, title, text)
 
 
 if __name__ == "__main__":
