@@ -47,6 +47,7 @@ from quantize.stream import (
     load_weights,
     pick_device,
     pick_dtype,
+    release_free_heap,
     run_layer,
 )
 
@@ -131,6 +132,7 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
         load_weights(layer, weights.read_prefix(arch.layer_prefix(i)), device, dtype)
         run_layer(layer, acts, device, update=True)
         free_weights(layer)
+        release_free_heap()
         report("layers", i + 1, arch.num_layers)
     apply_final_norm(model.model.norm, weights.read_prefix("model.norm."), acts, device, dtype)
     return acts.hidden

@@ -46,6 +46,7 @@ from quantize.stream import (
     load_weights,
     pick_device,
     pick_dtype,
+    release_free_heap,
     run_layer,
     run_layer_until,
 )
@@ -262,6 +263,7 @@ def _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress
             out.update({f"{prefix}{module}.{k}": v for k, v in solved.tensors.items()})
             stats[prefix + module] = {"error": relative_output_error(weight.float(), solved.dequantized, None), **solved.stats}
         save_layer(progress_dir, i, out, progress, stats, None)
+        release_free_heap()
         report("quantize", i + 1, arch.num_layers)
 
 
@@ -289,6 +291,7 @@ def _quantize_calibrated(source, config, arch, reader, settings, options, solve,
         run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
         free_weights(layer)
         save_layer(progress_dir, i, out, progress, stats, acts)
+        release_free_heap()
         report("quantize", i + 1, arch.num_layers)
 
 
