@@ -169,9 +169,10 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
 
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
-    arch = architecture_of(config)
+    architecture_of(config)  # refuse an unsupported model before opening its weights
     check_remote_code(config, source.name, options.trust_remote_code)
     reader = open_checkpoint(source.folder, options.allow_pickle)
+    arch = architecture_of(config, reader.names())
     check_shapes(arch, reader, settings)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
@@ -273,13 +274,13 @@ def _quantize_calibrated(source, config, arch, reader, settings, options, solve,
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
     offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device, settings)
     start = progress["layers_done"]
-    embed = reader.read("model.embed_tokens.weight")
+    embed = reader.read(arch.embed_name)
     if start == 0:
         acts = embed_windows(skeleton, embed, windows, device, dtype, offload)
     else:  # the layer arguments come from one window; the hidden states from disk
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
-        acts.hidden = hidden.to(acts.hidden.device)
+        acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     report("quantize", start, arch.num_layers)
     for i in range(start, arch.num_layers):

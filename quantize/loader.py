@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantize.arch import architecture_of
 from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from quantize.nf4 import dequantize_bnb
 from quantize.pack import dequantize_gptq_v1
@@ -55,7 +56,7 @@ class DenseWeights:
         """The output projection; tied models keep only the embedding."""
         if "lm_head.weight" in self.checkpoint:
             return self.checkpoint.read("lm_head.weight")
-        return self.checkpoint.read("model.embed_tokens.weight")
+        return self.checkpoint.read(architecture_of(self.config, self.checkpoint.names()).embed_name)
 
 
 def load_dequantized_model(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lowbit.errors import UsageError
-from quantize.arch import LINEAR_GROUPS
+from quantize.arch import LINEAR_GROUPS, text_config, tied_embeddings
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -135,6 +135,9 @@ def model_shape(config: dict) -> ModelShape:
     if not names or names[0] not in LINEAR_GROUPS:
         raise UsageError(f"unsupported architecture {names[0] if names else '(none)'} "
                          f"(lowbit supports {', '.join(sorted(LINEAR_GROUPS))})")
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    tied = tied_embeddings(config)
+    config = text_config(config)  # a multimodal model's language model
     try:
         hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
         heads, layers, vocab = int(config["num_attention_heads"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
@@ -146,10 +149,9 @@ def model_shape(config: dict) -> ModelShape:
     groups = tuple(tuple(Linear(name, *shapes[name]) for name in group) for group in LINEAR_GROUPS[names[0]])
     biased = names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias"))
     biases = sum(shapes[n][0] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) if biased else 0
-    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return ModelShape(
         architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
-        tied=bool(config.get("tie_word_embeddings", False)), source_bytes=DTYPE_BYTES.get(str(dtype), 2),
+        tied=tied, source_bytes=DTYPE_BYTES.get(str(dtype), 2),
         groups=groups, layer_other_params=2 * hidden + biases,
     )
 
