@@ -48,6 +48,9 @@ TEXT_PREFIXES: dict[str, tuple[str, ...]] = {
 UNQUANTIZED_MODULES: dict[str, tuple[str, ...]] = {
     "Gemma3ForConditionalGeneration": ("vision_tower", "multi_modal_projector"),
 }
+# How transformers names the language model's modules once loaded: quantization_config's module lists
+# (bitsandbytes' skips, GPTQ's block) speak these names, not the checkpoint's.
+LOADED_TEXT_PREFIX = {"Gemma3ForConditionalGeneration": "model.language_model."}
 
 # What a config.json may leave out because the model's config class defaults it.
 TIED_BY_DEFAULT = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
@@ -79,6 +82,21 @@ class Architecture:
     @property
     def multimodal(self) -> bool:
         return bool(self.unquantized_modules)
+
+    @property
+    def loaded_text_prefix(self) -> str:
+        return LOADED_TEXT_PREFIX.get(self.name, "model.")
+
+    def loaded_name(self, name: str) -> str:
+        """The module name transformers gives a checkpoint name once the model is loaded."""
+        if name.startswith(self.text_prefix):
+            return self.loaded_text_prefix + name[len(self.text_prefix):]
+        if self.multimodal and not name.startswith("model."):
+            return "model." + name  # the vision tower and projector of a checkpoint in Google's spelling
+        return name
+
+    def loaded_unquantized_modules(self) -> list[str]:
+        return [f"model.{m}" for m in self.unquantized_modules]
 
     def linear_names(self) -> list[str]:
         """Names of the quantized Linears inside one decoder layer, in forward order."""

@@ -117,7 +117,7 @@ def _numel(shape) -> int:
 
 def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
     if settings.method in ("gptq", "rtn"):
-        return {
+        quantization = {
             "quant_method": "gptq",
             "bits": settings.bits,
             "group_size": settings.group_size,
@@ -130,8 +130,13 @@ def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict
             "lm_head": False,
             "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
         }
-    skipped = sorted({arch.layer_prefix(i) + n for i in range(arch.num_layers) for n in arch.linear_names()
-                      if settings.is_skipped(arch.layer_prefix(i) + n)})
+        if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
+            quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
+            quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]
+        return quantization
+    skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
+                      for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
-    return bnb_quantization_config(bnb, ["lm_head", *arch.unquantized_modules, *skipped], compute_dtype=source_dtype)
+    skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]
+    return bnb_quantization_config(bnb, skip, compute_dtype=source_dtype)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2 (cached)."""
+"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2 and Gemma-3-270M (cached)."""
 
 from __future__ import annotations
 
@@ -104,6 +104,18 @@ def smollm2_dir() -> Path:
         return build_smollm2(CACHE / "smollm2-135m-bf16")
     except (UsageError, ImportError) as e:
         pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma-3-270M as bf16 safetensors, built once and cached across sessions."""
+    from lowbit.errors import UsageError
+    from lowbit.examples import build_gemma3
+
+    try:
+        return build_gemma3(CACHE / "gemma3-270m-bf16")
+    except (UsageError, ImportError) as e:
+        pytest.skip(f"Gemma-3-270M unavailable: {e}")
 
 
 @pytest.fixture(scope="session")
