@@ -121,7 +121,8 @@ def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict
             "quant_method": "gptq",
             "bits": settings.bits,
             "group_size": settings.group_size,
-            "desc_act": settings.act_order,
+            # act-order with static groups keeps groups in column order: g_idx is k // group_size
+            "desc_act": settings.act_order and not settings.static_groups,
             "sym": settings.sym,
             "checkpoint_format": "gptq",
             "damp_percent": settings.damp,

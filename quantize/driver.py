@@ -93,11 +93,12 @@ def make_solver(settings: QuantizeSettings) -> Callable[[torch.Tensor, torch.Ten
     """One function (weight, hessian or None, bias or None) -> what to write, for the chosen method."""
     if settings.method in ("gptq", "rtn"):
         config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                            act_order=settings.act_order, static_groups=settings.static_groups, damp=settings.damp)
+                            act_order=settings.act_order, static_groups=settings.static_groups,
+                            scale_search=settings.scale_search, damp=settings.damp)
 
         def solve_uniform(weight, hessian, bias):
-            if hessian is None:
-                q, stats = rtn_quantize(weight, config), {}
+            if settings.method == "rtn" or hessian is None:
+                q, stats = rtn_quantize(weight, config, None if hessian is None else hessian.diagonal()), {}
             else:
                 q, gptq_stats = gptq_quantize(weight, hessian, config)
                 stats = {"damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
@@ -105,7 +106,8 @@ def make_solver(settings: QuantizeSettings) -> Callable[[torch.Tensor, torch.Ten
 
         return solve_uniform
 
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
+    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
+                    scale_search=settings.scale_search)
 
     def solve_bnb(weight, hessian, bias):
         tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian)
@@ -177,6 +179,7 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
 
+    settings = settings.resolved(calibration is not None)
     windows, calibration_info = None, None
     if settings.calibrated(calibration is not None):
         windows, calibration_info = _calibration_windows(source, calibration, options)

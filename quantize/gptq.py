@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes
+from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 
 log = logging.getLogger("lowbit")
 
@@ -30,7 +30,8 @@ class GPTQConfig:
     group_size: int = 128  # -1: one group over all input columns
     sym: bool = True
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # group params from the original weights, before any update
+    static_groups: bool = False  # groups of original columns, params from the original weights
+    scale_search: bool = False  # each group's clipping chosen by the error weighted by diag(H)
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128
 
@@ -74,9 +75,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
     dead = drop_dead_inputs(W, H)
+    importance = H.diagonal().clone() if config.scale_search else None  # mean squared activation of each input
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
-        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym, importance)
     else:  # groups of consecutive columns in the sweep, params filled in as each group starts
         scales = torch.zeros(n_groups, n_rows, device=W.device)
         zeros = torch.zeros(n_groups, n_rows, device=W.device)
@@ -91,14 +93,22 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
 
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     original_group = (perm // group_size).tolist()
+    sweep_importance = None if importance is None else importance[perm]
+
+    def group_params(col: int) -> tuple[Tensor, Tensor]:
+        """Params of the group starting at sweep position col, from the weights as updated so far (see _block_size)."""
+        w = W[:, col : col + group_size]
+        if sweep_importance is None:
+            return grid_params(w, config.bits, config.sym)
+        return searched_grid_params(w, sweep_importance[col : col + group_size], config.bits, config.sym)
 
     def quantize_column(col: int, w: Tensor) -> Tensor:
         if config.static_groups:
             g = original_group[col]
         else:
             g = col // group_size
-            if col % group_size == 0:  # from the weights as updated so far (see _block_size)
-                scales[g], zeros[g] = grid_params(W[:, col : col + group_size], config.bits, config.sym)
+            if col % group_size == 0:
+                scales[g], zeros[g] = group_params(col)
         q = quantize_to_codes(w[:, None], scales[g], zeros[g], config.bits)  # the grid works on [N, columns]
         codes[:, col] = q[:, 0].to(torch.uint8)
         return dequantize_codes(q, scales[g], zeros[g])[:, 0]
@@ -118,12 +128,19 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
     return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()))
 
 
-def rtn_quantize(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
-    """Round to nearest on the same grid and groups as GPTQ (act_order and static_groups are ignored)."""
+def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None = None) -> QuantizedWeight:
+    """Round to nearest on the same grid and groups as GPTQ (act_order and static_groups are ignored).
+
+    With config.scale_search, each group's clipping minimises its rounding error weighted by
+    importance [K] (the Hessian diagonal), which is then required.
+    """
     n_rows, n_cols = weight.shape
     group_size = _group_size(config, n_cols)
     W = weight.detach().to(torch.float32)
-    scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+    if config.scale_search and importance is None:
+        raise UsageError("RTN with scale search weighs each input by its calibration activations: it needs a Hessian")
+    scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym,
+                                          importance if config.scale_search else None)
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     for g in range(n_cols // group_size):
         cols = slice(g * group_size, (g + 1) * group_size)

@@ -28,6 +28,14 @@ with GPTQ instead of round-to-nearest:
    bitsandbytes tensor set that any loader reads.
 With H = I nothing is spread and every value is rounded to its nearest code
 under the effective scale: without double quantization that is exactly plain.
+
+With scale search (calibrated only), step 1 keeps its absmax only as a start: each
+block's absmax becomes the best of absmax * CLIP_RATIOS, best by the block's
+rounding error weighted by the Hessian diagonal of its columns (searched_absmax).
+Any positive absmax is a valid bitsandbytes block scale. The chosen absmaxes are
+then stored as bitsandbytes stores its own (double-quantized with their mean as
+offset, when double quantization is on), and the sweep of step 3 runs on the
+effective scales a loader computes from them.
 """
 
 import logging
@@ -39,6 +47,7 @@ from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
 from quantize.gptq import drop_dead_inputs, gptq_sweep, inverse_hessian_factor
+from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 
 log = logging.getLogger("lowbit")
 
@@ -53,6 +62,7 @@ class BnbConfig:
     double_quant: bool = True
     blocksize: int = 64  # what transformers always uses
     damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
+    scale_search: bool = False  # only for calibrated: each block's absmax chosen by the diag(H)-weighted error
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
@@ -93,6 +103,9 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
     elif hessian is not None:
         if hessian.shape != (n_cols, n_cols):
             raise ValueError(f"Hessian {tuple(hessian.shape)} does not match {n_cols} input columns")
+        if config.scale_search:
+            absmax = searched_absmax(weight, hessian.diagonal(), config.blocksize, state.code)
+            state = state_with_absmax(state, absmax.reshape(-1), config.double_quant)
         scales = effective_absmax(state).reshape(n_rows, n_cols // config.blocksize)
         codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp)
         packed = _pack_codes(codes)
@@ -125,6 +138,54 @@ def effective_absmax(state: bnb.QuantState) -> Tensor:
         return state.absmax.to(torch.float32)
     absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
     return absmax.to(torch.float32)
+
+
+def searched_absmax(weight: Tensor, importance: Tensor, blocksize: int, code_book: Tensor,
+                    ratios: tuple[float, ...] = CLIP_RATIOS) -> Tensor:
+    """Each block's absmax times the best of ratios: float32 [N, K // blocksize] for weight [N, K].
+
+    Best: least sum over the block of importance[k] * (w - value)**2, value the loader's
+    code_book[code] * absmax in weight's dtype, codes by round to nearest. K % blocksize == 0.
+    """
+    n_rows, n_cols = weight.shape
+    W = weight.to(torch.float32)
+    importance = importance.to(device=W.device, dtype=torch.float32)
+    code_book = code_book.to(device=W.device, dtype=torch.float32)
+    bounds, order = _code_bounds(code_book)
+    candidates = torch.tensor(ratios, dtype=torch.float32, device=W.device).unsqueeze(1)
+    absmax = W.reshape(n_rows, n_cols // blocksize, blocksize).abs().amax(dim=2)
+    best = torch.empty_like(absmax)
+    rows_per_chunk = max(1, SEARCH_CHUNK // (len(ratios) * blocksize))
+    for block in range(n_cols // blocksize):
+        columns = slice(block * blocksize, (block + 1) * blocksize)
+        for start in range(0, n_rows, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            w = W[rows, columns]
+            scale = absmax[rows, block] * candidates  # [C, n]
+            error = block_rounding_error(w, scale, importance[columns], code_book, bounds, order, weight.dtype)
+            best[rows, block] = scale.gather(0, error.argmin(dim=0, keepdim=True))[0]  # first of equals: ratio 1
+    return best
+
+
+def block_rounding_error(w: Tensor, scale: Tensor, importance: Tensor, code_book: Tensor, bounds: Tensor,
+                         order: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_k importance[k] * (w[n, k] - value[n, k])**2 for round to nearest onto code_book * scale:
+    w [n, B], scale [..., n] -> [..., n]."""
+    s = scale.unsqueeze(-1)
+    value = (code_book[_nearest_codes(w, s, bounds, order)] * s).to(dtype).to(torch.float32)
+    return (value - w).square() @ importance
+
+
+def state_with_absmax(state: bnb.QuantState, absmax: Tensor, double_quant: bool) -> bnb.QuantState:
+    """state with its block scales replaced by absmax [n_blocks], stored as quantize_4bit stores its own."""
+    absmax = absmax.to(device=state.code.device, dtype=torch.float32)
+    if not double_quant:
+        return bnb.QuantState(absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                              code=state.code, quant_type=state.quant_type)
+    offset = absmax.mean()
+    qabsmax, state2 = bnb.quantize_blockwise(absmax - offset, blocksize=256)
+    return bnb.QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                          code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
 
 
 def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_dtype: str = "bfloat16") -> dict:
