@@ -46,8 +46,9 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.gptq import drop_dead_inputs, gptq_sweep, inverse_hessian_factor
+from quantize.gptq import drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
+from quantize.hessian_factor import damped_inverse_factor_
 
 log = logging.getLogger("lowbit")
 
@@ -73,7 +74,8 @@ class BnbConfig:
             raise UsageError(f"damping must be >= 0, not {self.damp}")
 
 
-def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, dict]:
+def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None,
+                 consume_hessian: bool = False) -> tuple[dict[str, Tensor], Tensor, dict]:
     """weight [N, K] -> (tensors, dequantized, stats).
 
     tensors: the Linear4bit state-dict entries, keys relative to the module ("weight",
@@ -81,7 +83,8 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
       "weight.quant_state.bitsandbytes__<type>"), on the CPU, contiguous.
     dequantized: float32 [N, K] on weight's device, what a loader computes from those tensors.
     stats: {"calibrated": bool, "damp", "loss", "dead_inputs" (None when plain), "weight_mse"}.
-    hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring).
+    hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring); with
+    consume_hessian the sweep works in its buffer (see gptq.gptq_quantize).
     Works on weight's device; the quant state records weight's dtype.
     """
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
@@ -107,7 +110,7 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
             absmax = searched_absmax(weight, hessian.diagonal(), config.blocksize, state.code)
             state = state_with_absmax(state, absmax.reshape(-1), config.double_quant)
         scales = effective_absmax(state).reshape(n_rows, n_cols // config.blocksize)
-        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp)
+        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp, consume_hessian)
         packed = _pack_codes(codes)
         stats.update(calibrated=True, **sweep_stats)
 
@@ -211,7 +214,8 @@ def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_
     }
 
 
-def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float) -> tuple[Tensor, dict]:
+def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float,
+                      consume_hessian: bool = False) -> tuple[Tensor, dict]:
     """GPTQ sweep onto the code book: weight [N, K], scales [N, K // blocksize] -> (codes uint8 [N, K], stats).
 
     A column's value is what the loader will compute: code_book[code] * scale in float32,
@@ -220,12 +224,13 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     n_rows, n_cols = weight.shape
     blocksize = n_cols // scales.shape[1]
     W = weight.to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    H = working_hessian(hessian, W.device, consume_hessian)
     if not torch.isfinite(H).all():
         raise CorruptInputError("Hessian contains NaN or inf")
     dead = drop_dead_inputs(W, H)
-    Hinv, damp = inverse_hessian_factor(H, damp)
-    del H
+    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    damp = damped_inverse_factor_(H, damp)
+    Hinv = H  # its upper triangle is the factor the sweep reads
 
     code_book = code_book.to(device=W.device, dtype=torch.float32)
     bounds, order = _code_bounds(code_book)
@@ -238,7 +243,13 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
         return (code_book[q] * scale).to(weight.dtype).to(torch.float32)
 
     loss = gptq_sweep(W, Hinv, quantize_column, SWEEP_BLOCK)
-    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum())}
+
+    def dequantize_rows(rows: slice) -> Tensor:
+        row_scales = scales[rows].repeat_interleave(blocksize, dim=1)
+        return (code_book[codes[rows].long()] * row_scales).to(weight.dtype).to(torch.float32)
+
+    error = relative_error_from_loss(loss, damp * mean_diag, weight, dequantize_rows, dead, signal)
+    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum()), "error": error}
 
 
 def _code_bounds(code_book: Tensor) -> tuple[Tensor, Tensor]:
