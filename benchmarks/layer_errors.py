@@ -98,7 +98,6 @@ def uniform_variants(bits: int, group_size: int) -> dict[str, tuple[str, GPTQCon
         "gptq+act(in place)": ("gptq", replace(base, act_order=True, static_groups=True)),
         "gptq+act(in place)+ss": ("gptq", in_place),
         "gptq+act(desc_act)+ss": ("gptq", replace(search, act_order=True)),
-        "gptq+act(in place)+ss damp 0.001": ("gptq", replace(in_place, damp=0.001)),
         "gptq+act(in place)+ss damp 0.05": ("gptq", replace(in_place, damp=0.05)),
         "gptq+act(in place)+ss damp 0.1": ("gptq", replace(in_place, damp=0.1)),
     }
