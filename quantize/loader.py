@@ -103,7 +103,11 @@ class DenseWeights:
                              "says how they were made (bits, group size)")
 
     def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        raw = self.checkpoint.read_prefix(prefix)
+        # grouped by full names, so that a prefix ending at a module ("lm_head.") works too
+        raw = {prefix + name: tensor for name, tensor in self.checkpoint.read_prefix(prefix).items()}
+        return {name[len(prefix) :]: tensor for name, tensor in self._dense(raw).items()}
+
+    def _dense(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dense: dict[str, torch.Tensor] = {}
         for module in sorted({name[: -len(".qweight")] for name in raw if name.endswith(".qweight")}):
             parts = {key: raw.pop(f"{module}.{key}") for key in GPTQ_KEYS if f"{module}.{key}" in raw}

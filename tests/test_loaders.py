@@ -33,8 +33,10 @@ VARIANTS = [
     ("phi3-4bit-fused", "phi3", dict(bits=4, group_size=32)),
     ("qwen2-4bit-biases", "qwen2", dict(bits=4, group_size=32)),
 ]
-# float16 activations in the loader against float32 here: logits of order 1 agree to a few 1e-3
-MAX_ABS_DIFF = 2e-2
+# Largest |logit difference| allowed, as a fraction of the largest |logit|. gptqmodel picks TorchAtenLinear for
+# 4 bits, which computes in bfloat16 (8 significant bits: measured 0.6-0.9 %), and TorchLinear for 3 bits, in
+# float16 (measured 0.1 %). A wrong code, scale, zero or group is an error of order one.
+MAX_RELATIVE_DIFF = {"TorchAtenLinear": 0.02, "TorchLinear": 0.005}
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +72,7 @@ def test_transformers_with_gptqmodel_gives_lowbits_logits(loaded, variant):
     assert sum(result["kernels"].values()) == 2 * (7 if not variant.startswith("phi3") else 4)  # every Linear quantized
     ours = load_dequantized_model(folder, dtype=torch.float32)(torch.tensor(IDS)).logits.detach()
     theirs = torch.tensor(result["logits"])
-    difference = (ours - theirs).abs().max().item()
-    print(f"{variant}: {result['kernels']}, max |logit difference| {difference:.2e}, "
-          f"logit scale {ours.abs().max().item():.2f}")
-    assert difference < MAX_ABS_DIFF  # (argmax may differ: a random model has near-ties)
+    (kernel,) = result["kernels"]  # one kernel for all the model's Linears
+    relative = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    print(f"{variant}: {kernel}, max |logit difference| / max |logit| = {relative:.2e}")
+    assert relative < MAX_RELATIVE_DIFF[kernel]  # (argmax may differ: a random model has near-ties)
