@@ -29,7 +29,7 @@ CHAT_REQUEST = "Continue the text."
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    source: str = "pydoc"
+    source: str = "c4"  # when none is named, calibration.sources.default_calibration() picks (c4, else pydoc)
     nsamples: int = 128
     seqlen: int = 2048
     seed: int = 0

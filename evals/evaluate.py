@@ -235,7 +235,7 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
     config = load_config_dict(quantized)
     if base_folder is not None:
         check_same_vocabulary(config, load_config_dict(base_folder))
-    tokenizer = load_tokenizer(quantized)
+    tokenizer = load_tokenizer(quantized if has_tokenizer(quantized) or base_folder is None else base_folder)
     text, provenance = load_eval_text(dataset)
     windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows)
 
@@ -296,6 +296,11 @@ def check_same_vocabulary(quantized_config: dict, base_config: dict) -> None:
     q, b = quantized_config.get("vocab_size"), base_config.get("vocab_size")
     if q != b:
         raise UsageError(f"the base model has vocabulary size {b}, the quantized model {q}: is it the right base?")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Other tools' checkpoints sometimes ship without one: the base model's then serves."""
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
 
 
 def load_tokenizer(folder: Path):

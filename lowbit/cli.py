@@ -43,6 +43,28 @@ def main(
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_time=False, show_path=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
+    quiet_third_parties(verbose)
+
+
+# Loggers of libraries that warn about things that are not the user's business here.
+# bitsandbytes: at import, a multi-line note that an optional CPU matmul kernel (which lowbit never runs) is absent.
+THIRD_PARTY_NOISE = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_third_parties(verbose: bool) -> None:
+    """Every log line once, through our handler; known noise only with --verbose.
+
+    huggingface_hub gives its root logger a handler of its own, so its warnings would
+    print twice (once there, once through ours): drop it and let them propagate.
+    """
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logger = hf_logging.get_logger()
+    for own in list(hf_logger.handlers):
+        hf_logger.removeHandler(own)
+    hf_logger.propagate = True
+    for name in THIRD_PARTY_NOISE:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def handle_errors(command):
@@ -110,7 +132,7 @@ def quantize(
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
-    calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: pydoc."),
+    calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: c4 (pydoc, with a warning, when c4 cannot be had). nf4/fp4: calibrated when given."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration windows."),
@@ -143,8 +165,10 @@ def quantize(
     settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                 static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                 true_sequential=true_sequential, double_quant=double_quant, skip=skip)
-    if calibration is None and method == "gptq":
-        calibration = "pydoc"
+    if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
+        from calibration.sources import default_calibration
+
+        calibration = default_calibration()
     calib = None
     if calibration is not None and (method != "rtn" or settings.scale_search):
         calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template)
@@ -217,8 +241,8 @@ def print_summary(summary) -> None:
 @app.command("eval")
 @handle_errors
 def eval_command(
-    quantized: Path = typer.Argument(..., help="A lowbit checkpoint folder."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the source named in the manifest)."),
+    quantized: Path = typer.Argument(..., help="A checkpoint folder: lowbit's, another tool's GPTQ or bitsandbytes, or unquantized."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the source named in a lowbit manifest)."),
     dataset: str = typer.Option("wikitext2", help="wikitext2, c4, or a .txt/.jsonl PATH."),
     seqlen: int = typer.Option(2048, help="Tokens per window (GPTQ protocol: 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
@@ -230,16 +254,24 @@ def eval_command(
     max_ppl_ratio: Optional[float] = typer.Option(None, help="Gate: PPL(quantized) / PPL(base) at most this."),
     max_kld: Optional[float] = typer.Option(None, help="Gate: mean KL divergence at most this."),
     min_same_top: Optional[float] = typer.Option(None, help="Gate: same-top-token rate at least this (0-1)."),
-    attach: bool = typer.Option(True, "--attach/--no-attach", help="Store the report in the checkpoint's manifest."),
+    attach: bool = typer.Option(True, "--attach/--no-attach", help="Store the report in a lowbit checkpoint's "
+                                "manifest (other folders are never written: the report goes to NAME.lowbit-eval.json here)."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
 ) -> None:
     """Score QUANTIZED against its base on the same windows; exit 1 when a gate fails."""
-    from evals.evaluate import EvalOptions, default_base, evaluate
+    from evals.evaluate import EvalOptions, evaluate
     from evals.report import Gates, attach_to_manifest, check_gates, report_table
-    from quantize.manifest import read_manifest
+    from quantize.manifest import MANIFEST, read_manifest
 
+    is_lowbit = (quantized / MANIFEST).is_file()
     revision = None
     if base is None:
+        from evals.evaluate import default_base
+        from lowbit.errors import UsageError
+
+        if not is_lowbit:
+            raise UsageError(f"{quantized} has no {MANIFEST} to name its base model: pass --base MODEL "
+                             "(a folder or a Hub id)")
         base = default_base(quantized)
         revision = (read_manifest(quantized).get("source") or {}).get("revision")
     options = EvalOptions(seqlen=seqlen, max_windows=max_windows, device=device, dtype=dtype,
@@ -250,14 +282,19 @@ def eval_command(
     gates = Gates(max_ppl_delta=max_ppl_delta, max_ppl_ratio=max_ppl_ratio, max_kld=max_kld, min_same_top=min_same_top)
     failures = check_gates(report, gates)
     report["gates"] = {"passed": not failures, "failures": failures, **{k: v for k, v in vars(gates).items() if v is not None}}
-    if attach:
+    if attach and is_lowbit:
         attach_to_manifest(quantized, report)
+    elif attach and json_path is None:  # not our folder: leave it as it is, and say where the report went
+        json_path = str(report_file(quantized))
     if json_path == "-":
         print_json(report)
     else:
         if json_path:
             Path(json_path).write_text(redact(json.dumps(report, indent=2, default=str)) + "\n")
         stdout.print(report_table(report))
+        if json_path and not is_lowbit:
+            stdout.print(f"{quantized} is not a lowbit checkpoint (left as it is): the report is in {json_path}",
+                         markup=False, highlight=False)
     warning = (report.get("contamination") or {}).get("contaminated")
     if warning:
         stderr.print("[yellow bold]warning:[/] the evaluation text overlaps the calibration data: the delta flatters the model")
@@ -265,6 +302,11 @@ def eval_command(
         from lowbit.errors import GateFailed
 
         raise GateFailed("gate failed: " + "; ".join(failures))
+
+
+def report_file(folder: Path) -> Path:
+    """Where the report on a folder lowbit did not write goes: NAME.lowbit-eval.json in the current folder."""
+    return Path(f"{folder.resolve().name}.lowbit-eval.json")
 
 
 @app.command()

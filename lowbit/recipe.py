@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from calibration.sources import NAMED_CORPORA
+from calibration.sources import NAMED_CORPORA, default_calibration
 from calibration.windows import CalibrationConfig
 from evals.evaluate import EvalOptions, evaluate
 from evals.report import Gates, attach_to_manifest, check_gates
@@ -198,12 +198,17 @@ def check_quantize(settings: QuantizeSettings, run_options: RunOptions, path: Pa
 
 def calibration_section(table: dict | None, settings: QuantizeSettings, folder: Path,
                         path: Path) -> CalibrationConfig | None:
-    """gptq without a [calibration] table uses the defaults (pydoc); rtn uses one only for its scale search."""
+    """gptq without a calibration source uses `default_calibration()` (c4, else pydoc); rtn uses one only for
+    its scale search; nf4/fp4 are calibrated only when the table is there.
+    """
     if settings.method == "rtn" and not settings.scale_search:
         require(table is None, path, "calibration", "is not used by method rtn without scale_search: remove the table")
         return None
-    if table is None:
-        return CalibrationConfig() if settings.method == "gptq" else None
+    if table is None and settings.method != "gptq":
+        return None
+    table = dict(table or {})
+    if "source" not in table:
+        table["source"] = default_calibration()
     config = CalibrationConfig(**table)
     require(config.nsamples >= 1, path, "calibration.nsamples", "must be at least 1")
     require(config.seqlen >= 2, path, "calibration.seqlen", "must be at least 2")

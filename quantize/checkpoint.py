@@ -77,12 +77,16 @@ def _download_from_hub(repo_id: str, revision: str | None, token: str | None) ->
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from lowbit.network import local_only, offline_hint
+
+    cache_only = local_only()
     try:
-        folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS)
+        folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS,
+                                   local_files_only=cache_only)
     except RepositoryNotFoundError:
         raise UsageError(f"model not found: {repo_id} (no such Hub repo, or no access to it)") from None
     except LocalEntryNotFoundError:
-        raise UsageError(f"model not found: {repo_id} (not in the local cache, and the Hub cannot be reached)") from None
+        raise UsageError(f"model {repo_id} cannot be had: {offline_hint()}") from None
     except HfHubHTTPError as e:
         raise UsageError(f"cannot download {repo_id}: HTTP {e.response.status_code if e.response is not None else '?'}") from None
     except OSError as e:

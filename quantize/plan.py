@@ -584,11 +584,18 @@ def read_config(model: str, revision: str | None = None, token: str | None = Non
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from lowbit.network import local_only, offline_hint
+
+    cache_only = local_only()
     try:
-        file = hf_hub_download(model, "config.json", revision=revision, token=token)
+        file = hf_hub_download(model, "config.json", revision=revision, token=token, local_files_only=cache_only)
     except RepositoryNotFoundError:
         raise UsageError(f"model not found: {model} (no such Hub repo, or no access to it)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+    except LocalEntryNotFoundError as e:
+        if cache_only:
+            raise UsageError(f"cannot read config.json of {model}: {offline_hint()}") from None
+        raise UsageError(f"cannot download config.json of {model}: {type(e).__name__}") from None
+    except (HfHubHTTPError, OSError) as e:
         raise UsageError(f"cannot download config.json of {model}: {type(e).__name__}") from None
     return load_config_dict(Path(file).parent)
 

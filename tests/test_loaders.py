@@ -1,0 +1,78 @@
+"""lowbit's GPTQ checkpoints through the loader users run: transformers + gptqmodel, in a venv of their own.
+
+The venv (scripts/loader-venv.sh: torch 2.13.0 CPU, gptqmodel 7.6.0, transformers 5.24.0, optimum) is built
+once per machine under the test cache, like the model fixtures. One subprocess loads every variant with
+`AutoModelForCausalLM.from_pretrained` and returns its logits; each must equal lowbit's own loader
+(quantize.loader, dense float32) within the float16 the loader computes in.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from calibration.windows import CalibrationConfig
+from quantize.driver import quantize_model
+from quantize.loader import load_dequantized_model
+from quantize.settings import QuantizeSettings
+from tests.conftest import CACHE, REPO, save_tiny_model
+
+pytestmark = pytest.mark.loaders
+
+VENV = CACHE / "gptqmodel-7.6.0-venv"
+IDS = [[1, 5, 9, 200, 3, 77, 12, 40, 101, 250, 6, 66, 130, 17, 88, 2]]
+# (name, architecture, settings): every layout a loader must read
+VARIANTS = [
+    ("llama-4bit-sym-g32", "llama", dict(bits=4, group_size=32)),
+    ("llama-3bit-g32", "llama", dict(bits=3, group_size=32)),
+    ("llama-4bit-act-order", "llama", dict(bits=4, group_size=32, act_order=True)),
+    ("llama-4bit-asym", "llama", dict(bits=4, group_size=32, sym=False)),
+    ("phi3-4bit-fused", "phi3", dict(bits=4, group_size=32)),
+    ("qwen2-4bit-biases", "qwen2", dict(bits=4, group_size=32)),
+]
+# Largest |logit difference| allowed, as a fraction of the largest |logit|. gptqmodel picks TorchAtenLinear for
+# 4 bits, which computes in bfloat16 (8 significant bits: measured 0.6-0.9 %), and TorchLinear for 3 bits, in
+# float16 (measured 0.1 %). A wrong code, scale, zero or group is an error of order one.
+MAX_RELATIVE_DIFF = {"TorchAtenLinear": 0.02, "TorchLinear": 0.005}
+
+
+@pytest.fixture(scope="session")
+def loader_python():
+    build = subprocess.run(["bash", str(REPO / "scripts" / "loader-venv.sh"), str(VENV)], capture_output=True,
+                           text=True)
+    if build.returncode != 0:
+        pytest.fail(f"building the loader venv failed: {build.stderr.strip().splitlines()[-1:]}")
+    return VENV / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def loaded(loader_python, tmp_path_factory):
+    """{variant: (checkpoint folder, what the loader computed)}, one subprocess for all variants."""
+    work = tmp_path_factory.mktemp("loaders")
+    folders = {}
+    for name, arch, settings in VARIANTS:
+        source = save_tiny_model(work / f"{name}-source", arch, layers=2, dtype=torch.float16)
+        folders[name] = work / name
+        quantize_model(str(source), folders[name], QuantizeSettings(method="gptq", **settings),
+                       CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
+    (work / "ids.json").write_text(json.dumps(IDS))
+    child = subprocess.run([str(loader_python), str(REPO / "tests" / "loader_child.py"), str(work / "ids.json"),
+                            str(work / "out.json"), *map(str, folders.values())], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = json.loads((work / "out.json").read_text())
+    return {name: (folder, results[str(folder)]) for name, folder in folders.items()}
+
+
+@pytest.mark.parametrize("variant", [name for name, _, _ in VARIANTS])
+def test_transformers_with_gptqmodel_gives_lowbits_logits(loaded, variant):
+    folder, result = loaded[variant]
+    assert sum(result["kernels"].values()) == 2 * (7 if not variant.startswith("phi3") else 4)  # every Linear quantized
+    ours = load_dequantized_model(folder, dtype=torch.float32)(torch.tensor(IDS)).logits.detach()
+    theirs = torch.tensor(result["logits"])
+    (kernel,) = result["kernels"]  # one kernel for all the model's Linears
+    relative = ((ours - theirs).abs().max() / ours.abs().max()).item()
+    print(f"{variant}: {kernel}, max |logit difference| / max |logit| = {relative:.2e}")
+    assert relative < MAX_RELATIVE_DIFF[kernel]  # (argmax may differ: a random model has near-ties)
