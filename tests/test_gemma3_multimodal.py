@@ -118,3 +118,34 @@ def test_transformers_loads_multimodal_nf4_with_no_missing_or_unexpected_keys(mu
     with torch.no_grad():
         theirs_logits, ours_logits = theirs(input_ids=windows).logits.float(), ours(input_ids=windows).logits
     assert (theirs_logits - ours_logits).abs().max() < 0.05 * ours_logits.abs().max()
+
+
+# google/gemma-3-27b-it's config.json, the fields the plan reads (written here: no Hub in tests)
+GEMMA3_27B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
+    "text_config": {"model_type": "gemma3_text", "hidden_size": 5376, "intermediate_size": 21504,
+                    "num_hidden_layers": 62, "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+                    "vocab_size": 262208, "sliding_window": 1024, "query_pre_attn_scalar": 168,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14},
+}
+
+
+def test_plan_of_gemma3_27b_reads_its_text_config(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_27B))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--gpu", "24GiB", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"]["layers"] == 62 and data["model"]["hidden"] == 5376 and data["model"]["vocab"] == 262208
+    hidden, inter, q, kv = 5376, 21504, 32 * 128, 16 * 128  # head_dim 128: q is 4096 wide, not 5376
+    linears = 2 * q * hidden + 2 * kv * hidden + 3 * inter * hidden
+    norms = 4 * hidden + 2 * 128
+    assert data["model"]["parameters"] == 62 * (linears + norms) + 262208 * hidden + hidden  # tied: one embedding
+    assert data["fits"] and data["quantize"]["gpu_phase"] == "solve mlp.down_proj"  # K = 21504
