@@ -20,6 +20,7 @@ from quantize.loader import DenseWeights, load_dequantized_model
 from quantize.plan import model_shape
 from quantize.settings import QuantizeSettings
 from tests.conftest import byte_tokenizer, gemma3_text_config
+from tests.test_gemma3 import reference_loss
 
 SEQLEN = 32
 CPU = EvalOptions(seqlen=SEQLEN, device="cpu", dtype="float32")
@@ -48,11 +49,6 @@ def windows():
     return torch.randint(0, 256, (2, SEQLEN), generator=torch.Generator().manual_seed(1))
 
 
-def text_loss(model, windows) -> float:
-    with torch.no_grad():
-        return float(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean())
-
-
 def test_layout_and_plan_read_the_language_model(multimodal):
     config = load_config_dict(multimodal)
     arch = architecture_of(config, SafetensorsCheckpoint(multimodal).names())
@@ -70,7 +66,7 @@ def test_text_only_evaluation_matches_transformers(multimodal, windows):
         expected = model.model(input_ids=windows).last_hidden_state
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     head = DenseWeights(multimodal).lm_head_weight().float()
-    assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(text_loss(model, windows), rel=1e-5)
+    assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(reference_loss(model, windows), rel=1e-5)
 
 
 def vision_tensors(folder) -> dict[str, torch.Tensor]:
@@ -95,7 +91,7 @@ def test_language_model_quantized_vision_tower_copied(multimodal, windows, tmp_p
 
     base = Gemma3ForConditionalGeneration.from_pretrained(multimodal, dtype=torch.float32).eval()
     ours = load_dequantized_model(tmp_path / "q")
-    base_loss, quant_loss = text_loss(base, windows), text_loss(ours, windows)
+    base_loss, quant_loss = reference_loss(base, windows), reference_loss(ours, windows)
     assert quant_loss != base_loss and abs(quant_loss - base_loss) < 0.1 * base_loss
     hidden = final_hidden_states(tmp_path / "q", windows, CPU)
     head = DenseWeights(tmp_path / "q").lm_head_weight().float()
