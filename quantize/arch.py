@@ -51,6 +51,12 @@ UNQUANTIZED_MODULES: dict[str, tuple[str, ...]] = {
 # How transformers names the language model's modules once loaded: quantization_config's module lists
 # (bitsandbytes' skips, GPTQ's block) speak these names, not the checkpoint's.
 LOADED_TEXT_PREFIX = {"Gemma3ForConditionalGeneration": "model.language_model."}
+# Norm weights of one decoder layer, as multiples of (hidden, head_dim): Gemma 3 has four norms
+# around attention and MLP, and q_norm / k_norm over each head.
+LAYER_NORMS: dict[str, tuple[int, int]] = {
+    "Gemma3ForCausalLM": (4, 2),
+    "Gemma3ForConditionalGeneration": (4, 2),
+}
 
 # What a config.json may leave out because the model's config class defaults it.
 TIED_BY_DEFAULT = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
@@ -112,6 +118,11 @@ def text_config(config: dict) -> dict:
             raise UsageError(f"config.json of {names[0]} has no text_config")
         return text
     return config
+
+
+def layer_norm_params(name: str, hidden: int, head_dim: int) -> int:
+    per_hidden, per_head = LAYER_NORMS.get(name, (2, 0))
+    return per_hidden * hidden + per_head * head_dim
 
 
 def tied_embeddings(config: dict) -> bool:

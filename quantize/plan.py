@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lowbit.errors import UsageError
-from quantize.arch import LINEAR_GROUPS, text_config, tied_embeddings
+from quantize.arch import LINEAR_GROUPS, layer_norm_params, text_config, tied_embeddings
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -152,7 +152,7 @@ def model_shape(config: dict) -> ModelShape:
     return ModelShape(
         architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
         tied=tied, source_bytes=DTYPE_BYTES.get(str(dtype), 2),
-        groups=groups, layer_other_params=2 * hidden + biases,
+        groups=groups, layer_other_params=layer_norm_params(names[0], hidden, head_dim) + biases,
     )
 
 

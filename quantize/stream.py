@@ -72,14 +72,16 @@ def compute_buffers(model: nn.Module) -> None:
     """Make the non-persistent buffers still on meta real, with the values the model's own init gives them.
 
     They are computed, never loaded: Gemma 3's embedding scale sqrt(hidden), say. Left on meta, the
-    forward would run on meta.
+    forward would run on meta. They are kept in float32 (the skeleton is built in the config's dtype,
+    which would round sqrt(640) to 25.25 in bfloat16); the forward casts them to its compute dtype.
     """
     owners = {}
     for name, buffer in model.named_buffers():
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if buffer.device.type == "meta" and attr in module._non_persistent_buffers_set:
-            module.register_buffer(attr, torch.empty_like(buffer, device="cpu"), persistent=False)
+            dtype = torch.float32 if buffer.is_floating_point() else buffer.dtype
+            module.register_buffer(attr, torch.empty_like(buffer, device="cpu", dtype=dtype), persistent=False)
             owners[module_name] = module
     for module in owners.values():
         model._init_weights(module)

@@ -94,28 +94,27 @@ def tiny_llama(tmp_path) -> Path:
     return save_tiny_model(tmp_path / "tiny-llama", "llama")
 
 
+def cached_example(name: str, folder: str) -> Path:
+    """A real example model from lowbit.examples, built once into the test cache; skipped if unavailable."""
+    from lowbit.errors import UsageError
+    from lowbit.examples import BUILDERS
+
+    try:
+        return BUILDERS[name](CACHE / folder)
+    except (UsageError, ImportError) as e:
+        pytest.skip(f"{name} unavailable: {e}")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as bf16 safetensors, built once and cached across sessions."""
-    from lowbit.errors import UsageError
-    from lowbit.examples import build_smollm2
-
-    try:
-        return build_smollm2(CACHE / "smollm2-135m-bf16")
-    except (UsageError, ImportError) as e:
-        pytest.skip(f"SmolLM2 unavailable: {e}")
+    return cached_example("smollm2", "smollm2-135m-bf16")
 
 
 @pytest.fixture(scope="session")
 def gemma3_dir() -> Path:
     """The real Gemma-3-270M as bf16 safetensors, built once and cached across sessions."""
-    from lowbit.errors import UsageError
-    from lowbit.examples import build_gemma3
-
-    try:
-        return build_gemma3(CACHE / "gemma3-270m-bf16")
-    except (UsageError, ImportError) as e:
-        pytest.skip(f"Gemma-3-270M unavailable: {e}")
+    return cached_example("gemma3", "gemma3-270m-bf16")
 
 
 @pytest.fixture(scope="session")

@@ -15,15 +15,20 @@ from quantize.driver import quantize_model
 from quantize.loader import DenseWeights, load_dequantized_model
 from quantize.settings import QuantizeSettings
 from quantize.stream import build_skeleton, embed_windows, load_config
+from lowbit.inspect import tensor_problems
 from tests.conftest import save_tiny_model
 
 SEQLEN = 32  # four times the tiny model's sliding window of 8
+HIDDEN = 96
 CPU = EvalOptions(seqlen=SEQLEN, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("gemma") / "gemma3", "gemma3", layers=3)
+    # bfloat16 on disk, as Gemma ships, and sqrt(96) is no bfloat16 number: the embedding scale must be
+    # computed in float32 as transformers does, not in the skeleton's bfloat16
+    return save_tiny_model(tmp_path_factory.mktemp("gemma") / "gemma3", "gemma3", layers=3, hidden=HIDDEN,
+                           dtype=torch.bfloat16)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +77,7 @@ def test_each_layer_gets_the_mask_and_rotary_embedding_of_its_type(gemma, window
     assert full["attention_mask"] is None or bool(full["attention_mask"][0, 0, SEQLEN - 1, 0])
     # embeddings scaled by sqrt(hidden), as Gemma3TextScaledWordEmbedding does
     embed = DenseWeights(gemma).read("model.embed_tokens.weight").float()
-    torch.testing.assert_close(acts.hidden[0], embed[windows[0]] * 64 ** 0.5)
+    torch.testing.assert_close(acts.hidden[0], embed[windows[0]] * HIDDEN ** 0.5)
 
 
 def test_layer_run_on_another_layers_arguments_is_refused(gemma, windows):
@@ -102,6 +107,7 @@ def test_quantized_gemma3_loads_back_close_to_its_base(gemma, windows, tmp_path,
     hidden = final_hidden_states(tmp_path / "q", windows, CPU)
     head = DenseWeights(tmp_path / "q").lm_head_weight().float()
     assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(quant_loss, rel=1e-4)
+    assert tensor_problems(tmp_path / "q") == []  # lowbit inspect --verify: every tensor the config implies
 
 
 def test_transformers_loads_gemma3_nf4_with_no_key_warnings(gemma, tmp_path, caplog):
@@ -113,3 +119,19 @@ def test_transformers_loads_gemma3_nf4_with_no_key_warnings(gemma, tmp_path, cap
     messages = " ".join(r.getMessage().lower() for r in caplog.records)
     assert "missing" not in messages and "unexpected" not in messages
     assert sum(type(m).__name__ == "Linear4bit" for m in theirs.modules()) == 3 * 7
+
+
+def test_run_resumed_at_the_full_attention_layer_gives_the_same_bytes(gemma, tmp_path, monkeypatch):
+    """Layer 2 is the full-attention one: a resumed run must hand it its own mask and rotary base."""
+    from tests.test_resume import assert_same_files, interrupt_after_layers
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    settings = QuantizeSettings(method="gptq", bits=4, group_size=32)
+    calibration = CalibrationConfig(source="pydoc", nsamples=4, seqlen=SEQLEN)
+    with monkeypatch.context() as patch:
+        interrupt_after_layers(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            quantize_model(str(gemma), tmp_path / "resumed", settings, calibration)
+    assert quantize_model(str(gemma), tmp_path / "resumed", settings, calibration).resumed_from_layer == 2
+    quantize_model(str(gemma), tmp_path / "whole", settings, calibration)
+    assert_same_files(tmp_path / "resumed", tmp_path / "whole")

@@ -20,6 +20,7 @@ from quantize.loader import DenseWeights, load_dequantized_model
 from quantize.plan import model_shape
 from quantize.settings import QuantizeSettings
 from tests.conftest import byte_tokenizer, gemma3_text_config
+from tests.test_gemma3 import reference_loss
 
 SEQLEN = 32
 CPU = EvalOptions(seqlen=SEQLEN, device="cpu", dtype="float32")
@@ -48,11 +49,6 @@ def windows():
     return torch.randint(0, 256, (2, SEQLEN), generator=torch.Generator().manual_seed(1))
 
 
-def text_loss(model, windows) -> float:
-    with torch.no_grad():
-        return float(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean())
-
-
 def test_layout_and_plan_read_the_language_model(multimodal):
     config = load_config_dict(multimodal)
     arch = architecture_of(config, SafetensorsCheckpoint(multimodal).names())
@@ -70,7 +66,7 @@ def test_text_only_evaluation_matches_transformers(multimodal, windows):
         expected = model.model(input_ids=windows).last_hidden_state
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
     head = DenseWeights(multimodal).lm_head_weight().float()
-    assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(text_loss(model, windows), rel=1e-5)
+    assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(reference_loss(model, windows), rel=1e-5)
 
 
 def vision_tensors(folder) -> dict[str, torch.Tensor]:
@@ -95,7 +91,7 @@ def test_language_model_quantized_vision_tower_copied(multimodal, windows, tmp_p
 
     base = Gemma3ForConditionalGeneration.from_pretrained(multimodal, dtype=torch.float32).eval()
     ours = load_dequantized_model(tmp_path / "q")
-    base_loss, quant_loss = text_loss(base, windows), text_loss(ours, windows)
+    base_loss, quant_loss = reference_loss(base, windows), reference_loss(ours, windows)
     assert quant_loss != base_loss and abs(quant_loss - base_loss) < 0.1 * base_loss
     hidden = final_hidden_states(tmp_path / "q", windows, CPU)
     head = DenseWeights(tmp_path / "q").lm_head_weight().float()
@@ -118,3 +114,34 @@ def test_transformers_loads_multimodal_nf4_with_no_missing_or_unexpected_keys(mu
     with torch.no_grad():
         theirs_logits, ours_logits = theirs(input_ids=windows).logits.float(), ours(input_ids=windows).logits
     assert (theirs_logits - ours_logits).abs().max() < 0.05 * ours_logits.abs().max()
+
+
+# google/gemma-3-27b-it's config.json, the fields the plan reads (written here: no Hub in tests)
+GEMMA3_27B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
+    "text_config": {"model_type": "gemma3_text", "hidden_size": 5376, "intermediate_size": 21504,
+                    "num_hidden_layers": 62, "num_attention_heads": 32, "num_key_value_heads": 16, "head_dim": 128,
+                    "vocab_size": 262208, "sliding_window": 1024, "query_pre_attn_scalar": 168,
+                    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304,
+                      "num_hidden_layers": 27, "num_attention_heads": 16, "image_size": 896, "patch_size": 14},
+}
+
+
+def test_plan_of_gemma3_27b_reads_its_text_config(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA3_27B))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--gpu", "24GiB", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"]["layers"] == 62 and data["model"]["hidden"] == 5376 and data["model"]["vocab"] == 262208
+    hidden, inter, q, kv = 5376, 21504, 32 * 128, 16 * 128  # head_dim 128: q is 4096 wide, not 5376
+    linears = 2 * q * hidden + 2 * kv * hidden + 3 * inter * hidden
+    norms = 4 * hidden + 2 * 128
+    assert data["model"]["parameters"] == 62 * (linears + norms) + 262208 * hidden + hidden  # tied: one embedding
+    assert data["fits"] and data["quantize"]["gpu_phase"] == "solve mlp.down_proj"  # K = 21504

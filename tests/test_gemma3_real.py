@@ -20,6 +20,7 @@ from quantize.checkpoint import load_config_dict
 from quantize.driver import quantize_model
 from quantize.loader import load_dequantized_model
 from quantize.settings import QuantizeSettings
+from tests.test_gemma3 import reference_loss
 from tests.test_quantize_real import split_wikitext
 
 pytestmark = pytest.mark.slow
@@ -32,11 +33,6 @@ def texts(shared_data, tmp_path_factory):
     return split_wikitext(shared_data, tmp_path_factory.mktemp("wikitext"))
 
 
-def mean_loss(model, windows) -> float:
-    with torch.no_grad():
-        return float(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean())
-
-
 def test_lowbit_eval_perplexity_equals_transformers_loss(gemma3_dir, texts):
     _, eval_text = texts
     options = EvalOptions(seqlen=EVAL_SEQLEN, max_windows=2, device="cpu", dtype="float32", chunk_tokens=256)
@@ -45,7 +41,7 @@ def test_lowbit_eval_perplexity_equals_transformers_loss(gemma3_dir, texts):
     assert report["windows"] == 2 and report["seqlen"] == EVAL_SEQLEN
     model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
     assert model.config.sliding_window < EVAL_SEQLEN
-    expected = math.exp(mean_loss(model, windows))
+    expected = math.exp(reference_loss(model, windows))
     print({"lowbit": report["ppl"], "transformers": expected})
     assert report["ppl"] == pytest.approx(expected, rel=1e-4)
 
@@ -58,7 +54,7 @@ def eval_ids(gemma3_dir, texts):
 
 @pytest.fixture(scope="module")
 def base_loss(gemma3_dir, eval_ids):
-    return mean_loss(AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval(), eval_ids)
+    return reference_loss(AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval(), eval_ids)
 
 
 @pytest.mark.parametrize("bits", [4, 3])
@@ -71,7 +67,7 @@ def test_gptq_checkpoint_loads_back_through_lowbits_loader(gemma3_dir, texts, ev
     assert len(result.manifest["layers"]) == arch.num_layers * 7  # every Linear of every layer
     assert bits < result.manifest["bits_per_weight"] < bits + 0.5
     model = load_dequantized_model(tmp_path / "q")
-    loss = mean_loss(model, eval_ids)
+    loss = reference_loss(model, eval_ids)
     print({"bits": bits, "base": base_loss, "gptq": loss})
     # quantized, and still a language model: 4 bits within 10 % of the base loss, 3 bits within 40 %
     assert base_loss < loss < base_loss * (1.1 if bits == 4 else 1.4)
@@ -87,6 +83,6 @@ def test_nf4_checkpoint_loads_in_transformers_with_no_key_warnings(gemma3_dir, e
     assert "missing" not in messages and "unexpected" not in messages
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 18 * 7
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the head is still the embedding
-    loss = mean_loss(model, eval_ids)
+    loss = reference_loss(model, eval_ids)
     print({"base": base_loss, "nf4": loss})
     assert base_loss < loss < 1.1 * base_loss
