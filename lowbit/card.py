@@ -3,19 +3,23 @@
 `build_model_card` returns a `huggingface_hub.ModelCard`: YAML metadata the Hub
 indexes (base model, "quantized" relation, tags) and a Markdown body a reader
 can act on (settings, size, evaluation, how to load it, calibration, a plot of
-the per-layer error). `layer_error_svg` draws that plot as a standalone SVG.
-Everything here is pure: manifest in, text out.
+the per-layer error, drawn by lowbit/error_plot.py).
+Everything here is pure: manifest in, text out, and nothing in the card is a
+local filesystem path: a local source is "a local checkpoint" (unless the
+user names its Hub id), a local calibration or evaluation file is named by
+its file name only.
 """
 
-import math
 import re
-from html import escape
 from pathlib import PurePosixPath
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-LAYER_ERRORS_FILE = "layer_errors.svg"
+from lowbit.error_plot import ERROR_MEANING, LAYER_ERRORS_FILE, layer_errors
+from lowbit.error_plot import layer_error_svg as heat_map_svg
+
+__all__ = ["LAYER_ERRORS_FILE", "build_model_card", "card_tags", "layer_error_svg", "layer_errors"]
 
 _METHOD_NAMES = {
     "gptq": "GPTQ",
@@ -24,6 +28,14 @@ _METHOD_NAMES = {
     "fp4": "bitsandbytes FP4",
 }
 _BNB_METHODS = ("nf4", "fp4")
+# Settings that mean nothing for a method, left out of its card (the manifest keeps them all).
+_NOT_FOR = {
+    "gptq": {"double_quant", "skip"},
+    "rtn": {"double_quant", "skip", "damp", "act_order", "static_groups", "true_sequential"},
+    "nf4": {"group_size", "sym", "act_order", "static_groups", "true_sequential"},
+    "fp4": {"group_size", "sym", "act_order", "static_groups", "true_sequential"},
+}
+_CALIBRATED_ONLY = {"damp"}  # nf4/fp4: only when calibrated
 
 
 def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None = None) -> ModelCard:
@@ -44,7 +56,7 @@ def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None
         _summary(manifest, repo_id, base_model),
         _settings_section(manifest),
         _size_section(manifest),
-        _eval_section(manifest),
+        _eval_section(manifest, base_model),
         _usage_section(manifest, repo_id),
         _calibration_section(manifest),
         _layer_error_section(manifest),
@@ -61,62 +73,9 @@ def card_tags(manifest: dict) -> list[str]:
     return list(dict.fromkeys(tags))  # unique, in order
 
 
-def layer_errors(manifest: dict) -> list[tuple[str, float]]:
-    """(module name, error) in the manifest's (quantization) order, finite errors only."""
-    out = []
-    for name, info in (manifest.get("layers") or {}).items():
-        error = info.get("error") if isinstance(info, dict) else None
-        if isinstance(error, (int, float)) and math.isfinite(error):
-            out.append((name, float(error)))
-    return out
-
-
 def layer_error_svg(manifest: dict) -> str:
-    """A bar chart of the per-module quantization error, one bar per module, grouped by decoder layer."""
-    errors = layer_errors(manifest)
-    width, height = 720, 260
-    left, right, top, bottom = 70, 10, 30, 40
-    plot_w, plot_h = width - left - right, height - top - bottom
-    title = f"Per-layer quantization error ({_method_name(manifest)})"
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="13">{escape(title)}</text>',
-    ]
-    if not errors:
-        parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no per-layer errors recorded</text>')
-        return "\n".join(parts + ["</svg>"]) + "\n"
-
-    largest = max(error for _, error in errors) or 1.0
-    bar_w = plot_w / len(errors)
-    axis_y = top + plot_h
-    parts += [
-        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{axis_y}" stroke="black"/>',
-        f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="black"/>',
-        f'<text x="{left - 4}" y="{top + 4}" text-anchor="end">{largest:.3g}</text>',
-        f'<text x="{left - 4}" y="{axis_y}" text-anchor="end">0</text>',
-        f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
-        'text-anchor="middle">error</text>',
-        f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">decoder layer</text>',
-    ]
-    layer_of = [_decoder_layer(name) for name, _ in errors]
-    distinct_layers = list(dict.fromkeys(i for i in layer_of if i is not None))
-    label_every = max(1, math.ceil(len(distinct_layers) / 12))
-    labelled: set[int] = set()
-    for k, ((name, error), layer) in enumerate(zip(errors, layer_of)):
-        x = left + k * bar_w
-        bar_h = plot_h * error / largest
-        # Alternate two shades by decoder layer so the grouping is visible.
-        color = "#3b6ea5" if (layer or 0) % 2 == 0 else "#7aa6d6"
-        parts.append(
-            f'<rect x="{x:.2f}" y="{axis_y - bar_h:.2f}" width="{max(bar_w - 0.5, 0.5):.2f}" '
-            f'height="{bar_h:.2f}" fill="{color}"><title>{escape(name)}: {error:.4g}</title></rect>'
-        )
-        if layer is not None and layer not in labelled and distinct_layers.index(layer) % label_every == 0:
-            labelled.add(layer)
-            parts.append(f'<text x="{x:.2f}" y="{axis_y + 14}">{layer}</text>')
-    return "\n".join(parts + ["</svg>"]) + "\n"
+    """The per-layer error heat map (lowbit/error_plot.py), titled with the method."""
+    return heat_map_svg(manifest, _method_name(manifest))
 
 
 # --- pieces of the card ------------------------------------------------------
@@ -137,9 +96,18 @@ def _summary(manifest: dict, repo_id: str | None, base: str | None) -> str:
     )
 
 
-def _settings_section(manifest: dict) -> str:
+def card_settings(manifest: dict) -> list[tuple[str, object]]:
+    """(setting, value) rows: the method first, then each setting of that method once."""
+    method = manifest.get("method", "?")
+    left_out = {"method"} | _NOT_FOR.get(method, set())
+    if method in _BNB_METHODS and not isinstance(manifest.get("calibration"), dict):
+        left_out |= _CALIBRATED_ONLY
     settings = manifest.get("settings") or {}
-    rows = [("method", manifest.get("method", "?"))] + sorted(settings.items())
+    return [("method", method)] + sorted((k, v) for k, v in settings.items() if k not in left_out)
+
+
+def _settings_section(manifest: dict) -> str:
+    rows = card_settings(manifest)
     lines = ["## Quantization settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {_cell(value)} |" for key, value in rows]
     return "\n".join(lines)
@@ -165,14 +133,27 @@ def _size_section(manifest: dict) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def _eval_section(manifest: dict) -> str:
+def _eval_section(manifest: dict, base_model: str | None) -> str:
     from evals.report import report_markdown
 
     report = manifest.get("eval")
     if not isinstance(report, dict):
         return ""
-    markdown = report.get("markdown") if isinstance(report.get("markdown"), str) else report_markdown(report)
-    return "## Evaluation\n\n" + markdown.strip()
+    # rendered again rather than the stored Markdown: that one may name local paths
+    return "## Evaluation\n\n" + report_markdown(public_report(report, base_model)).strip()
+
+
+def public_report(report: dict, base_model: str | None) -> dict:
+    """The report with what would name local paths replaced: the base model and a dataset file."""
+    dataset = report.get("dataset")
+    named = dataset in ("wikitext2", "c4")
+    return {
+        **report,
+        "base": base_model or "a local checkpoint",
+        "dataset": dataset if named or dataset is None else _local_file_name(dataset),
+        "quantized": None,
+        "dataset_file": None,
+    }
 
 
 def _usage_section(manifest: dict, repo_id: str | None) -> str:
@@ -213,7 +194,9 @@ def _calibration_section(manifest: dict) -> str:
         return f"## Calibration\n\nNone: {_method_name(manifest)} as run here uses no calibration data."
     lines = ["## Calibration", ""]
     if calibration.get("source"):
-        lines.append(f"- Source: `{calibration['source']}`")
+        source = calibration["source"]
+        named = calibration.get("kind") == "named" or source in ("pydoc", "c4", "wikitext2")
+        lines.append(f"- Source: `{source}`" if named else f"- Source: {_local_file_name(source)}")
     if calibration.get("source_sha256"):
         lines.append(f"- Source sha256: `{calibration['source_sha256']}`")
     if calibration.get("nsamples") is not None:
@@ -238,6 +221,9 @@ def _layer_error_section(manifest: dict) -> str:
         "## Per-layer quantization error",
         "",
         f"![Per-layer quantization error]({LAYER_ERRORS_FILE})",
+        "",
+        f"One cell per quantized Linear, decoder layers across, module kinds down. The error of a module is its "
+        f"{ERROR_MEANING}.",
         "",
         "Largest errors:",
         "",
@@ -282,9 +268,12 @@ _HF_CACHE_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<namespace>[^/]+?)--(?P<name
 
 
 def _local_source_name(source: dict) -> str:
-    # Only the folder's name: a local path says nothing useful to readers and may reveal a home folder.
-    model = source.get("model")
-    return f"A local checkpoint `{PurePosixPath(str(model)).name}`" if model else "A model"
+    # A local path says nothing useful to readers and may reveal a home folder.
+    return "A local checkpoint" if source.get("model") else "A model"
+
+
+def _local_file_name(path: str) -> str:
+    return f"a local file `{PurePosixPath(str(path).replace(chr(92), '/')).name}`"
 
 
 def _method_name(manifest: dict) -> str:
@@ -295,11 +284,6 @@ def _method_name(manifest: dict) -> str:
 def _bits(manifest: dict) -> int:
     bits = (manifest.get("settings") or {}).get("bits")
     return int(bits) if isinstance(bits, (int, float)) else 4
-
-
-def _decoder_layer(module_name: str) -> int | None:
-    match = re.search(r"\.(\d+)\.", module_name)
-    return int(match.group(1)) if match else None
 
 
 def _human_bytes(n: int) -> str:

@@ -7,6 +7,7 @@ transformers reads and dequantizes the GGUF; we save it as an ordinary sharded s
 
     python -m lowbit.examples smollm2 DIR
     python -m lowbit.examples gemma3 DIR
+    python -m lowbit.examples compare CHECKPOINT BASELINE   # the main job's GPTQ-vs-RTN lines
 """
 
 from __future__ import annotations
@@ -97,12 +98,39 @@ def build_gemma3(output: Path, dtype: str = "bfloat16", max_shard_size: str = "2
         return save_gguf_as_safetensors(gguf, output, "google/gemma-3-270m", dtype, max_shard_size)
 
 
+def comparison_lines(checkpoint: Path, baseline: Path) -> list[str]:
+    """Both checkpoints' eval figures, side by side (they must have been scored on the same windows)."""
+    from quantize.manifest import read_manifest
+
+    rows = []
+    for folder in (checkpoint, baseline):
+        manifest = read_manifest(folder)
+        report = manifest.get("eval") or {}
+        if "ppl_quantized" not in report:
+            raise UsageError(f"{folder} has no eval report against its base")
+        rows.append((manifest["method"], report))
+    (method, ours), (base_method, theirs) = rows
+    if (ours["dataset_sha256"], ours["windows"], ours["seqlen"]) != (theirs["dataset_sha256"], theirs["windows"],
+                                                                      theirs["seqlen"]):
+        raise UsageError("the two checkpoints were not scored on the same windows")
+    lines = [f"{name:>5}: perplexity {r['ppl_base']:.2f} -> {r['ppl_quantized']:.2f} (ratio {r['ppl_ratio']:.3f}), "
+             f"mean KLD {r['kld']['mean']:.3f}, same top token {r['same_top']:.1%}"
+             for name, r in ((method, ours), (base_method, theirs))]
+    better = ours["kld"]["mean"] < theirs["kld"]["mean"] and ours["ppl_quantized"] < theirs["ppl_quantized"]
+    lines.append(f"{method} {'beats' if better else 'does NOT beat'} {base_method} on these "
+                 f"{ours['windows']} x {ours['seqlen']} windows")
+    return lines
+
+
 BUILDERS = {"smollm2": build_smollm2, "gemma3": build_gemma3}
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in BUILDERS:
-        sys.exit(f"usage: python -m lowbit.examples {{{','.join(BUILDERS)}}} DIR")
     try:
-        print(BUILDERS[sys.argv[1]](Path(sys.argv[2])))
+        if len(sys.argv) == 3 and sys.argv[1] in BUILDERS:
+            print(BUILDERS[sys.argv[1]](Path(sys.argv[2])))
+        elif len(sys.argv) == 4 and sys.argv[1] == "compare":
+            print("\n".join(comparison_lines(Path(sys.argv[2]), Path(sys.argv[3]))))
+        else:
+            sys.exit(f"usage: python -m lowbit.examples {{{'|'.join(BUILDERS)}}} DIR | compare CHECKPOINT BASELINE")
     except UsageError as e:
         sys.exit(f"error: {e}")

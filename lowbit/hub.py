@@ -1,6 +1,7 @@
 """Publish a lowbit checkpoint folder to the Hugging Face Hub (`lowbit push`).
 
-push_folder: write the model card into the folder, create the repo, ask the Hub
+push_folder: write the model card (and the error plot) into a temporary folder,
+never into the checkpoint, create the repo, ask the Hub
 which files it already has (paths-info gives each file's git id and, for LFS
 files, its sha256), and upload only the files that are missing or differ, in
 commits of at most `max_commit_bytes`. An interrupted push, run again, uploads
@@ -20,6 +21,7 @@ import hashlib
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +42,7 @@ from lowbit.redact import redact, register_secret
 from quantize.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
 
 CARD_FILE = "README.md"
+log = logging.getLogger("lowbit")
 RETRY_TRIES = 4  # our own loop: 1 try + 3 retries, waits of base, 2*base, 4*base
 _RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 
@@ -143,16 +146,32 @@ def push_folder(folder: Path, options: PushOptions, on_event: Callable[[str], No
     manifest = read_manifest(folder)
     if options.base_model is not None:
         validate_repo_id(options.base_model)
-    card = redact(str(build_model_card(manifest, options.repo_id, options.base_model)))
+    card_data = build_model_card(manifest, options.repo_id, options.base_model)
+    if not card_data.data.base_model:
+        log.warning("no base model is known (the source is a local folder), so the Hub will not link this "
+                    "repo to it: pass --base-model NAMESPACE/NAME (push.base_model in a recipe)")
+    card = redact(str(card_data))
     plot = redact(layer_error_svg(manifest)) if layer_errors(manifest) else None
     if options.dry_run:
         names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | ({LAYER_ERRORS_FILE} if plot else set())
         return PushResult(options.repo_id, None, sorted(names), [], 0, True, card)
 
-    (folder / CARD_FILE).write_text(card, encoding="utf-8")
-    if plot:
-        (folder / LAYER_ERRORS_FILE).write_text(plot, encoding="utf-8")
-    paths = {path.name: path for path in files_to_push(folder)}
+    with tempfile.TemporaryDirectory(prefix="lowbit-card-") as staging:  # the user's folder is not written
+        paths = {path.name: path for path in files_to_push(folder)}
+        paths[CARD_FILE] = _staged(Path(staging), CARD_FILE, card)
+        if plot:
+            paths[LAYER_ERRORS_FILE] = _staged(Path(staging), LAYER_ERRORS_FILE, plot)
+        return _push_files(paths, manifest, options, card, emit)
+
+
+def _staged(staging: Path, name: str, text: str) -> Path:
+    path = staging / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _push_files(paths: dict[str, Path], manifest: dict, options: PushOptions, card: str,
+                emit: Callable[[str], None]) -> PushResult:
     digests = {name: _digests(path) for name, path in paths.items()}
 
     api = HfApi(endpoint=hub_endpoint(), token=options.token, library_name="lowbit", library_version=__version__)

@@ -95,16 +95,44 @@ def test_card_for_nf4_loads_through_bitsandbytes():
     assert set(card_tags(manifest)) == {"lowbit", "nf4", "4-bit", "bitsandbytes"}
 
 
-def test_card_prefers_the_eval_markdown_and_warns_on_contamination():
+def test_card_renders_the_eval_from_the_report_and_warns_on_contamination():
     manifest = sample_manifest()
-    manifest["eval"]["markdown"] = "| what | value |\n|---|---|\n| custom row | 42 |"
+    manifest["eval"]["markdown"] = "| what | value |\n|---|---|\n| Base model | /home/someone/base |"  # as stored
     text = build_model_card(manifest, "alice/m").text
-    assert "| custom row | 42 |" in text
-    assert "Perplexity, base" not in text
+    assert "| Perplexity, base | 20.1234 |" in text and "/home/someone" not in text
 
     manifest = sample_manifest()
     manifest["eval"]["contamination"] = {"overlap_rate": 0.31, "contaminated": True}
     assert "Warning: the calibration data overlaps" in build_model_card(manifest, "alice/m").text
+
+
+def settings_rows(text: str) -> list[str]:
+    section = text.split("## Quantization settings")[1].split("##")[0]
+    return [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ")][1:]
+
+
+def test_card_lists_each_setting_once_and_only_those_of_its_method():
+    all_settings = {"method": "gptq", "bits": 4, "group_size": 64, "sym": True, "act_order": False,
+                    "static_groups": False, "damp": 0.01, "true_sequential": True, "double_quant": True, "skip": None}
+    manifest = sample_manifest("gptq")
+    manifest["settings"] = dict(all_settings)
+    rows = settings_rows(build_model_card(manifest, "alice/m").text)
+    assert rows.count("method") == 1 and len(rows) == len(set(rows))
+    assert "double_quant" not in rows and "skip" not in rows and {"group_size", "damp", "act_order"} <= set(rows)
+
+    manifest = sample_manifest("nf4")
+    manifest["settings"] = {**all_settings, "method": "nf4"}
+    manifest["calibration"] = None
+    rows = settings_rows(build_model_card(manifest, "alice/m").text)
+    assert "double_quant" in rows and not {"group_size", "sym", "act_order", "damp", "true_sequential"} & set(rows)
+
+    manifest["calibration"] = sample_manifest()["calibration"]  # calibrated NF4 has a damping
+    assert "damp" in settings_rows(build_model_card(manifest, "alice/m").text)
+
+    manifest = sample_manifest("rtn")
+    manifest["settings"] = {**all_settings, "method": "rtn"}
+    rows = settings_rows(build_model_card(manifest, "alice/m").text)
+    assert set(rows) == {"method", "bits", "group_size", "sym"}
 
 
 def test_card_tolerates_missing_pieces():
@@ -124,13 +152,21 @@ def test_card_tolerates_missing_pieces():
     assert "## Evaluation" not in build_model_card(manifest, "alice/m").text
 
 
-def test_local_source_is_not_declared_as_base_model_nor_exposed():
+def test_local_paths_appear_nowhere_in_the_card():
     manifest = sample_manifest()
     manifest["source"]["model"] = "/home/someone/private/models/my-llama"
+    manifest["eval"].update(base="/home/someone/private/models/my-llama", dataset="/home/someone/texts/eval.txt",
+                            quantized="/home/someone/out/q", dataset_file="/home/someone/texts/eval.txt")
+    manifest["calibration"].update(source="/home/someone/texts/calib.jsonl", kind="jsonl")
     card = build_model_card(manifest, "alice/m")
     assert card.data.base_model is None
     assert getattr(card.data, "base_model_relation", None) is None
-    assert "my-llama" in card.text and "/home/someone" not in card.text
+    assert "/home/someone" not in card.text and "my-llama" not in card.text
+    assert "A local checkpoint" in card.text and "| Base model | a local checkpoint |" in card.text
+    assert "a local file `eval.txt`" in card.text and "a local file `calib.jsonl`" in card.text
+
+    named = build_model_card(manifest, "alice/m", base_model="acme/llama-7b").text
+    assert "| Base model | acme/llama-7b |" in named and "/home/someone" not in named
 
 
 def test_base_model_from_a_hub_cache_folder_or_given_explicitly():
@@ -144,16 +180,27 @@ def test_base_model_from_a_hub_cache_folder_or_given_explicitly():
     assert "[microsoft/phi-4](https://huggingface.co/microsoft/phi-4)" in card.text
 
 
-def test_layer_error_svg_draws_one_bar_per_module_scaled_to_the_largest():
+def test_layer_error_plot_is_a_heat_map_of_layers_by_module_with_a_legend():
     manifest = sample_manifest()
     root = ET.fromstring(layer_error_svg(manifest))
-    bars = [rect for rect in root.iter(f"{SVG_NS}rect") if rect.find(f"{SVG_NS}title") is not None]
-    assert len(bars) == len(manifest["layers"])
-    heights = {bar.find(f"{SVG_NS}title").text.split(":")[0]: float(bar.get("height")) for bar in bars}
-    tallest = max(heights, key=heights.get)
-    assert tallest == "model.layers.1.mlp.down_proj"
-    ratio = heights["model.layers.0.self_attn.q_proj"] / heights[tallest]
-    assert abs(ratio - 0.01 / 0.4) < 1e-3
+    cells = {rect.find(f"{SVG_NS}title").text.split(":")[0]: rect for rect in root.iter(f"{SVG_NS}rect")
+             if rect.find(f"{SVG_NS}title") is not None}
+    assert set(cells) == set(manifest["layers"])
+    # one column per layer, one row per module kind
+    assert len({cell.get("x") for cell in cells.values()}) == 2 and len({cell.get("y") for cell in cells.values()}) == 2
+    assert cells["model.layers.0.self_attn.q_proj"].get("x") == cells["model.layers.0.mlp.down_proj"].get("x")
+
+    def darkness(name: str) -> int:
+        fill = cells[name].get("fill")
+        return -sum(int(fill[i : i + 2], 16) for i in (1, 3, 5))
+
+    by_error = sorted(manifest["layers"], key=lambda name: manifest["layers"][name]["error"])
+    assert [darkness(name) for name in by_error] == sorted(darkness(name) for name in by_error)
+    text = " ".join(root.itertext())
+    assert "self_attn.q_proj" in text and "mlp.down_proj" in text and "decoder layer" in text
+    assert "relative output error" in text and "log scale" in text  # errors 0.01 .. 0.4 span 40x
+    legend = [rect for rect in root.iter(f"{SVG_NS}rect") if rect.find(f"{SVG_NS}title") is None]
+    assert len(legend) > 10  # background + the colour bar's steps
 
 
 def test_layer_error_svg_without_errors_is_still_valid():

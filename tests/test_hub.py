@@ -61,9 +61,10 @@ def _requests_to(hub: FakeHub, method: str, fragment: str) -> list:
 def test_push_uploads_every_file_byte_for_byte(hub, checkpoint):
     result = push_folder(checkpoint, PushOptions(repo_id=REPO))
 
-    pushed = [path.name for path in files_to_push(checkpoint)]
-    assert {"README.md", "layer_errors.svg", "lowbit_manifest.json", "tokenizer.json"} <= set(pushed)
-    assert sorted(result.uploaded) == sorted(pushed)
+    pushed = [path.name for path in files_to_push(checkpoint)]  # the card and plot come from elsewhere
+    assert {"lowbit_manifest.json", "tokenizer.json"} <= set(pushed) and "README.md" not in pushed
+    assert sorted(result.uploaded) == sorted(pushed + ["README.md", "layer_errors.svg"])
+    assert hub.files[(REPO, "README.md")].decode() == result.card
     for name in pushed:
         assert _sha256(hub.files[(REPO, name)]) == _sha256((checkpoint / name).read_bytes()), name
     # the shards went through the LFS protocol, one PUT each, the small files inline in the commit
@@ -93,7 +94,7 @@ def test_small_max_commit_bytes_splits_the_push_into_several_commits(hub, checkp
     committed = [path for commit in commits for path in commit["paths"]]
     assert sorted(committed) == sorted(result.uploaded)  # each file exactly once
     for commit in commits:
-        sizes = [(checkpoint / path).stat().st_size for path in commit["paths"]]
+        sizes = [len(hub.files[(REPO, path)]) for path in commit["paths"]]
         assert sum(sizes) <= 5000 or len(sizes) == 1
 
 
@@ -112,13 +113,13 @@ def test_interrupted_push_resumes_with_only_the_missing_files(hub, checkpoint):
 
     second_run = hub.requests[seen:]
     second_run_commits = hub.commits[-result.commits :]
-    all_files = {path.name for path in files_to_push(checkpoint)}
+    all_files = {path.name for path in files_to_push(checkpoint)} | {"README.md", "layer_errors.svg"}
     assert {p for commit in second_run_commits for p in commit["paths"]} == all_files - first_run_paths
     assert set(result.skipped) == first_run_paths
     # bytes already sent (the failed commit's shard included) are not sent again
     reuploaded = {r.path.rsplit("/", 1)[-1] for r in second_run if r.method == "PUT"}
     assert reuploaded and not reuploaded & first_run_objects
-    for name in all_files:
+    for name in all_files - {"README.md", "layer_errors.svg"}:
         assert hub.files[(REPO, name)] == (checkpoint / name).read_bytes()
 
 
@@ -267,9 +268,8 @@ def test_token_appears_in_no_written_file_event_or_error(hub, checkpoint):
     push_folder(checkpoint, PushOptions(repo_id=REPO, token=FAKE_TOKEN), on_event=events.append)
 
     for written in ("README.md", "layer_errors.svg"):
-        assert FAKE_TOKEN.encode() not in (checkpoint / written).read_bytes()
         assert FAKE_TOKEN.encode() not in hub.files[(REPO, written)]
-    assert "hf_***" in (checkpoint / "README.md").read_text()
+    assert b"hf_***" in hub.files[(REPO, "README.md")]
     assert not any(FAKE_TOKEN in event for event in events)
 
     (checkpoint / "config.json").write_text("{}")  # something to commit
@@ -307,3 +307,22 @@ def test_incomplete_or_unsafe_folders_are_refused(tmp_path):
         (other / required).unlink()
         with pytest.raises(UsageError, match=required):
             files_to_push(other)
+
+
+def test_push_writes_nothing_into_the_checkpoint_and_warns_without_a_base_model(hub, checkpoint, caplog):
+    manifest_path = checkpoint / "lowbit_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["source"]["model"] = "/data/models/local-llama"
+    manifest_path.write_text(json.dumps(manifest))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir())
+    with caplog.at_level("WARNING", logger="lowbit"):
+        push_folder(checkpoint, PushOptions(repo_id=REPO))
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir()) == before
+    assert (REPO, "README.md") in hub.files and (REPO, "layer_errors.svg") in hub.files
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "--base-model" in warnings[0]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lowbit"):
+        push_folder(checkpoint, PushOptions(repo_id=REPO, base_model="acme/llama"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
