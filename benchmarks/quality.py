@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shlex
@@ -186,24 +187,37 @@ def score(tool: str, folder: Path, evaluation: Path, base_top: Path, args, model
     return scores
 
 
+def cell_folder(model_name: str, config: str, method: str, args, calibration: Path, supported: set[str]):
+    """(tool, lowbit's run or None, the cache folder) of one grid cell, or why this lowbit cannot run it."""
+    tool = "base" if method == "base" else ("llmc" if method in PEER_CONFIGS else "lowbit")
+    if tool == "base":
+        return tool, None, args.cache / model_name / "base"
+    if tool == "llmc":
+        key = run_key([method, config, calibration.name], LLMC_VERSION + peer_source_hash())
+        return tool, None, args.cache / model_name / f"{method}-{config}-{key}"
+    run = lowbit_run(method, config, MODELS[model_name], args, supported)
+    if isinstance(run, str):
+        return run
+    return tool, run, args.cache / model_name / f"{method}-{config if LOWBIT_METHODS[method][2] else 'nf4'}-{run_key(*run)}"
+
+
+def peer_source_hash() -> str:
+    """What an llm-compressor run depends on, besides its version: the child that drives it and its configs."""
+    import benchmarks.peer_llmcompressor as peer
+
+    source = inspect.getsource(peer.child_llmc) + inspect.getsource(peer.applied_config) + repr(PEER_CONFIGS)
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
 def run_one(model_name: str, config: str, method: str, args, windows: tuple[Path, Path], supported: set[str]) -> dict:
     """Quantize (or reuse) and score one cell of the grid; {"skipped": why} or {"failed": why} where it cannot."""
     model = MODELS[model_name]
     calibration, evaluation = windows
     cache = args.cache / model_name
-    tool = "base" if method == "base" else ("llmc" if method in PEER_CONFIGS else "lowbit")
-    if tool == "lowbit":
-        run = lowbit_run(method, config, model, args, supported)
-        if isinstance(run, str):
-            return {"skipped": run}
-        key = run_key(run[0], run[1])
-    elif tool == "llmc":
-        run = None
-        peer_source = hashlib.sha256((REPO / "benchmarks" / "peer_llmcompressor.py").read_bytes()).hexdigest()[:12]
-        key = run_key([method, config, calibration.name], LLMC_VERSION + peer_source)
-    else:
-        run, key = None, "base"
-    folder = cache / ("base" if tool == "base" else f"{method}-{config if tool != 'lowbit' or LOWBIT_METHODS[method][2] else 'nf4'}-{key}")
+    cell = cell_folder(model_name, config, method, args, calibration, supported)
+    if isinstance(cell, str):
+        return {"skipped": cell}
+    tool, run, folder = cell
     folder.mkdir(parents=True, exist_ok=True)
     record_file = folder / "record.json"
     record = json.loads(record_file.read_text()) if record_file.exists() and not args.fresh else {}
@@ -243,13 +257,22 @@ def grid(args) -> dict:
         (args.cache / model_name).mkdir(parents=True, exist_ok=True)
         windows = prepare_windows(model, args.cache / model_name, args)
         per_model = results.setdefault(model_name, {})
-        per_model["base"] = run_one(model_name, "", "base", args, windows, supported)
-        print(f"{model_name} base: ppl {per_model['base'].get('ppl')}", flush=True)
+        if args.dry_run:
+            print(f"{model_name} base: {cell_state(model_name, '', 'base', args, windows, supported)}")
+        else:
+            per_model["base"] = run_one(model_name, "", "base", args, windows, supported)
+            print(f"{model_name} base: ppl {per_model['base'].get('ppl')}", flush=True)
         cells = [(c, m) for c in args.configs for m in args.methods if m != "base" and not is_nf4(m)]
         cells += [("nf4", m) for m in args.methods if is_nf4(m)]
         for config, method in cells:
             if config != "nf4" and not fits(model, config):
-                per_model.setdefault(config, {})[method] = {"skipped": f"a Linear input is not a multiple of {config}'s group"}
+                why = f"a Linear input is not a multiple of {config}'s group"
+                per_model.setdefault(config, {})[method] = {"skipped": why}
+                if args.dry_run:
+                    print(f"{model_name} {config} {method}: skipped ({why})")
+                continue
+            if args.dry_run:
+                print(f"{model_name} {config} {method}: {cell_state(model_name, config, method, args, windows, supported)}")
                 continue
             result = run_one(model_name, config, method, args, windows, supported)
             per_model.setdefault(config, {})[method] = result
@@ -257,6 +280,18 @@ def grid(args) -> dict:
                 print(f"{model_name} {config} {method}: ppl {result['ppl']:.3f}, quantize {result['quantize']['seconds']} s"
                       f"{' (reused)' if result['reused'] else ''}", flush=True)
     return results
+
+
+def cell_state(model_name: str, config: str, method: str, args, windows: tuple[Path, Path], supported: set[str]) -> str:
+    """For --dry-run: what running this cell would do."""
+    cell = cell_folder(model_name, config, method, args, windows[0], supported)
+    if isinstance(cell, str):
+        return f"skipped ({cell})"
+    record_file = cell[2] / "record.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() and not args.fresh else {}
+    quantized = "quantized" if "quantize" in record or cell[0] == "base" else "to quantize"
+    scored = "scored" if windows[1].name in record.get("scores", {}) else "to score"
+    return f"{quantized}, {scored} ({cell[2]})"
 
 
 def is_nf4(method: str) -> bool:
@@ -278,6 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "llmc-venv")
     parser.add_argument("--fresh", action="store_true", help="quantize and score again even where the cache has it")
     parser.add_argument("--json", type=Path, help="also write every result as JSON")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be quantized and scored, run nothing")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
     args.models, args.configs, args.methods = (value.split(",") for value in (args.models, args.configs, args.methods))
@@ -302,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
     results = grid(args)
+    if args.dry_run:
+        return
     command = "python benchmarks/" + Path(sys.argv[0]).name + " " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, args, command.strip(), time.time() - started)
     print(text)

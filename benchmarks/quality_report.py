@@ -13,6 +13,19 @@ LABELS = {
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
     "llmc-mse": "llm-compressor GPTQ, mse observer", "llmc-imatrix": "llm-compressor GPTQ, imatrix_mse observer",
 }
+# read in llm-compressor 0.14's source (llmcompressor/modifiers/gptq/, observers/); differences from lowbit's solver
+PEER_SOLVER_NOTES = """llm-compressor's GPTQ, as its source runs it (and what that means next to lowbit's):
+- `GPTQModifier.actorder` defaults to a sentinel that becomes `static` whenever the scheme leaves actorder
+  unset, so its default run is an act-order run; only the modifier-level `actorder=None` turns it off (the
+  recipe.yaml then saves `actorder: null`, see the table below).
+- Group scales always come from its weight observer on the original weights, before the solver runs: static
+  groups, with or without act-order (lowbit's plain GPTQ takes each group's scale from the error-updated
+  weights at the group start; `--act-order --static-groups` is the like-for-like setting).
+- Default weight observer: `memoryless_minmax` (plain min/max per group); `mse` searches a shrink grid on the
+  unweighted error; `imatrix_mse` weights that error by each input column's mean squared activation.
+- Damping: 0.01 x the mean Hessian diagonal, added to the diagonal (as lowbit's `--damp`); block size 128;
+  act-order sorts columns by descending Hessian diagonal; dead columns (zero diagonal) get a diagonal of 1.
+"""
 SPEED_PAIRS = (("gptq-default", "llmc-default"), ("gptq", "llmc-default"), ("gptq", "llmc-noact"),
                ("gptq-ss-ao", "llmc-default"))
 
@@ -161,5 +174,6 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
     if applied:
         lines += ["", "### What llm-compressor applied (read back from the recipe.yaml and config.json it saved)", "",
                   *applied]
+    lines += ["", PEER_SOLVER_NOTES.strip()]
     lines += ["", f"Whole run: {seconds / 60:.1f} min. Produced by: `{command}`"]
     return "\n".join(lines)
