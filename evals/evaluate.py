@@ -118,14 +118,14 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
     """
     report = on_progress or (lambda stage, done, total: None)
     weights = DenseWeights(Path(folder))
-    arch = architecture_of(weights.config)
+    arch = architecture_of(weights.config, weights.checkpoint.names())
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, model_dtype(weights.config))
     offload = options.offload
     if offload is None:
         offload = should_offload(weights.config, windows, options.chunk_tokens, dtype, device, with_base=False)
     model = dense_skeleton(Path(folder))
-    acts = embed_windows(model, weights.read("model.embed_tokens.weight"), windows, device, dtype, offload)
+    acts = embed_windows(model, weights.read(arch.embed_name), windows, device, dtype, offload)
     report("layers", 0, arch.num_layers)
     for i in range(arch.num_layers):
         layer = model.model.layers[i]
@@ -134,7 +134,7 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
         free_weights(layer)
         release_free_heap()
         report("layers", i + 1, arch.num_layers)
-    apply_final_norm(model.model.norm, weights.read_prefix("model.norm."), acts, device, dtype)
+    apply_final_norm(model.model.norm, weights.read_prefix(arch.norm_prefix), acts, device, dtype)
     return acts.hidden
 
 

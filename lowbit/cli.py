@@ -106,6 +106,7 @@ def quantize(
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric grid (GPTQ v1 cannot store a zero point of 0)."),
     damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
     static_groups: bool = typer.Option(False, "--static-groups", help="Group scales from the original weights (with act-order)."),
+    scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
@@ -136,13 +137,16 @@ def quantize(
     check_choice("--bits", bits, (2, 3, 4, 8))
     if group_size != -1 and group_size < 1:
         raise typer.BadParameter("must be -1 or positive", param_hint="--group-size")
+    if scale_search and calibration is None and method != "gptq":
+        raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
+                                 "give --calibration", param_hint="--scale-search")
     settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                                static_groups=static_groups, damp=damp, true_sequential=true_sequential,
-                                double_quant=double_quant, skip=skip)
+                                static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
+                                true_sequential=true_sequential, double_quant=double_quant, skip=skip)
     if calibration is None and method == "gptq":
         calibration = "pydoc"
     calib = None
-    if calibration is not None and method != "rtn":
+    if calibration is not None and (method != "rtn" or settings.scale_search):
         calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template)
     token = hub_token()
     options = RunOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, offload=offload, force=force,

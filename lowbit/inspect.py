@@ -126,6 +126,8 @@ def file_problems(folder: Path, files) -> list[str]:
 
 
 def tensor_problems(folder: Path) -> list[str]:
+    from quantize.arch import architecture_of
+
     config = load_config_dict(folder)
     expected, optional = expected_tensors(folder, config)
     actual = SafetensorsCheckpoint(folder).tensors
@@ -140,7 +142,10 @@ def tensor_problems(folder: Path) -> list[str]:
         if not shape_ok or (dtype is not None and info.dtype != dtype):
             found, implied = _describe(info.dtype, info.shape), _describe(dtype, shape)
             problems.append(f"{name}: {found}, the config implies {implied}")
-    problems += [f"{name}: not a tensor this config has" for name in actual if name not in expected]
+    kept = architecture_of(config).unquantized_modules  # a vision tower: copied as it is, checked by its file hashes
+    problems += [f"{name}: not a tensor this config has" for name in actual
+                 if name not in expected and not any(name.startswith(m + ".") or name.startswith(f"model.{m}.")
+                                                     for m in kept)]
     return problems
 
 
@@ -154,9 +159,9 @@ def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
     from quantize.arch import architecture_of
     from quantize.stream import build_skeleton, load_config
 
-    arch = architecture_of(config)
     check_remote_code(config, str(folder), trust_remote_code=False)
-    skeleton = build_skeleton(load_config(folder))  # every parameter on meta: shapes, no memory
+    arch = architecture_of(config, SafetensorsCheckpoint(folder).names())
+    skeleton = build_skeleton(load_config(folder))  # the language model, every parameter on meta: shapes, no memory
     dtype_name = config.get("torch_dtype") or config.get("dtype")
     dense_dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
     dense_dtype = dense_dtype if isinstance(dense_dtype, torch.dtype) else None  # unknown: any dtype
@@ -165,6 +170,8 @@ def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
 
     expected: Expected = {}
     for name, param in skeleton.named_parameters():
+        if name.startswith("model."):  # the checkpoint's spelling (a multimodal model's language model)
+            name = arch.text_prefix + name[len("model."):]
         module, _, kind = name.rpartition(".")
         if module not in quantized:
             expected[name] = (dense_dtype, tuple(param.shape))
@@ -192,7 +199,7 @@ def quantized_modules(arch, quant: dict) -> set[str]:
         raise UsageError(f"cannot verify a {method} checkpoint (lowbit writes gptq and bitsandbytes)")
     skip = (quant.get("llm_int8_skip_modules") or []) if method == "bitsandbytes" else []
     names = {arch.layer_prefix(i) + name for i in range(arch.num_layers) for name in arch.linear_names()}
-    return {n for n in names if not any(n == s or n.startswith(s + ".") for s in skip)}
+    return {n for n in names if not any(m == s or m.startswith(s + ".") for s in skip for m in (n, arch.loaded_name(n)))}
 
 
 def gptq_tensors(n: int, k: int, quant: dict) -> Expected:

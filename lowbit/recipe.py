@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict] = {
     "model": {"source": str, "revision": str},
     "quantize": {
         "method": str, "bits": int, "group_size": int, "act_order": bool, "sym": bool, "damp": float,
-        "static_groups": bool, "true_sequential": bool, "double_quant": bool, "skip": str,
+        "static_groups": bool, "scale_search": bool, "true_sequential": bool, "double_quant": bool, "skip": str,
         "device": str, "dtype": str, "max_shard_size": str,
     },
     "calibration": {"source": str, "nsamples": int, "seqlen": int, "seed": int, "chat_template": bool},
@@ -198,9 +198,9 @@ def check_quantize(settings: QuantizeSettings, run_options: RunOptions, path: Pa
 
 def calibration_section(table: dict | None, settings: QuantizeSettings, folder: Path,
                         path: Path) -> CalibrationConfig | None:
-    """gptq without a [calibration] table uses the defaults (pydoc); rtn uses none."""
-    if settings.method == "rtn":
-        require(table is None, path, "calibration", "is not used by method rtn: remove the table")
+    """gptq without a [calibration] table uses the defaults (pydoc); rtn uses one only for its scale search."""
+    if settings.method == "rtn" and not settings.scale_search:
+        require(table is None, path, "calibration", "is not used by method rtn without scale_search: remove the table")
         return None
     if table is None:
         return CalibrationConfig() if settings.method == "gptq" else None

@@ -1,10 +1,12 @@
 """The architectures lowbit quantizes, and how their decoder layers are laid out.
 
-Every supported model is a decoder-only `*ForCausalLM` whose decoder layers
-live at `model.layers.{i}` and whose projections are `nn.Linear`. What differs
-is the names of the projections. Each architecture lists them in groups, in
-forward order; the modules of one group read the same input, so they share a
-Hessian (this is also the unit of GPTQ's "true sequential" order).
+Every supported model is a decoder-only language model whose decoder layers
+live at `{text_prefix}layers.{i}` and whose projections are `nn.Linear`. What
+differs is the names of the projections, and, for a multimodal model, where its
+language model sits in the checkpoint (the vision tower and projector are kept
+as they are). Each architecture lists its projections in groups, in forward
+order; the modules of one group read the same input, so they share a Hessian
+(this is also the unit of GPTQ's "true sequential" order).
 """
 
 from __future__ import annotations
@@ -33,7 +35,25 @@ LINEAR_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
     "Qwen2ForCausalLM": LLAMA_GROUPS,
     "Qwen3ForCausalLM": LLAMA_GROUPS,
     "Phi3ForCausalLM": PHI3_GROUPS,
+    "Gemma3ForCausalLM": LLAMA_GROUPS,  # q_norm/k_norm and four norms per layer stay in 16-bit
+    "Gemma3ForConditionalGeneration": LLAMA_GROUPS,
 }
+
+# Multimodal models: where the language model lives in the checkpoint (Google's checkpoints and
+# transformers 5's save_pretrained write the first spelling; the second is the loaded model's own
+# module names, which some tools save), and the top-level modules kept unquantized.
+TEXT_PREFIXES: dict[str, tuple[str, ...]] = {
+    "Gemma3ForConditionalGeneration": ("language_model.model.", "model.language_model."),
+}
+UNQUANTIZED_MODULES: dict[str, tuple[str, ...]] = {
+    "Gemma3ForConditionalGeneration": ("vision_tower", "multi_modal_projector"),
+}
+# How transformers names the language model's modules once loaded: quantization_config's module lists
+# (bitsandbytes' skips, GPTQ's block) speak these names, not the checkpoint's.
+LOADED_TEXT_PREFIX = {"Gemma3ForConditionalGeneration": "model.language_model."}
+
+# What a config.json may leave out because the model's config class defaults it.
+TIED_BY_DEFAULT = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
 
 
 @dataclass(frozen=True)
@@ -41,16 +61,68 @@ class Architecture:
     name: str
     num_layers: int
     groups: tuple[tuple[str, ...], ...]
+    text_prefix: str = "model."  # the language model's embeddings, layers and final norm
+    unquantized_modules: tuple[str, ...] = ()  # whole top-level modules copied as they are (a vision tower)
 
     def layer_prefix(self, index: int) -> str:
-        return f"model.layers.{index}."
+        return f"{self.text_prefix}layers.{index}."
+
+    @property
+    def layers_prefix(self) -> str:
+        return f"{self.text_prefix}layers."
+
+    @property
+    def embed_name(self) -> str:
+        return f"{self.text_prefix}embed_tokens.weight"
+
+    @property
+    def norm_prefix(self) -> str:
+        return f"{self.text_prefix}norm."
+
+    @property
+    def multimodal(self) -> bool:
+        return bool(self.unquantized_modules)
+
+    @property
+    def loaded_text_prefix(self) -> str:
+        return LOADED_TEXT_PREFIX.get(self.name, "model.")
+
+    def loaded_name(self, name: str) -> str:
+        """The module name transformers gives a checkpoint name once the model is loaded."""
+        if name.startswith(self.text_prefix):
+            return self.loaded_text_prefix + name[len(self.text_prefix):]
+        if self.multimodal and not name.startswith("model."):
+            return "model." + name  # the vision tower and projector of a checkpoint in Google's spelling
+        return name
+
+    def loaded_unquantized_modules(self) -> list[str]:
+        return [f"model.{m}" for m in self.unquantized_modules]
 
     def linear_names(self) -> list[str]:
         """Names of the quantized Linears inside one decoder layer, in forward order."""
         return [name for group in self.groups for name in group]
 
 
-def architecture_of(config: dict) -> Architecture:
+def text_config(config: dict) -> dict:
+    """The part of config.json that describes the language model (a multimodal model's `text_config`)."""
+    names = config.get("architectures") or []
+    if names and names[0] in TEXT_PREFIXES:
+        text = config.get("text_config")
+        if not isinstance(text, dict):
+            raise UsageError(f"config.json of {names[0]} has no text_config")
+        return text
+    return config
+
+
+def tied_embeddings(config: dict) -> bool:
+    """Whether the head is the embedding matrix (no lm_head of its own)."""
+    names = config.get("architectures") or [None]
+    default = config.get("tie_word_embeddings", names[0] in TIED_BY_DEFAULT)
+    return bool(text_config(config).get("tie_word_embeddings", default))
+
+
+def architecture_of(config: dict, tensor_names=None) -> Architecture:
+    """The layout of a model; `tensor_names` (the checkpoint's) picks how a multimodal checkpoint spells it."""
     names = config.get("architectures") or []
     if not names:
         raise UsageError("config.json names no architecture ('architectures' is missing)")
@@ -58,7 +130,23 @@ def architecture_of(config: dict) -> Architecture:
     if name not in LINEAR_GROUPS:
         supported = ", ".join(sorted(LINEAR_GROUPS))
         raise UsageError(f"unsupported architecture {name} (lowbit supports {supported})")
-    layers = config.get("num_hidden_layers")
+    text = text_config(config)
+    layers = text.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         raise UsageError("config.json has no valid num_hidden_layers")
-    return Architecture(name=name, num_layers=layers, groups=LINEAR_GROUPS[name])
+    if text.get("final_logit_softcapping") is not None:  # the evaluator's head is a plain projection
+        raise UsageError(f"{name} with final_logit_softcapping is not supported")
+    return Architecture(name=name, num_layers=layers, groups=LINEAR_GROUPS[name],
+                        text_prefix=_text_prefix(name, tensor_names),
+                        unquantized_modules=UNQUANTIZED_MODULES.get(name, ()))
+
+
+def _text_prefix(name: str, tensor_names) -> str:
+    candidates = TEXT_PREFIXES.get(name, ("model.",))
+    if tensor_names is None:
+        return candidates[0]
+    names = set(tensor_names)
+    for prefix in candidates:
+        if f"{prefix}embed_tokens.weight" in names:
+            return prefix
+    return candidates[0]

@@ -13,7 +13,6 @@ import shutil
 from dataclasses import asdict
 
 from lowbit import __version__
-from quantize.arch import architecture_of
 from quantize.checkpoint import SafetensorsCheckpoint
 from quantize.manifest import CALIBRATION_FILE, MANIFEST
 from quantize.nf4 import BnbConfig, bnb_quantization_config
@@ -40,22 +39,22 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
         check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
         return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
 
-    head = [n for n in reader.names() if not n.startswith("model.layers.")]
-    units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n.startswith("model.embed_tokens")]
+    head = [n for n in reader.names() if not n.startswith(arch.layers_prefix)]  # and a vision tower, as it is
+    units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n == arch.embed_name]
     for i in range(arch.num_layers):
         prefix = arch.layer_prefix(i)
         by_module: dict[str, list[PendingTensor]] = {}
         for name in sorted(n for n in layer_names if n.startswith(prefix)):
             by_module.setdefault(_module_of(name), []).append(pending(layer_files, name))
         units.extend(by_module.values())
-    units.extend([pending(reader, n)] for n in head if not n.startswith("model.embed_tokens"))
+    units.extend([pending(reader, n)] for n in head if n != arch.embed_name)
 
     total = sum(len(u) for u in units)
     written = iter(range(1, total + 1))
     files = write_sharded(work, units, parse_size(options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
-    quantization_config = _quantization_config(settings, config)
+    quantization_config = _quantization_config(settings, config, arch)
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
     if settings.method in ("gptq", "rtn"):
         write_json(work / "quantize_config.json", quantization_config)
@@ -116,13 +115,14 @@ def _numel(shape) -> int:
     return n
 
 
-def _quantization_config(settings: QuantizeSettings, config: dict) -> dict:
+def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
     if settings.method in ("gptq", "rtn"):
-        return {
+        quantization = {
             "quant_method": "gptq",
             "bits": settings.bits,
             "group_size": settings.group_size,
-            "desc_act": settings.act_order,
+            # act-order with static groups keeps groups in column order: g_idx is k // group_size
+            "desc_act": settings.act_order and not settings.static_groups,
             "sym": settings.sym,
             "checkpoint_format": "gptq",
             "damp_percent": settings.damp,
@@ -131,9 +131,13 @@ def _quantization_config(settings: QuantizeSettings, config: dict) -> dict:
             "lm_head": False,
             "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
         }
-    arch = architecture_of(config)
-    skipped = sorted({arch.layer_prefix(i) + n for i in range(arch.num_layers) for n in arch.linear_names()
-                      if settings.is_skipped(arch.layer_prefix(i) + n)})
+        if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
+            quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
+            quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]
+        return quantization
+    skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
+                      for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
-    return bnb_quantization_config(bnb, ["lm_head", *skipped], compute_dtype=source_dtype)
+    skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]
+    return bnb_quantization_config(bnb, skip, compute_dtype=source_dtype)

@@ -89,26 +89,32 @@ class SolvedLinear:
     stats: dict = field(default_factory=dict)
 
 
-def make_solver(settings: QuantizeSettings) -> Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], SolvedLinear]:
-    """One function (weight, hessian or None, bias or None) -> what to write, for the chosen method."""
+def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
+    """One function (weight, hessian or None, bias or None, consume_hessian) -> what to write, for the chosen method.
+
+    consume_hessian: the solver may work in the Hessian's buffer (one K x K matrix, not two); the caller
+    must not use it afterwards. The stats then carry the output error, which needs H.
+    """
     if settings.method in ("gptq", "rtn"):
         config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                            act_order=settings.act_order, static_groups=settings.static_groups, damp=settings.damp)
+                            act_order=settings.act_order, static_groups=settings.static_groups,
+                            scale_search=settings.scale_search, damp=settings.damp)
 
-        def solve_uniform(weight, hessian, bias):
-            if hessian is None:
-                q, stats = rtn_quantize(weight, config), {}
+        def solve_uniform(weight, hessian, bias, consume_hessian=False):
+            if settings.method == "rtn" or hessian is None:  # RTN leaves the Hessian as it is
+                q, stats = rtn_quantize(weight, config, None if hessian is None else hessian.diagonal()), {}
             else:
-                q, gptq_stats = gptq_quantize(weight, hessian, config)
-                stats = {"damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
+                q, gptq_stats = gptq_quantize(weight, hessian, config, consume_hessian)
+                stats = {"error": gptq_stats.error, "damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
             return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats)
 
         return solve_uniform
 
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
+    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
+                    scale_search=settings.scale_search)
 
-    def solve_bnb(weight, hessian, bias):
-        tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian)
+    def solve_bnb(weight, hessian, bias, consume_hessian=False):
+        tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian, consume_hessian)
         if bias is not None:
             tensors["bias"] = bias
         return SolvedLinear(tensors, dequantized, stats)
@@ -128,7 +134,10 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessi
 
 
 class HessianAccumulator:
-    """H = 2/n * sum(x x^T) over all input rows seen, as a running mean in float32."""
+    """H = 2/n * sum(x x^T) over all input rows seen, as a running mean in float32.
+
+    Each batch is folded in with one in-place addmm (old mean rescaled, new rows added): no K x K temporary.
+    """
 
     def __init__(self, columns: int, device: torch.device):
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
@@ -137,10 +146,8 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         rows = x.shape[0]
-        self.hessian *= self.rows / (self.rows + rows)
+        self.hessian.addmm_(x.T, x, beta=self.rows / (self.rows + rows), alpha=2 / (self.rows + rows))
         self.rows += rows
-        x = x * (2 / self.rows) ** 0.5
-        self.hessian += x.T @ x
 
 
 def quantize_model(
@@ -169,13 +176,15 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
 
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
-    arch = architecture_of(config)
+    architecture_of(config)  # refuse an unsupported model before opening its weights
     check_remote_code(config, source.name, options.trust_remote_code)
     reader = open_checkpoint(source.folder, options.allow_pickle)
+    arch = architecture_of(config, reader.names())
     check_shapes(arch, reader, settings)
     device = pick_device(options.device)
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
 
+    settings = settings.resolved(calibration is not None)
     windows, calibration_info = None, None
     if settings.calibrated(calibration is not None):
         windows, calibration_info = _calibration_windows(source, calibration, options)
@@ -273,13 +282,13 @@ def _quantize_calibrated(source, config, arch, reader, settings, options, solve,
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
     offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device, settings)
     start = progress["layers_done"]
-    embed = reader.read("model.embed_tokens.weight")
+    embed = reader.read(arch.embed_name)
     if start == 0:
         acts = embed_windows(skeleton, embed, windows, device, dtype, offload)
     else:  # the layer arguments come from one window; the hidden states from disk
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
-        acts.hidden = hidden.to(acts.hidden.device)
+        acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     report("quantize", start, arch.num_layers)
     for i in range(start, arch.num_layers):
@@ -319,13 +328,16 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     for batch in batches:
         hessians = _collect_hessians(layer, batch, acts, device)
         for group, hessian in zip(batch, hessians):
-            for name in group:
-                if settings.is_skipped(prefix + name):
-                    continue
+            names = [name for name in group if not settings.is_skipped(prefix + name)]
+            for name in names:
                 for key in ("weight", "bias"):
                     out.pop(f"{prefix}{name}.{key}", None)
+                # the group's last Linear may consume the shared Hessian; the others get a copy
+                last = name == names[-1]
                 try:
-                    tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, hessian.hessian)
+                    tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors,
+                                                                  hessian.hessian if last else hessian.hessian.clone(),
+                                                                  consume_hessian=True)
                 except LowbitError as e:
                     raise type(e)(f"{prefix}{name}: {e}") from None
                 out.update({f"{prefix}{name}.{k}": v for k, v in tensors.items()})
@@ -333,7 +345,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     return out, stats
 
 
-def _solve_linear(layer, name, solve, source_tensors, hessian) -> tuple[dict[str, torch.Tensor], dict]:
+def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[dict[str, torch.Tensor], dict]:
     """Quantize one Linear and put its dequantized weight in the layer; returns (its tensors, its stats).
 
     A function of its own so that the float32 weight and dequantized copies die with it.
@@ -341,10 +353,12 @@ def _solve_linear(layer, name, solve, source_tensors, hessian) -> tuple[dict[str
     linear = layer.get_submodule(name)
     # the source dtype (bitsandbytes records it); the CPU computes in float32, a lossless cast back
     weight = linear.weight.detach().to(source_tensors[name + ".weight"].dtype)
-    solved = solve(weight, hessian, source_tensors.get(name + ".bias"))
+    solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian)
     linear.weight.data = solved.dequantized.to(linear.weight.dtype)
-    error = relative_output_error(weight, solved.dequantized, hessian)
-    return solved.tensors, {"error": error, **solved.stats}
+    stats = dict(solved.stats)
+    if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
+        stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
+    return solved.tensors, stats
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

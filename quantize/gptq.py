@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes
+from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
+from quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
 
 log = logging.getLogger("lowbit")
 
-DAMP_RETRIES = 4  # each retry multiplies the damping by 10
-
+ROWS_AT_ONCE = 512  # bounds the [rows, K] float32 temporaries of dequantizing and of the error metric
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -30,7 +30,8 @@ class GPTQConfig:
     group_size: int = 128  # -1: one group over all input columns
     sym: bool = True
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
-    static_groups: bool = False  # group params from the original weights, before any update
+    static_groups: bool = False  # groups of original columns, params from the original weights
+    scale_search: bool = False  # each group's clipping chosen by the error weighted by diag(H)
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128
 
@@ -52,9 +53,17 @@ class QuantizedWeight:
     bits: int
 
     def dequantize(self) -> Tensor:
-        """float32 [N, K]: scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n])."""
+        """float32 [N, K]: scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]), built a few rows at a time."""
+        out = torch.empty(self.codes.shape, dtype=torch.float32, device=self.codes.device)
+        for start in range(0, out.shape[0], ROWS_AT_ONCE):
+            rows = slice(start, start + ROWS_AT_ONCE)
+            out[rows] = self.dequantize_rows(rows)
+        return out
+
+    def dequantize_rows(self, rows: slice) -> Tensor:
         group = self.g_idx.long()
-        return self.scales[group].T * (self.codes.to(torch.float32) - self.zeros[group].T.to(torch.float32))
+        scales, zeros = self.scales[:, rows], self.zeros[:, rows]
+        return scales[group].T * (self.codes[rows].to(torch.float32) - zeros[group].T.to(torch.float32))
 
 
 @dataclass
@@ -62,43 +71,60 @@ class GPTQStats:
     damp: float  # damping fraction finally used (after any Cholesky retries)
     loss: float  # 1/2 sum over rows of (W-Q) H_damped (W-Q)^T = sum err^2 / (2 Hinv_ii^2), as the reference
     dead_inputs: int  # input columns with diag(H) == 0 (never active in calibration)
+    error: float  # relative output error ||(W - Q) X||^2 / ||W X||^2 on the undamped Hessian
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[QuantizedWeight, GPTQStats]:
-    """Quantize weight [N, K] given the Hessian [K, K] of its inputs. Works in float32 on weight's device."""
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
+                  consume_hessian: bool = False) -> tuple[QuantizedWeight, GPTQStats]:
+    """Quantize weight [N, K] given the Hessian [K, K] of its inputs. Works in float32 on weight's device.
+
+    consume_hessian: work in the Hessian's own buffer (when it is float32 on that device) and leave
+    garbage there; the solver then holds no second K x K matrix. Otherwise a copy is worked on.
+    """
     n_rows, n_cols = weight.shape
     group_size = _group_size(config, n_cols)
-    W = weight.detach().to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    W = weight.detach().to(torch.float32)
+    if W.data_ptr() == weight.data_ptr():  # the sweep works in place: never in the caller's weight
+        W = W.clone()
+    H = working_hessian(hessian, W.device, consume_hessian)
     if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
     dead = drop_dead_inputs(W, H)
+    importance = H.diagonal().clone() if config.scale_search else None  # mean squared activation of each input
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
-        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym, importance)
     else:  # groups of consecutive columns in the sweep, params filled in as each group starts
         scales = torch.zeros(n_groups, n_rows, device=W.device)
         zeros = torch.zeros(n_groups, n_rows, device=W.device)
 
     perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
     if config.act_order:
-        W = W[:, perm]
-        H = H[perm]
-        H = H[:, perm]
-    Hinv, damp = inverse_hessian_factor(H, config.damp)
-    del H  # K x K: the largest thing here after Hinv
+        permute_along_(W, perm.tolist(), dim=1)
+        permute_symmetric_(H, perm)
+    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    damp = damped_inverse_factor_(H, config.damp)
+    Hinv = H
 
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     original_group = (perm // group_size).tolist()
+    sweep_importance = None if importance is None else importance[perm]
+
+    def group_params(col: int) -> tuple[Tensor, Tensor]:
+        """Params of the group starting at sweep position col, from the weights as updated so far (see _block_size)."""
+        w = W[:, col : col + group_size]
+        if sweep_importance is None:
+            return grid_params(w, config.bits, config.sym)
+        return searched_grid_params(w, sweep_importance[col : col + group_size], config.bits, config.sym)
 
     def quantize_column(col: int, w: Tensor) -> Tensor:
         if config.static_groups:
             g = original_group[col]
         else:
             g = col // group_size
-            if col % group_size == 0:  # from the weights as updated so far (see _block_size)
-                scales[g], zeros[g] = grid_params(W[:, col : col + group_size], config.bits, config.sym)
+            if col % group_size == 0:
+                scales[g], zeros[g] = group_params(col)
         q = quantize_to_codes(w[:, None], scales[g], zeros[g], config.bits)  # the grid works on [N, columns]
         codes[:, col] = q[:, 0].to(torch.uint8)
         return dequantize_codes(q, scales[g], zeros[g])[:, 0]
@@ -115,15 +141,23 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> tuple[
         g_idx=(g_idx // group_size).to(torch.int32),
         bits=config.bits,
     )
-    return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()))
+    error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
+    return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)
 
 
-def rtn_quantize(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
-    """Round to nearest on the same grid and groups as GPTQ (act_order and static_groups are ignored)."""
+def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None = None) -> QuantizedWeight:
+    """Round to nearest on the same grid and groups as GPTQ (act_order and static_groups are ignored).
+
+    With config.scale_search, each group's clipping minimises its rounding error weighted by
+    importance [K] (the Hessian diagonal), which is then required.
+    """
     n_rows, n_cols = weight.shape
     group_size = _group_size(config, n_cols)
     W = weight.detach().to(torch.float32)
-    scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym)
+    if config.scale_search and importance is None:
+        raise UsageError("RTN with scale search weighs each input by its calibration activations: it needs a Hessian")
+    scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym,
+                                          importance if config.scale_search else None)
     codes = torch.empty(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     for g in range(n_cols // group_size):
         cols = slice(g * group_size, (g + 1) * group_size)
@@ -210,28 +244,30 @@ def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
     return math.gcd(group_size, block_size)
 
 
-def inverse_hessian_factor(H: Tensor, damp: float) -> tuple[Tensor, float]:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, and the damp used.
+def working_hessian(hessian: Tensor, device: torch.device, consume: bool) -> Tensor:
+    """The float32 Hessian on device that the solver may overwrite: the caller's own buffer only if consume."""
+    H = hessian.detach().to(device=device, dtype=torch.float32)
+    if H.data_ptr() == hessian.data_ptr() and not consume:
+        H = H.clone()
+    return H
 
-    Damps H in place (the caller's copy). If H is not positive definite enough, retry with
-    10x the damping a few times. At most three K x K matrices live at once: H and two factors.
+
+def output_energy(W: Tensor, H: Tensor) -> float:
+    """trace(W H W^T) = ||W X||^2 (up to H's 2/n scale), a few rows at a time."""
+    return sum(float(((rows @ H) * rows).sum()) for rows in W.split(ROWS_AT_ONCE))
+
+
+def relative_error_from_loss(loss: float, damping: float, weight: Tensor, dequantize_rows: Callable[[slice], Tensor],
+                             dead: Tensor, signal: float) -> float:
+    """||(W - Q) X||^2 / ||W X||^2 from the sweep's objective, with no copy of H kept.
+
+    2 * loss = trace(D (H + damping I) D^T) for D = W - Q (W's dead inputs zeroed, where Q is zero too),
+    so the undamped error is 2 * loss - damping * ||D||^2.
     """
-    mean_diag = H.diagonal().mean()
-    added = 0.0  # damping already on H's diagonal
-    for attempt in range(DAMP_RETRIES + 1):
-        H.diagonal().add_((damp - added) * mean_diag)
-        added = damp
-        with _one_thread_on_cpu(H.device):  # LAPACK's threaded inverse is 10x slower on a busy CPU
-            lower, info = torch.linalg.cholesky_ex(H)
-            if info.item() == 0:
-                inverse = torch.cholesky_inverse(lower)
-                del lower
-                upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-                del inverse
-        if info.item() == 0:
-            return upper, damp
-        if attempt < DAMP_RETRIES:
-            new_damp = damp * 10 if damp > 0 else 0.01
-            log.warning("Hessian not positive definite with damp %g; retrying with damp %g", damp, new_damp)
-            damp = new_damp
-    raise CorruptInputError(f"Hessian is not positive definite even with damp {damp:g}")
+    squared = 0.0
+    for start in range(0, weight.shape[0], ROWS_AT_ONCE):
+        rows = slice(start, start + ROWS_AT_ONCE)
+        delta = weight[rows].to(torch.float32) - dequantize_rows(rows)
+        delta[:, dead] = 0
+        squared += float(delta.square().sum())
+    return max(2 * loss - damping * squared, 0.0) / max(signal, 1e-30)

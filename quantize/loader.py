@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantize.arch import architecture_of, tied_embeddings
 from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from quantize.nf4 import dequantize_bnb
 from quantize.pack import dequantize_gptq_v1
@@ -55,11 +56,14 @@ class DenseWeights:
         """The output projection; tied models keep only the embedding."""
         if "lm_head.weight" in self.checkpoint:
             return self.checkpoint.read("lm_head.weight")
-        return self.checkpoint.read("model.embed_tokens.weight")
+        return self.checkpoint.read(architecture_of(self.config, self.checkpoint.names()).embed_name)
 
 
 def load_dequantized_model(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """The whole model as an ordinary transformers model with dense weights (for small models and tests)."""
+    """The language model as an ordinary transformers model with dense weights (for small models and tests).
+
+    A multimodal checkpoint gives its language model alone (a `*ForCausalLM`, as lowbit evaluates it).
+    """
     from quantize.stream import build_skeleton, load_config, load_weights
 
     weights = DenseWeights(folder)
@@ -68,11 +72,15 @@ def load_dequantized_model(folder: Path, dtype: torch.dtype = torch.float32, dev
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config)
-    state = weights.read_prefix("")
-    if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
+    arch = architecture_of(weights.config, weights.checkpoint.names())
+    state = {"model." + name: t for name, t in weights.read_prefix(arch.text_prefix).items()}
+    if "lm_head.weight" in weights.checkpoint:
+        state["lm_head.weight"] = weights.checkpoint.read("lm_head.weight")
+    tied = tied_embeddings(weights.config)
+    if "lm_head.weight" not in state and tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     load_weights(model, state, torch.device(device), dtype)
-    if getattr(config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     model.model.rotary_emb.to(device)
     return model

@@ -28,6 +28,14 @@ with GPTQ instead of round-to-nearest:
    bitsandbytes tensor set that any loader reads.
 With H = I nothing is spread and every value is rounded to its nearest code
 under the effective scale: without double quantization that is exactly plain.
+
+With scale search (calibrated only), step 1 keeps its absmax only as a start: each
+block's absmax becomes the best of absmax * CLIP_RATIOS, best by the block's
+rounding error weighted by the Hessian diagonal of its columns (searched_absmax).
+Any positive absmax is a valid bitsandbytes block scale. The chosen absmaxes are
+then stored as bitsandbytes stores its own (double-quantized with their mean as
+offset, when double quantization is on), and the sweep of step 3 runs on the
+effective scales a loader computes from them.
 """
 
 import logging
@@ -38,7 +46,9 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.gptq import drop_dead_inputs, gptq_sweep, inverse_hessian_factor
+from quantize.gptq import drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
+from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
+from quantize.hessian_factor import damped_inverse_factor_
 
 log = logging.getLogger("lowbit")
 
@@ -53,6 +63,7 @@ class BnbConfig:
     double_quant: bool = True
     blocksize: int = 64  # what transformers always uses
     damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
+    scale_search: bool = False  # only for calibrated: each block's absmax chosen by the diag(H)-weighted error
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):
@@ -63,7 +74,8 @@ class BnbConfig:
             raise UsageError(f"damping must be >= 0, not {self.damp}")
 
 
-def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None) -> tuple[dict[str, Tensor], Tensor, dict]:
+def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None,
+                 consume_hessian: bool = False) -> tuple[dict[str, Tensor], Tensor, dict]:
     """weight [N, K] -> (tensors, dequantized, stats).
 
     tensors: the Linear4bit state-dict entries, keys relative to the module ("weight",
@@ -71,7 +83,8 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
       "weight.quant_state.bitsandbytes__<type>"), on the CPU, contiguous.
     dequantized: float32 [N, K] on weight's device, what a loader computes from those tensors.
     stats: {"calibrated": bool, "damp", "loss", "dead_inputs" (None when plain), "weight_mse"}.
-    hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring).
+    hessian None: plain bitsandbytes. hessian [K, K]: calibrated (see the module docstring); with
+    consume_hessian the sweep works in its buffer (see gptq.gptq_quantize).
     Works on weight's device; the quant state records weight's dtype.
     """
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
@@ -93,8 +106,11 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
     elif hessian is not None:
         if hessian.shape != (n_cols, n_cols):
             raise ValueError(f"Hessian {tuple(hessian.shape)} does not match {n_cols} input columns")
+        if config.scale_search:
+            absmax = searched_absmax(weight, hessian.diagonal(), config.blocksize, state.code)
+            state = state_with_absmax(state, absmax.reshape(-1), config.double_quant)
         scales = effective_absmax(state).reshape(n_rows, n_cols // config.blocksize)
-        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp)
+        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp, consume_hessian)
         packed = _pack_codes(codes)
         stats.update(calibrated=True, **sweep_stats)
 
@@ -127,6 +143,54 @@ def effective_absmax(state: bnb.QuantState) -> Tensor:
     return absmax.to(torch.float32)
 
 
+def searched_absmax(weight: Tensor, importance: Tensor, blocksize: int, code_book: Tensor,
+                    ratios: tuple[float, ...] = CLIP_RATIOS) -> Tensor:
+    """Each block's absmax times the best of ratios: float32 [N, K // blocksize] for weight [N, K].
+
+    Best: least sum over the block of importance[k] * (w - value)**2, value the loader's
+    code_book[code] * absmax in weight's dtype, codes by round to nearest. K % blocksize == 0.
+    """
+    n_rows, n_cols = weight.shape
+    W = weight.to(torch.float32)
+    importance = importance.to(device=W.device, dtype=torch.float32)
+    code_book = code_book.to(device=W.device, dtype=torch.float32)
+    bounds, order = _code_bounds(code_book)
+    candidates = torch.tensor(ratios, dtype=torch.float32, device=W.device).unsqueeze(1)
+    absmax = W.reshape(n_rows, n_cols // blocksize, blocksize).abs().amax(dim=2)
+    best = torch.empty_like(absmax)
+    rows_per_chunk = max(1, SEARCH_CHUNK // (len(ratios) * blocksize))
+    for block in range(n_cols // blocksize):
+        columns = slice(block * blocksize, (block + 1) * blocksize)
+        for start in range(0, n_rows, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            w = W[rows, columns]
+            scale = absmax[rows, block] * candidates  # [C, n]
+            error = block_rounding_error(w, scale, importance[columns], code_book, bounds, order, weight.dtype)
+            best[rows, block] = scale.gather(0, error.argmin(dim=0, keepdim=True))[0]  # first of equals: ratio 1
+    return best
+
+
+def block_rounding_error(w: Tensor, scale: Tensor, importance: Tensor, code_book: Tensor, bounds: Tensor,
+                         order: Tensor, dtype: torch.dtype) -> Tensor:
+    """sum_k importance[k] * (w[n, k] - value[n, k])**2 for round to nearest onto code_book * scale:
+    w [n, B], scale [..., n] -> [..., n]."""
+    s = scale.unsqueeze(-1)
+    value = (code_book[_nearest_codes(w, s, bounds, order)] * s).to(dtype).to(torch.float32)
+    return (value - w).square() @ importance
+
+
+def state_with_absmax(state: bnb.QuantState, absmax: Tensor, double_quant: bool) -> bnb.QuantState:
+    """state with its block scales replaced by absmax [n_blocks], stored as quantize_4bit stores its own."""
+    absmax = absmax.to(device=state.code.device, dtype=torch.float32)
+    if not double_quant:
+        return bnb.QuantState(absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                              code=state.code, quant_type=state.quant_type)
+    offset = absmax.mean()
+    qabsmax, state2 = bnb.quantize_blockwise(absmax - offset, blocksize=256)
+    return bnb.QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+                          code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
+
+
 def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_dtype: str = "bfloat16") -> dict:
     """The config.json "quantization_config" block, as transformers' BitsAndBytesConfig.to_dict() writes it.
 
@@ -150,7 +214,8 @@ def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_
     }
 
 
-def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float) -> tuple[Tensor, dict]:
+def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float,
+                      consume_hessian: bool = False) -> tuple[Tensor, dict]:
     """GPTQ sweep onto the code book: weight [N, K], scales [N, K // blocksize] -> (codes uint8 [N, K], stats).
 
     A column's value is what the loader will compute: code_book[code] * scale in float32,
@@ -159,12 +224,13 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     n_rows, n_cols = weight.shape
     blocksize = n_cols // scales.shape[1]
     W = weight.to(torch.float32).clone()
-    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    H = working_hessian(hessian, W.device, consume_hessian)
     if not torch.isfinite(H).all():
         raise CorruptInputError("Hessian contains NaN or inf")
     dead = drop_dead_inputs(W, H)
-    Hinv, damp = inverse_hessian_factor(H, damp)
-    del H
+    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    damp = damped_inverse_factor_(H, damp)
+    Hinv = H  # its upper triangle is the factor the sweep reads
 
     code_book = code_book.to(device=W.device, dtype=torch.float32)
     bounds, order = _code_bounds(code_book)
@@ -177,7 +243,13 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
         return (code_book[q] * scale).to(weight.dtype).to(torch.float32)
 
     loss = gptq_sweep(W, Hinv, quantize_column, SWEEP_BLOCK)
-    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum())}
+
+    def dequantize_rows(rows: slice) -> Tensor:
+        row_scales = scales[rows].repeat_interleave(blocksize, dim=1)
+        return (code_book[codes[rows].long()] * row_scales).to(weight.dtype).to(torch.float32)
+
+    error = relative_error_from_loss(loss, damp * mean_diag, weight, dequantize_rows, dead, signal)
+    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum()), "error": error}
 
 
 def _code_bounds(code_book: Tensor) -> tuple[Tensor, Tensor]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lowbit.errors import UsageError
-from quantize.arch import LINEAR_GROUPS
+from quantize.arch import LINEAR_GROUPS, text_config, tied_embeddings
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -135,6 +135,9 @@ def model_shape(config: dict) -> ModelShape:
     if not names or names[0] not in LINEAR_GROUPS:
         raise UsageError(f"unsupported architecture {names[0] if names else '(none)'} "
                          f"(lowbit supports {', '.join(sorted(LINEAR_GROUPS))})")
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    tied = tied_embeddings(config)
+    config = text_config(config)  # a multimodal model's language model
     try:
         hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
         heads, layers, vocab = int(config["num_attention_heads"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
@@ -146,10 +149,9 @@ def model_shape(config: dict) -> ModelShape:
     groups = tuple(tuple(Linear(name, *shapes[name]) for name in group) for group in LINEAR_GROUPS[names[0]])
     biased = names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias"))
     biases = sum(shapes[n][0] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) if biased else 0
-    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return ModelShape(
         architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
-        tied=bool(config.get("tie_word_embeddings", False)), source_bytes=DTYPE_BYTES.get(str(dtype), 2),
+        tied=tied, source_bytes=DTYPE_BYTES.get(str(dtype), 2),
         groups=groups, layer_other_params=2 * hidden + biases,
     )
 
@@ -181,21 +183,33 @@ def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
 def gptq_solver_bytes(linear: Linear) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian.
 
-    Stages, each float32 unless said: W and H copied, with act-order their permutations (2 NK + 2 K^2);
-    the Cholesky steps: H damped in place, lower factor, its inverse, then the upper factor in place of
-    the lower (NK + 3 K^2); the column sweep with its block update (2 NK + NK codes + K^2); dequantize:
-    codes plus four NK temporaries (17 bytes a weight).
+    The Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
+    K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
+    place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
+    codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
     """
-    nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
+    nk = linear.weights * FLOAT32
+    solving = nk + linear.weights + max(2 * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear))
     packing = linear.weights + _pack_bytes(linear)
-    return max(2 * nk + 2 * kk, nk + 3 * kk, 2 * nk + linear.weights + kk, packing, 17 * linear.weights)
+    dequantize = linear.weights + nk + _row_chunk_bytes(linear)
+    return max(solving, packing, dequantize)
 
 
 def nf4_solver_bytes(linear: Linear) -> int:
     """quantize/nf4.py's calibrated sweep for one Linear, beside its Hessian: bitsandbytes' packed codes,
-    then W, H and the Cholesky steps as GPTQ (no permutation), or the sweep with codes and block update."""
-    nk, kk = linear.weights * FLOAT32, linear.in_features ** 2 * FLOAT32
-    return linear.weights // 2 + max(nk + 3 * kk, 2 * nk + linear.weights + kk)
+    W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
+    nk = linear.weights * FLOAT32
+    return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear))
+
+
+def _factor_panel_bytes(linear: Linear) -> int:
+    """hessian_factor's temporaries: a [K, 256] panel, its solved copy and a [256, K] product."""
+    return 3 * linear.in_features * 256 * FLOAT32
+
+
+def _row_chunk_bytes(linear: Linear) -> int:
+    """Dequantizing or measuring the error 512 rows at a time: about three [512, K] float32 temporaries."""
+    return 3 * min(512, linear.out_features) * linear.in_features * FLOAT32
 
 
 def nf4_check_bytes(linear: Linear, on_gpu: bool) -> int:
@@ -238,8 +252,9 @@ def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ..
 
 
 def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
-    """HessianAccumulator.add for one window: the input in float32 (a copy unless already), scaled, and x^T x."""
-    return seqlen * linear.in_features * FLOAT32 * (1 if c == FLOAT32 else 2) + linear.in_features ** 2 * FLOAT32
+    """HessianAccumulator.add for one window: the input in float32 (a copy unless it is already); x^T x is
+    added in place."""
+    return 0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32
 
 
 def _packed_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
@@ -287,8 +302,13 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                             host=host))
         for group in batch:
             for linear in group:
-                weight_copy = {} if c == FLOAT32 else {"weight in float32": linear.weights * FLOAT32}
-                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy}
+                # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
+                weight_copy = ({} if c == FLOAT32 or s.method == "gptq" else
+                               {"weight in float32": linear.weights * FLOAT32})
+                # the solver consumes the Hessian: every Linear of the group but the last gets a copy
+                hessian_copy = ({} if linear is group[-1] else
+                                {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
+                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy}
                 solver = gptq_solver_bytes(linear) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver}, host=host))

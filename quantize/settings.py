@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 METHODS = ("gptq", "rtn", "nf4", "fp4")
 
@@ -18,6 +18,7 @@ class QuantizeSettings:
     sym: bool = True
     act_order: bool = False
     static_groups: bool = False
+    scale_search: bool = True  # where there is a Hessian (see uses_calibration); plain RTN/NF4 have none
     damp: float = 0.01
     true_sequential: bool = True
     double_quant: bool = True  # nf4/fp4
@@ -27,4 +28,14 @@ class QuantizeSettings:
         return self.skip is not None and re.search(self.skip, module) is not None
 
     def calibrated(self, has_calibration: bool) -> bool:
+        """Whether the run collects Hessians: always for gptq; nf4/fp4 when given calibration;
+        rtn when given calibration for its scale search (plain RTN ignores calibration)."""
+        if self.method == "rtn":
+            return has_calibration and self.scale_search
         return self.method == "gptq" or (self.method in ("nf4", "fp4") and has_calibration)
+
+    def resolved(self, has_calibration: bool) -> QuantizeSettings:
+        """The settings as the run applies them: no scale search where there is no Hessian to weigh it."""
+        if self.scale_search and not self.calibrated(has_calibration):
+            return replace(self, scale_search=False)
+        return self

@@ -52,15 +52,37 @@ def load_config(folder, trust_remote_code: bool = False) -> PretrainedConfig:
 
 
 def build_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> nn.Module:
-    """The model with every parameter on `meta` (no memory), and a real rotary embedding."""
+    """The language model with every parameter on `meta` (no memory), and its computed buffers real.
+
+    A multimodal config gives its text model alone (a `*ForCausalLM` built from `text_config`).
+    """
+    config = config.get_text_config()
     config._attn_implementation = "sdpa"  # causal attention without materialising a mask
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     rotary = getattr(model.model, "rotary_emb", None)
     if rotary is not None:
         model.model.rotary_emb = type(rotary)(config=config)  # its inv_freq buffer is computed, not loaded
+    compute_buffers(model)
     model.eval()
     return model
+
+
+def compute_buffers(model: nn.Module) -> None:
+    """Make the non-persistent buffers still on meta real, with the values the model's own init gives them.
+
+    They are computed, never loaded: Gemma 3's embedding scale sqrt(hidden), say. Left on meta, the
+    forward would run on meta.
+    """
+    owners = {}
+    for name, buffer in model.named_buffers():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if buffer.device.type == "meta" and attr in module._non_persistent_buffers_set:
+            module.register_buffer(attr, torch.empty_like(buffer, device="cpu"), persistent=False)
+            owners[module_name] = module
+    for module in owners.values():
+        model._init_weights(module)
 
 
 def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> None:
@@ -73,7 +95,10 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], device: to
 
 
 def free_weights(module: nn.Module) -> None:
-    module.to("meta")
+    """Give the module's parameters back (to meta); its computed buffers stay real."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            sub.register_parameter(name, nn.Parameter(param.to("meta"), requires_grad=param.requires_grad))
 
 
 def release_free_heap() -> None:
@@ -108,13 +133,28 @@ class _CaughtInputs(Exception):
 
 @dataclass
 class Activations:
-    """Hidden states of every window between two decoder layers, and the layer call's other arguments."""
+    """Hidden states of every window entering decoder layer `depth`, and every layer's other call arguments.
+
+    The arguments (attention mask, positions, rotary embeddings) are the same for every window but may
+    differ between layers: Gemma 3 gives its sliding-window layers their own mask and rotary base.
+    """
 
     hidden: torch.Tensor  # [windows, seqlen, hidden], on `storage` (the device, or host memory when offloaded)
-    layer_kwargs: dict  # attention mask, positions, rotary embeddings: the same for every window
+    kwargs_by_layer: list[dict]  # what the model's own forward passes decoder layer i
+    depth: int = 0  # the layer these hidden states enter; run_layer(update=True) moves it on
+
+    @property
+    def layer_kwargs(self) -> dict:
+        return self.kwargs_by_layer[self.depth]
 
     def window(self, i: int, device: torch.device) -> torch.Tensor:
         return self.hidden[i : i + 1].to(device)
+
+    def check_layer(self, layer: nn.Module) -> None:
+        """Refuse to run a layer on the arguments of another (they may be another attention type's)."""
+        index = getattr(layer, "layer_idx", self.depth)
+        if index != self.depth:
+            raise RuntimeError(f"decoder layer {index} run on activations entering layer {self.depth}")
 
 
 def embed_windows(
@@ -125,22 +165,36 @@ def embed_windows(
     dtype: torch.dtype,
     offload: bool = False,
 ) -> Activations:
-    """Run the model up to its first decoder layer for every window and catch that layer's inputs."""
+    """Embed every window, and catch what the model's forward passes each decoder layer.
+
+    The first window goes through stand-ins for all the layers (each passes its input on), so each
+    layer's own arguments are caught from the model itself; later windows stop at the first layer.
+    """
     layers = model.model.layers
-    first_layer = layers[0]
-    caught: dict = {}
+    originals = list(layers)
+    caught: dict = {"kwargs": []}
 
     class Catcher(nn.Module):
+        def __init__(self, index: int):
+            super().__init__()
+            self.index = index
+
         def forward(self, hidden_states, **kwargs):
-            caught["hidden"] = hidden_states
-            caught["kwargs"] = kwargs
-            raise _CaughtInputs
+            if self.index == 0:
+                caught["hidden"] = hidden_states
+                if caught["kwargs"]:
+                    raise _CaughtInputs
+            caught["kwargs"].append({k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "use_cache")})
+            if self.index == len(originals) - 1:
+                raise _CaughtInputs
+            return hidden_states
 
     load_weights(model.model.embed_tokens, {"weight": embed_weight}, device, dtype)
     model.model.rotary_emb.to(device)
     storage = torch.device("cpu") if offload else device
     hidden = torch.empty((*windows.shape, model.config.hidden_size), dtype=dtype, device=storage)
-    layers[0] = Catcher()
+    for i in range(len(originals)):
+        layers[i] = Catcher(i)
     try:
         with torch.no_grad():
             for i in range(windows.shape[0]):
@@ -149,20 +203,23 @@ def embed_windows(
                 except _CaughtInputs:
                     hidden[i] = caught["hidden"][0].to(storage)
     finally:
-        layers[0] = first_layer
+        for i, layer in enumerate(originals):
+            layers[i] = layer
         free_weights(model.model.embed_tokens)
-    kwargs = {k: v for k, v in caught["kwargs"].items() if k not in ("cache", "past_key_values", "use_cache")}
-    return Activations(hidden=hidden, layer_kwargs=kwargs)
+    return Activations(hidden=hidden, kwargs_by_layer=caught["kwargs"])
 
 
 def run_layer(layer: nn.Module, acts: Activations, device: torch.device, update: bool = True) -> None:
     """Run every window through one decoder layer; with update, the outputs replace the inputs."""
+    acts.check_layer(layer)
     with torch.no_grad():
         for i in range(acts.hidden.shape[0]):
             out = layer(acts.window(i, device), **acts.layer_kwargs)
             if update:
                 out = out[0] if isinstance(out, tuple) else out
                 acts.hidden[i] = out[0].to(acts.hidden.device)
+    if update:
+        acts.depth += 1
 
 
 class StopForward(Exception):
@@ -175,6 +232,7 @@ def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, l
     def stop(module, inputs, output):
         raise StopForward
 
+    acts.check_layer(layer)
     handle = last.register_forward_hook(stop)
     try:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2 (cached)."""
+"""Shared fixtures: tiny random models of each supported architecture, and the real SmolLM2 and Gemma-3-270M (cached)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,24 @@ def tiny_config(arch: str = "llama", layers: int = 3, hidden: int = 64, tie: boo
         return Phi3Config(**common, architectures=["Phi3ForCausalLM"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "qwen2":
         return Qwen2Config(**common, architectures=["Qwen2ForCausalLM"])
+    if arch == "gemma3":
+        return gemma3_text_config(layers, hidden, tie=True)
     raise ValueError(arch)
+
+
+def gemma3_text_config(layers: int = 3, hidden: int = 64, tie: bool = True, sliding_window: int = 8):
+    """Gemma 3 text in small: sliding-window layers then a full one, each kind with its own rotary base,
+    head_dim 32 (not hidden / heads), q/k norms, embeddings scaled by sqrt(hidden)."""
+    from transformers import Gemma3TextConfig
+
+    types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
+    return Gemma3TextConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, vocab_size=256, max_position_embeddings=512,
+        sliding_window=sliding_window, layer_types=types, tie_word_embeddings=tie, architectures=["Gemma3ForCausalLM"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
 def save_tiny_model(folder: Path, arch: str = "llama", layers: int = 3, hidden: int = 64, tie: bool = False,
@@ -87,6 +104,18 @@ def smollm2_dir() -> Path:
         return build_smollm2(CACHE / "smollm2-135m-bf16")
     except (UsageError, ImportError) as e:
         pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir() -> Path:
+    """The real Gemma-3-270M as bf16 safetensors, built once and cached across sessions."""
+    from lowbit.errors import UsageError
+    from lowbit.examples import build_gemma3
+
+    try:
+        return build_gemma3(CACHE / "gemma3-270m-bf16")
+    except (UsageError, ImportError) as e:
+        pytest.skip(f"Gemma-3-270M unavailable: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -152,9 +152,10 @@ def _copy_phi3_weights_into_llama(phi3, llama):
     (llama / "config.json").write_text(json.dumps(llama_config))
 
 
-def test_only_one_decoder_layer_is_materialised(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_only_one_decoder_layer_is_materialised(tmp_path, monkeypatch, arch):
     """Count live (non-meta) parameter bytes whenever a layer runs: never more than one layer's worth."""
-    folder = save_tiny_model(tmp_path / "m", "llama", layers=5)
+    folder = save_tiny_model(tmp_path / "m", arch, layers=5)
     skeletons, live = [], []
     real_build, real_run, real_until = driver.build_skeleton, driver.run_layer, driver.run_layer_until
 

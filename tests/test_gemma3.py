@@ -1,0 +1,115 @@
+"""Gemma 3 through the layer-by-layer engine: sliding-window and full layers, each with its own arguments."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from calibration.windows import CalibrationConfig
+from evals.evaluate import EvalOptions, final_hidden_states, perplexity
+from quantize.driver import quantize_model
+from quantize.loader import DenseWeights, load_dequantized_model
+from quantize.settings import QuantizeSettings
+from quantize.stream import build_skeleton, embed_windows, load_config
+from tests.conftest import save_tiny_model
+
+SEQLEN = 32  # four times the tiny model's sliding window of 8
+CPU = EvalOptions(seqlen=SEQLEN, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("gemma") / "gemma3", "gemma3", layers=3)
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 256, (3, SEQLEN), generator=torch.Generator().manual_seed(1))
+
+
+def reference_loss(model, windows) -> float:
+    with torch.no_grad():
+        return float(torch.stack([model(input_ids=w[None], labels=w[None]).loss for w in windows]).mean())
+
+
+def test_layer_by_layer_matches_transformers_past_the_sliding_window(gemma, windows, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
+    assert model.config.sliding_window < SEQLEN and "sliding_attention" in model.config.layer_types
+    hidden = final_hidden_states(gemma, windows, CPU)
+    with torch.no_grad():
+        expected = model.model(input_ids=windows).last_hidden_state
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+    head = DenseWeights(gemma).lm_head_weight().float()  # tied: the embedding, unscaled
+    assert perplexity(hidden, windows, head, chunk_tokens=7)["ppl"] == pytest.approx(
+        math.exp(reference_loss(model, windows)), rel=1e-5)
+
+    # the test can tell: with every layer on full attention (or one rotary base) the result moves
+    for change in ({"layer_types": ["full_attention"] * 3},
+                   {"rope_parameters": {t: {"rope_type": "default", "rope_theta": 10.0}
+                                        for t in ("sliding_attention", "full_attention")}}):
+        config = load_config(gemma)
+        for key, value in change.items():
+            setattr(config, key, value)
+        other = AutoModelForCausalLM.from_pretrained(gemma, config=config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            moved = other.model(input_ids=windows).last_hidden_state
+        assert (moved - expected).abs().max() > 1e-2
+
+
+def test_each_layer_gets_the_mask_and_rotary_embedding_of_its_type(gemma, windows):
+    skeleton = build_skeleton(load_config(gemma))
+    acts = embed_windows(skeleton, DenseWeights(gemma).read("model.embed_tokens.weight"), windows,
+                         torch.device("cpu"), torch.float32)
+    sliding, _, full = acts.kwargs_by_layer
+    assert len(acts.kwargs_by_layer) == 3
+    assert not torch.equal(sliding["position_embeddings"][0], full["position_embeddings"][0])  # rotary bases
+    mask = sliding["attention_mask"]
+    assert mask is not None and not mask[0, 0, SEQLEN - 1, 0]  # the last position cannot see the first
+    assert full["attention_mask"] is None or bool(full["attention_mask"][0, 0, SEQLEN - 1, 0])
+    # embeddings scaled by sqrt(hidden), as Gemma3TextScaledWordEmbedding does
+    embed = DenseWeights(gemma).read("model.embed_tokens.weight").float()
+    torch.testing.assert_close(acts.hidden[0], embed[windows[0]] * 64 ** 0.5)
+
+
+def test_layer_run_on_another_layers_arguments_is_refused(gemma, windows):
+    from quantize.stream import run_layer
+
+    skeleton = build_skeleton(load_config(gemma))
+    acts = embed_windows(skeleton, DenseWeights(gemma).read("model.embed_tokens.weight"), windows[:1],
+                         torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="layer 2 run on activations entering layer 0"):
+        run_layer(skeleton.model.layers[2], acts, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("settings", [
+    QuantizeSettings(method="gptq", bits=4, group_size=32),
+    QuantizeSettings(method="gptq", bits=3, group_size=32),
+    QuantizeSettings(method="rtn", bits=4, group_size=32),
+    QuantizeSettings(method="nf4"),
+], ids=["gptq4", "gptq3", "rtn4", "nf4"])
+def test_quantized_gemma3_loads_back_close_to_its_base(gemma, windows, tmp_path, settings):
+    calibration = CalibrationConfig(source="pydoc", nsamples=4, seqlen=SEQLEN) if settings.method == "gptq" else None
+    quantize_model(str(gemma), tmp_path / "q", settings, calibration)
+    ours = load_dequantized_model(tmp_path / "q")
+    base = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
+    base_loss, quant_loss = reference_loss(base, windows), reference_loss(ours, windows)
+    assert quant_loss != base_loss and abs(quant_loss - base_loss) < 0.1 * base_loss
+    # the layer-by-layer evaluator reads the same checkpoint to the same loss
+    hidden = final_hidden_states(tmp_path / "q", windows, CPU)
+    head = DenseWeights(tmp_path / "q").lm_head_weight().float()
+    assert math.log(perplexity(hidden, windows, head)["ppl"]) == pytest.approx(quant_loss, rel=1e-4)
+
+
+def test_transformers_loads_gemma3_nf4_with_no_key_warnings(gemma, tmp_path, caplog):
+    quantize_model(str(gemma), tmp_path / "nf4", QuantizeSettings(method="nf4"))
+    with caplog.at_level(logging.WARNING):
+        theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu", dtype=torch.float32,
+                                                            output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    messages = " ".join(r.getMessage().lower() for r in caplog.records)
+    assert "missing" not in messages and "unexpected" not in messages
+    assert sum(type(m).__name__ == "Linear4bit" for m in theirs.modules()) == 3 * 7
