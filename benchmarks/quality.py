@@ -177,7 +177,8 @@ def score(tool: str, folder: Path, evaluation: Path, base_top: Path, args, model
     target = model if tool == "base" else folder / "model"
     result = timed_child(ppl_command(python, kind, target, evaluation, base_top if tool == "base" else None,
                                      None if tool == "base" else base_top))
-    scores = {"ppl": result["ppl"], "same_top": result.get("same_top"), "eval_seconds": result["seconds"]}
+    scores = {"ppl": result["ppl"], "same_top": result.get("same_top"), "eval_seconds": result["seconds"],
+              "eval_cpu_seconds": result["cpu_seconds"]}
     if args.kld and tool == "lowbit":
         code = ("import json,sys; sys.path.insert(0, %r); from evals.evaluate import EvalOptions, evaluate; "
                 "r = evaluate(%r, %r, 'wikitext2', EvalOptions(seqlen=%d, max_windows=%d, device='cpu')); "

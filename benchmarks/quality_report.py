@@ -60,9 +60,9 @@ def percent(share: float | None) -> str:
 
 def quality_rows(cells: dict, base_ppl: float, references: list[tuple[str, dict | None]]) -> list[str]:
     head = ["method", "PPL", "delta", *[f"delta / {name}" for name, _ in references], "same top", "KLD mean",
-            "bits/weight", "quantize wall s", "CPU s", "peak RSS GiB"]
+            "bits/weight", "quantize wall s", "CPU s", "peak RSS GiB", "eval wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append(f"| base | {base_ppl:.3f} | |" + " |" * len(references) + " | | 16 | | | |")
+    lines.append(f"| base | {base_ppl:.3f} | |" + " |" * len(references) + " | | 16 | | | | |")
     for method, result in cells.items():
         label = LABELS.get(method, method) + (" (reused)" if result.get("reused") else "")
         if not ok(result):
@@ -77,7 +77,7 @@ def quality_rows(cells: dict, base_ppl: float, references: list[tuple[str, dict 
             + " | ".join(ratio(delta, ref, base_ppl) for _, ref in references)
             + f" | {percent(result.get('same_top'))} | {fmt(kld, '.4f')} | "
             f"{fmt(result.get('bits_per_weight'), '.2f')} | {q['seconds']:.0f} | {q['cpu_seconds']:.0f} | "
-            f"{gib(q['peak_rss_bytes'])} |")
+            f"{gib(q['peak_rss_bytes'])} | {result['eval_seconds']:.0f} |")
     return lines
 
 
