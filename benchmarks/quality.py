@@ -17,8 +17,16 @@ base's; `--kld` adds lowbit's own evaluator (KLD, same-top) for lowbit's checkpo
 Finished quantizations and scores are kept in `--cache` (outside the repo), keyed by the method's full
 command and the hash of lowbit's quantizer source (or llm-compressor's version), so an interrupted run
 resumes and a larger grid reuses what a smaller one made. Rows reused from an earlier run are marked.
-Figures and the exact command go to BENCHMARKS.md (a section per evaluation setting; a grid below the
-issue's minimum, 64 x 512 calibration and 40 x 512 evaluation, is written as "reduced").
+Figures and the exact command go to BENCHMARKS.md, one section per model set and evaluation length (a grid
+below the issue's minimum, 64 x 512 calibration and 40 x 512 evaluation, is written as "reduced"); a run
+over a subset of methods or configurations replaces its section with that subset.
+
+The full grid, then the defaults and the peer on 40 x 2048 windows (the quantizations are reused):
+
+    python benchmarks/quality.py
+    python benchmarks/quality.py --methods gptq-default,nf4,nf4-cal,llmc-default,llmc-mse,llmc-imatrix \
+        --eval-seqlen 2048
+    python benchmarks/quality.py --dry-run ...                 # what a grid would still quantize and score
 """
 
 from __future__ import annotations
@@ -348,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     if not args.no_write:
         reduced = args.nsamples < 64 or args.seqlen < 512 or args.eval_windows < 40
-        key = "quality" + ("-reduced" if reduced else "") + ("" if args.eval_seqlen == 512 else f"-{args.eval_seqlen}")
+        models = "" if args.models == list(MODELS) else "-" + "-".join(args.models)  # one section per model set
+        key = "quality" + models + ("-reduced" if reduced else "") + ("" if args.eval_seqlen == 512 else f"-{args.eval_seqlen}")
         title = (f"Quality per bit{' (REDUCED grid)' if reduced else ''}: lowbit vs llm-compressor, "
                  f"{args.eval_windows} x {args.eval_seqlen} wikitext-2 windows")
         replace_section(REPO / "BENCHMARKS.md", key, title, text)
