@@ -90,14 +90,15 @@ def test_layer_run_on_another_layers_arguments_is_refused(gemma, windows):
         run_layer(skeleton.model.layers[2], acts, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("settings", [
-    QuantizeSettings(method="gptq", bits=4, group_size=32),
-    QuantizeSettings(method="gptq", bits=3, group_size=32),
-    QuantizeSettings(method="rtn", bits=4, group_size=32),
-    QuantizeSettings(method="nf4"),
-], ids=["gptq4", "gptq3", "rtn4", "nf4"])
-def test_quantized_gemma3_loads_back_close_to_its_base(gemma, windows, tmp_path, settings):
-    calibration = CalibrationConfig(source="pydoc", nsamples=4, seqlen=SEQLEN) if settings.method == "gptq" else None
+@pytest.mark.parametrize("settings,calibrated", [
+    (QuantizeSettings(method="gptq", bits=4, group_size=32), True),
+    (QuantizeSettings(method="gptq", bits=3, group_size=32), True),
+    (QuantizeSettings(method="rtn", bits=4, group_size=32), False),
+    (QuantizeSettings(method="nf4"), False),
+    (QuantizeSettings(method="nf4"), True),
+], ids=["gptq4", "gptq3", "rtn4", "nf4", "nf4-calibrated"])
+def test_quantized_gemma3_loads_back_close_to_its_base(gemma, windows, tmp_path, settings, calibrated):
+    calibration = CalibrationConfig(source="pydoc", nsamples=4, seqlen=SEQLEN) if calibrated else None
     quantize_model(str(gemma), tmp_path / "q", settings, calibration)
     ours = load_dequantized_model(tmp_path / "q")
     base = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
