@@ -284,8 +284,8 @@ def test_token_comes_from_the_environment_only(hub, project):
          "push.token is not allowed"),
         ('[model]\nsource = "m"\n[output]\ndir = "o"\n[push]\nrepo_id = "no-namespace"\n', "push.repo_id"),
         ('[model]\nsource = "m"\n[output]\ndir = "o"\n[push]\nprivate = true\n', "push.repo_id is required"),
-        ('[model]\nsource = "m"\n[output]\ndir = "o"\n[quantize]\nmethod = "rtn"\n[calibration]\nnsamples = 4\n',
-         "calibration is not used by method rtn"),
+        ('[model]\nsource = "m"\n[output]\ndir = "o"\n[quantize]\nmethod = "rtn"\nscale_search = false\n'
+         '[calibration]\nnsamples = 4\n', "calibration is not used by method rtn without scale_search"),
         ('[model]\nsource = "m"\n[output]\ndir = "o"\n[extra]\nx = 1\n', "unknown key extra"),
         ('[model]\nrevision = "main"\n[output]\ndir = "o"\n', "model.source is required"),
         ('[model]\nsource = "m"\n', "the recipe has no output table"),
