@@ -160,7 +160,7 @@ def main() -> None:
         errors = error_table(fitting, uniform_variants(bits, group_size), solve_uniform)
         body += [f"**{bits}-bit, group {group_size}** ({len(fitting)} Linears whose inputs it divides; "
                  f"reference: rtn)", "", *header, *summary_rows(errors, "rtn"), ""]
-        print("\n".join(body[-len(errors) - 4 :]), flush=True)  # a long run shows each table as it ends
+        print("\n".join(body[-len(errors) - 5 :]), flush=True)  # a long run shows each table as it ends
     errors = error_table(linears, nf4_variants(), solve_nf4)
     body += ["**NF4, block 64, double quant** (reference: nf4)", "", *header, *summary_rows(errors, "nf4"), ""]
     command = (f"PYTHONPATH=. python benchmarks/layer_errors.py {args.model} --layers {args.layers} "
