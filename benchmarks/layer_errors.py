@@ -98,7 +98,6 @@ def uniform_variants(bits: int, group_size: int) -> dict[str, tuple[str, GPTQCon
         "gptq+act(in place)": ("gptq", replace(base, act_order=True, static_groups=True)),
         "gptq+act(in place)+ss": ("gptq", in_place),
         "gptq+act(desc_act)+ss": ("gptq", replace(search, act_order=True)),
-        "gptq+act(in place)+ss damp 0.05": ("gptq", replace(in_place, damp=0.05)),
         "gptq+act(in place)+ss damp 0.1": ("gptq", replace(in_place, damp=0.1)),
     }
 
@@ -157,9 +156,11 @@ def main() -> None:
     body = []
     for spec in args.configs.split(","):
         bits, group_size = (int(x) for x in spec.split(":"))
-        errors = error_table(linears, uniform_variants(bits, group_size), solve_uniform)
-        body += [f"**{bits}-bit, group {group_size}** (reference: rtn)", "", *header,
-                 *summary_rows(errors, "rtn"), ""]
+        fitting = [l for l in linears if l.weight.shape[1] % group_size == 0]
+        errors = error_table(fitting, uniform_variants(bits, group_size), solve_uniform)
+        body += [f"**{bits}-bit, group {group_size}** ({len(fitting)} Linears whose inputs it divides; "
+                 f"reference: rtn)", "", *header, *summary_rows(errors, "rtn"), ""]
+        print("\n".join(body[-len(errors) - 5 :]), flush=True)  # a long run shows each table as it ends
     errors = error_table(linears, nf4_variants(), solve_nf4)
     body += ["**NF4, block 64, double quant** (reference: nf4)", "", *header, *summary_rows(errors, "nf4"), ""]
     command = (f"PYTHONPATH=. python benchmarks/layer_errors.py {args.model} --layers {args.layers} "

@@ -16,9 +16,11 @@ class QuantizeSettings:
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    act_order: bool = False
-    static_groups: bool = False
-    scale_search: bool = True  # where there is a Hessian (see uses_calibration); plain RTN/NF4 have none
+    # gptq defaults: act-order with groups in place (desc_act false) and scale search measured best
+    # (benchmarks/layer_errors.py, README "Which options").
+    act_order: bool = True
+    static_groups: bool = True
+    scale_search: bool = True  # wherever there is a Hessian (see calibrated); plain RTN/NF4 have none
     damp: float = 0.01
     true_sequential: bool = True
     double_quant: bool = True  # nf4/fp4

@@ -161,3 +161,15 @@ def test_calibrated_nf4_with_search_stores_the_absmax_its_sweep_used(double_quan
     codes = torch.stack([tensors["weight"][:, 0] >> 4, tensors["weight"][:, 0] & 15], 1).reshape(16, 128).long()
     expected = (state.code[codes] * stored.repeat_interleave(64, 1)).to(torch.bfloat16).float()
     assert torch.equal(dequantized, expected)
+
+
+def test_rtn_or_nf4_scale_search_without_calibration_is_a_usage_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    for method in ("rtn", "nf4"):
+        result = CliRunner().invoke(app, ["quantize", str(tmp_path), "-o", str(tmp_path / "out"), "--method", method,
+                                          "--scale-search"])
+        assert result.exit_code == 2 and "--calibration" in result.output, result.output
+        assert not (tmp_path / "out").exists()
