@@ -231,6 +231,8 @@ def run_one(model_name: str, config: str, method: str, args, windows: tuple[Path
     record_file = folder / "record.json"
     record = json.loads(record_file.read_text()) if record_file.exists() and not args.fresh else {}
     reused = "quantize" in record
+    if args.reuse_only and (tool != "base" and not reused or evaluation.name not in record.get("scores", {})):
+        return {"skipped": "not in the cache (--reuse-only)"}
     try:
         if tool != "base" and not reused:
             record = quantize(tool, method, config, model, calibration, folder, args, run)
@@ -322,7 +324,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--venv", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "llmc-venv")
     parser.add_argument("--fresh", action="store_true", help="quantize and score again even where the cache has it")
     parser.add_argument("--json", type=Path, help="also write every result as JSON")
+    parser.add_argument("--reuse-only", action="store_true", help="report only what the cache holds, run nothing new")
     parser.add_argument("--dry-run", action="store_true", help="list what would be quantized and scored, run nothing")
+    parser.add_argument("--note", help="a line written at the top of the section (how the run was taken)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     args = parser.parse_args(argv)
     args.models, args.configs, args.methods = (value.split(",") for value in (args.models, args.configs, args.methods))
@@ -351,6 +355,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = "python benchmarks/" + Path(sys.argv[0]).name + " " + shlex.join(sys.argv[1:] if argv is None else argv)
     text = markdown(results, args, command.strip(), time.time() - started)
+    if args.note:
+        text = f"**{args.note}**\n\n{text}"
     print(text)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
