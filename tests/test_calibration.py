@@ -312,7 +312,7 @@ def test_build_calibration_records_its_provenance(tmp_path, tokenizer):
 
 
 def test_build_calibration_from_pydoc(tokenizer, no_local_data):
-    windows, provenance = build_calibration(CalibrationConfig(nsamples=2, seqlen=64), tokenizer)
+    windows, provenance = build_calibration(CalibrationConfig(source="pydoc", nsamples=2, seqlen=64), tokenizer)
     assert windows.shape == (2, 64)
     assert provenance["source"] == "pydoc" and provenance["n_tokens_in_source"] > 64
 

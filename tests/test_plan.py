@@ -227,7 +227,7 @@ def test_prediction_matches_the_engines_allocated_peak(tmp_path, arch, method, i
     byte_tokenizer().save_pretrained(tmp_path / "model")
     del model
     settings = QuantizeSettings(method=method, group_size=64, act_order=act_order)
-    calibration = CalibrationConfig(nsamples=8, seqlen=256) if method != "rtn" else None
+    calibration = CalibrationConfig(source="pydoc", nsamples=8, seqlen=256) if method != "rtn" else None
     measured = _peak_allocated_bytes(lambda: quantize_model(str(tmp_path / "model"), tmp_path / "out", settings,
                                                             calibration, RunOptions(device="cpu")))
     if measured is None:
@@ -294,7 +294,7 @@ def test_the_engine_holds_no_more_as_it_goes_deeper(tmp_path):
         byte_tokenizer().save_pretrained(folder)
         measured[layers] = _peak_allocated_bytes(lambda: quantize_model(
             str(folder), tmp_path / f"out-{layers}", QuantizeSettings(group_size=64),
-            CalibrationConfig(nsamples=8, seqlen=256), RunOptions(device="cpu")))
+            CalibrationConfig(source="pydoc", nsamples=8, seqlen=256), RunOptions(device="cpu")))
     if measured[2] is None:
         pytest.skip("this torch's profiler does not expose memory events")
     assert measured[6] <= 1.05 * measured[2], measured
@@ -336,7 +336,7 @@ def test_freed_heap_goes_back_to_the_system_after_every_layer(tmp_path, monkeypa
     from calibration.windows import CalibrationConfig
 
     model = save_tiny_model(tmp_path / "model", layers=3)
-    for method, calibration in (("rtn", None), ("gptq", CalibrationConfig(nsamples=2, seqlen=32))):
+    for method, calibration in (("rtn", None), ("gptq", CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))):
         calls = []
         monkeypatch.setattr(driver, "release_free_heap", lambda: calls.append(1))
         driver.quantize_model(str(model), tmp_path / method, driver.QuantizeSettings(method=method, group_size=32),

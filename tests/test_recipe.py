@@ -127,7 +127,8 @@ def test_full_run_pushes_and_a_rerun_does_no_work(hub, project, calls):
     assert summary["stages"] == {"quantize": "done", "eval": "passed", "push": "done"}
     output = Path(summary["output"])
     pushed = [path.name for path in files_to_push(output)]
-    assert {"README.md", "config.json", MANIFEST, "model.safetensors.index.json"} <= set(pushed)
+    assert {"config.json", MANIFEST, "model.safetensors.index.json"} <= set(pushed)
+    assert (REPO, "README.md") in hub.files and "README.md" not in pushed  # the card is not written into the output
     for name in set(pushed) - {MANIFEST}:
         assert sha256(hub.files[(REPO, name)]) == sha256((output / name).read_bytes()), name
     # the push is recorded after the upload: the Hub's manifest lacks only that record
