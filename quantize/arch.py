@@ -37,10 +37,40 @@ LINEAR_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 
 @dataclass(frozen=True)
+class LayerNorms:
+    """The norms around a decoder layer's two residual branches, by module name (None: no such norm).
+
+    With them, true-sequential quantization runs the layer's second half itself, from the residual
+    stream after attention, instead of re-running attention for every group (quantize/stream.py).
+    """
+
+    before_mlp: str = "post_attention_layernorm"
+    after_attention: str | None = None  # applied to attention's output before the residual add
+    after_mlp: str | None = None  # applied to the MLP's output before the residual add
+
+
+# hidden + attention(norm(hidden)), then that + mlp(post_attention_layernorm(that))
+PRE_NORM = LayerNorms()
+# Gemma 3 normalises each branch's output too, before adding it to the residual stream
+SANDWICH_NORM = LayerNorms(before_mlp="pre_feedforward_layernorm", after_attention="post_attention_layernorm",
+                           after_mlp="post_feedforward_layernorm")
+# architectures not listed are quantized by re-running the whole layer for each group (slower, same result)
+LAYER_NORMS: dict[str, LayerNorms] = {
+    "LlamaForCausalLM": PRE_NORM,
+    "MistralForCausalLM": PRE_NORM,
+    "Qwen2ForCausalLM": PRE_NORM,
+    "Qwen3ForCausalLM": PRE_NORM,
+    "Phi3ForCausalLM": PRE_NORM,
+    "Gemma3ForCausalLM": SANDWICH_NORM,
+}
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     num_layers: int
     groups: tuple[tuple[str, ...], ...]
+    norms: LayerNorms | None = None  # None: the layer's residual layout is not described
 
     def layer_prefix(self, index: int) -> str:
         return f"model.layers.{index}."
@@ -61,4 +91,4 @@ def architecture_of(config: dict) -> Architecture:
     layers = config.get("num_hidden_layers")
     if not isinstance(layers, int) or layers < 1:
         raise UsageError("config.json has no valid num_hidden_layers")
-    return Architecture(name=name, num_layers=layers, groups=LINEAR_GROUPS[name])
+    return Architecture(name=name, num_layers=layers, groups=LINEAR_GROUPS[name], norms=LAYER_NORMS.get(name))
