@@ -57,3 +57,37 @@ def test_a_layout_that_does_not_compute_the_layer_falls_back_to_whole_layer_pass
     fallback, calls = quantize_and_count(model, tmp_path / "fallback", monkeypatch)
     assert calls == {"stepwise": 0, "whole layer": 2}
     assert all(torch.equal(fallback[k], reference[k]) for k in reference)
+
+
+def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
+    """Gemma 3 normalises both branches' outputs: its entry in LAYER_NORMS computes its layer, Llama's does not."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from quantize import stream
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=16,
+                              layer_types=["sliding_attention"], architectures=["Gemma3ForCausalLM"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() == 1 else 0.08)  # norms that are not the identity
+    layer = model.model.layers[0]
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 40)))  # longer than the sliding window
+    handle.remove()
+    hidden = caught.pop("hidden")
+    caught.pop("hidden_states", None)
+    kwargs = {k: v for k, v in caught.items() if k not in ("cache", "past_key_values", "use_cache")}
+    acts = stream.Activations(hidden=hidden.clone(), layer_kwargs=kwargs)
+    device = torch.device("cpu")
+    o_proj = layer.self_attn.o_proj
+    assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device)
+    assert not stream.steps_match_layer(layer, arch_module.PRE_NORM, o_proj, acts, device)
