@@ -38,8 +38,9 @@ PHASES = [
     ("quantize.driver", "load_weights", "load weights (dtype conversion)"),
     ("quantize.driver", "run_layer_until", "window passes"),
     ("quantize.driver", "run_layer", "window passes"),
-    ("quantize.driver", "run_attention", "window passes"),
-    ("quantize.driver", "run_mlp", "window passes"),
+    ("quantize.driver", "run_attention_residual", "window passes"),
+    ("quantize.driver", "run_mlp_residual", "window passes"),
+    ("quantize.driver", "steps_match_layer", "window passes"),
     ("quantize.driver:HessianAccumulator", "add", "Hessian accumulation"),
     ("quantize.driver:HessianAccumulator", "result", "Hessian accumulation"),
     ("quantize.gptq", "inverse_hessian_factor", "solve: Cholesky and inverse"),
@@ -130,6 +131,30 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
             "wrapped": wrapped}
 
 
+def first_layers(model: Path, layers: int, work: Path) -> Path:
+    """A copy of MODEL with only its first decoder layers (same embedding, norm, head and tokenizer):
+    each layer costs what it costs in the whole model, for a profile that fits in less time."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from quantize.checkpoint import SafetensorsCheckpoint
+
+    folder = work / f"{model.name}-{layers}L"
+    if (folder / "model.safetensors").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    reader = SafetensorsCheckpoint(model)
+    keep = [n for n in reader.names() if not n.startswith("model.layers.") or int(n.split(".")[2]) < layers]
+    save_file({n: reader.read(n).contiguous() for n in keep}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+    for f in model.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
 def phi4_layer_checkpoint(work: Path) -> Path:
     """One decoder layer of Phi-4's exact shape, random bf16 weights (benchmarks/scale.py writes it)."""
     from benchmarks.scale import PHI4_CONFIG, write_truncated_checkpoint
@@ -166,6 +191,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=SMOLLM2)
     parser.add_argument("--phi4-layer", action="store_true", help="one Phi-4-shaped decoder layer instead")
+    parser.add_argument("--layers", type=int, help="only the model's first LAYERS decoder layers (a truncated copy)")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "scale")
     parser.add_argument("--calibration", default=str(C4))
     parser.add_argument("--nsamples", type=int, default=64)
@@ -185,6 +211,8 @@ def main() -> None:
         print(render(results))
         return
     model = phi4_layer_checkpoint(args.work) if args.phi4_layer else args.model
+    if args.layers:
+        model = first_layers(model, args.layers, args.work)
     group_size = args.group_size or (128 if args.phi4_layer else 64)
     result = profile_run(model, args.calibration, args.nsamples, args.seqlen, group_size, not args.no_true_sequential)
     result["label"] = args.label
