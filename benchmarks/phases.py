@@ -239,19 +239,20 @@ grow 4x at 64 windows; weight-bound ones (sweep, Cholesky, packing) do not.
 
 FINDINGS = """What the profile shows, and what was done:
 
-- **Window passes** were the largest phase (about half the CPU time before): true-sequential cost
-  about 3.3 layer passes per layer. Now about 1.6: the layer's start and attention run once, o_proj
+- **Window passes** were the largest phase (53 % of the CPU time before, 33 % after: 44.6 -> 19.2
+  CPU s, 0.43x; the whole run 84.6 -> 57.7 CPU s, 0.68x): true-sequential cost about 3.3 layer
+  passes per layer. Now about 1.6: the layer's start and attention run once, o_proj
   and the MLP's gate/up run twice more from kept inputs (tested bit for bit against the old path).
 - **Batching windows per forward call** (`[b, 512, hidden]`): measured on a SmolLM2 layer in
   float32, batches of 1, 2, 4, 8 windows took 0.8-1.5 s of CPU per 8 windows, within the noise, with
   bit-identical outputs: 512-token windows already make 512-row GEMMs, which the CPU runs at full
   speed. Not done; on a GPU, short windows would gain from it.
-- **Hessian accumulation** is the next window-bound phase (about 11 % before, 16 % after). The
+- **Hessian accumulation** is the next window-bound phase (11 % before, 17 % after). The
   running-mean rescale is one `K x K` scaling per window beside the `S x K^2` product `x^T x` (1/512
   of it at 512 tokens); a fused `addmm` measured 0.58 s against 0.62 s for 8 updates at K = 1536:
   not worth changing the float32 rounding. The cost is the product itself (a symmetric rank-k
   update would halve it; torch exposes none).
-- **The column sweep** is the largest weight-bound phase (about 20 % before, 27 % after; it does
+- **The column sweep** is the largest weight-bound phase (20 % before, 31 % after; it does
   not grow with the windows). A self-contained change to `gptq_sweep`'s inner loop (write each
   column's error in place into the block's error buffer, one `addr_` instead of `outer` and a
   subtraction, the loss once per block, the diagonal read once as Python floats) measured
