@@ -53,7 +53,7 @@ UNQUANTIZED_MODULES: dict[str, tuple[str, ...]] = {
 LOADED_TEXT_PREFIX = {"Gemma3ForConditionalGeneration": "model.language_model."}
 # Norm weights of one decoder layer, as multiples of (hidden, head_dim): Gemma 3 has four norms
 # around attention and MLP, and q_norm / k_norm over each head.
-LAYER_NORMS: dict[str, tuple[int, int]] = {
+NORM_COUNTS: dict[str, tuple[int, int]] = {
     "Gemma3ForCausalLM": (4, 2),
     "Gemma3ForConditionalGeneration": (4, 2),
 }
@@ -63,12 +63,43 @@ TIED_BY_DEFAULT = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration"}
 
 
 @dataclass(frozen=True)
+class LayerNorms:
+    """The norms around a decoder layer's two residual branches, by module name (None: no such norm).
+
+    With them, true-sequential quantization runs the layer's second half itself, from the residual
+    stream after attention, instead of re-running attention for every group (quantize/stream.py).
+    """
+
+    before_mlp: str = "post_attention_layernorm"
+    after_attention: str | None = None  # applied to attention's output before the residual add
+    after_mlp: str | None = None  # applied to the MLP's output before the residual add
+
+
+# hidden + attention(norm(hidden)), then that + mlp(post_attention_layernorm(that))
+PRE_NORM = LayerNorms()
+# Gemma 3 normalises each branch's output too, before adding it to the residual stream
+SANDWICH_NORM = LayerNorms(before_mlp="pre_feedforward_layernorm", after_attention="post_attention_layernorm",
+                           after_mlp="post_feedforward_layernorm")
+# architectures not listed are quantized by re-running the whole layer for each group (slower, same result)
+LAYER_NORMS: dict[str, LayerNorms] = {
+    "LlamaForCausalLM": PRE_NORM,
+    "MistralForCausalLM": PRE_NORM,
+    "Qwen2ForCausalLM": PRE_NORM,
+    "Qwen3ForCausalLM": PRE_NORM,
+    "Phi3ForCausalLM": PRE_NORM,
+    "Gemma3ForCausalLM": SANDWICH_NORM,
+    "Gemma3ForConditionalGeneration": SANDWICH_NORM,
+}
+
+
+@dataclass(frozen=True)
 class Architecture:
     name: str
     num_layers: int
     groups: tuple[tuple[str, ...], ...]
     text_prefix: str = "model."  # the language model's embeddings, layers and final norm
     unquantized_modules: tuple[str, ...] = ()  # whole top-level modules copied as they are (a vision tower)
+    norms: LayerNorms | None = None  # None: the layer's residual layout is not described
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.text_prefix}layers.{index}."
@@ -121,7 +152,7 @@ def text_config(config: dict) -> dict:
 
 
 def layer_norm_params(name: str, hidden: int, head_dim: int) -> int:
-    per_hidden, per_head = LAYER_NORMS.get(name, (2, 0))
+    per_hidden, per_head = NORM_COUNTS.get(name, (2, 0))
     return per_hidden * hidden + per_head * head_dim
 
 
@@ -149,7 +180,7 @@ def architecture_of(config: dict, tensor_names=None) -> Architecture:
         raise UsageError(f"{name} with final_logit_softcapping is not supported")
     return Architecture(name=name, num_layers=layers, groups=LINEAR_GROUPS[name],
                         text_prefix=_text_prefix(name, tensor_names),
-                        unquantized_modules=UNQUANTIZED_MODULES.get(name, ()))
+                        unquantized_modules=UNQUANTIZED_MODULES.get(name, ()), norms=LAYER_NORMS.get(name))
 
 
 def _text_prefix(name: str, tensor_names) -> str:

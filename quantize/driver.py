@@ -38,7 +38,6 @@ from quantize.progress import open_progress, progress_fingerprint, read_activati
 from quantize.settings import METHODS, QuantizeSettings
 from quantize.stream import (
     Activations,
-    add_input_hook,
     build_skeleton,
     embed_windows,
     free_weights,
@@ -47,8 +46,11 @@ from quantize.stream import (
     pick_device,
     pick_dtype,
     release_free_heap,
+    run_attention_residual,
     run_layer,
     run_layer_until,
+    run_mlp_residual,
+    steps_match_layer,
 )
 from quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
 
@@ -291,13 +293,15 @@ def _quantize_calibrated(source, config, arch, reader, settings, options, solve,
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     report("quantize", start, arch.num_layers)
+    stepwise = None
     for i in range(start, arch.num_layers):
         prefix = arch.layer_prefix(i)
         layer = skeleton.model.layers[i]
         source_tensors = reader.read_prefix(prefix)
         load_weights(layer, source_tensors, device, dtype)
-        out, stats = _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device)
-        run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
+        if stepwise is None:  # once a run
+            stepwise = _stepwise_possible(layer, arch, settings, acts, device)
+        out, stats = _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise)
         free_weights(layer)
         save_layer(progress_dir, i, out, progress, stats, acts)
         release_free_heap()
@@ -318,31 +322,109 @@ def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, dev
     return should_offload_calibration(config, plan, free)
 
 
-def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device):
-    """Quantize the Linears of one loaded decoder layer, group by group; returns (tensors to write, stats)."""
+def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:
+    """Whether true-sequential can take the stepwise passes (_sequential_steps): the architecture's
+    layout is described, and computing a layer from its steps gives what its forward gives."""
+    if not settings.true_sequential or arch.norms is None or len(arch.groups) != 4:
+        return False
+    if steps_match_layer(layer, arch.norms, layer.get_submodule(arch.groups[1][0]), acts, device):
+        return True
+    log.warning("%s layers do not compute as their layout describes; re-running each layer per group", arch.name)
+    return False
+
+
+def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False):
+    """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
+    to the next layer (the quantized layer's outputs). Returns (tensors to write, stats)."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
-    groups = [g for g in arch.groups if not all(settings.is_skipped(prefix + m) for m in g)]
+
+    def wanted(group) -> bool:
+        return not all(settings.is_skipped(prefix + m) for m in group)
+
+    def solve_group(group, hessian: torch.Tensor) -> None:
+        names = [name for name in group if not settings.is_skipped(prefix + name)]
+        for name in names:
+            for key in ("weight", "bias"):
+                out.pop(f"{prefix}{name}.{key}", None)
+            # the solver consumes the Hessian: the group's last Linear gets it, the others a copy
+            shared = hessian if name == names[-1] else hessian.clone()
+            try:
+                tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, shared,
+                                                              consume_hessian=True)
+            except LowbitError as e:
+                raise type(e)(f"{prefix}{name}: {e}") from None
+            out.update({f"{prefix}{name}.{k}": v for k, v in tensors.items()})
+
+    if stepwise:
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group)
+        return out, stats
+    groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
     for batch in batches:
         hessians = _collect_hessians(layer, batch, acts, device)
         for group, hessian in zip(batch, hessians):
-            names = [name for name in group if not settings.is_skipped(prefix + name)]
-            for name in names:
-                for key in ("weight", "bias"):
-                    out.pop(f"{prefix}{name}.{key}", None)
-                # the group's last Linear may consume the shared Hessian; the others get a copy
-                last = name == names[-1]
-                try:
-                    tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors,
-                                                                  hessian.hessian if last else hessian.hessian.clone(),
-                                                                  consume_hessian=True)
-                except LowbitError as e:
-                    raise type(e)(f"{prefix}{name}: {e}") from None
-                out.update({f"{prefix}{name}.{k}": v for k, v in tensors.items()})
+            solve_group(group, hessian.hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
+    run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
     return out, stats
+
+
+def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group) -> None:
+    """True-sequential at the cost of about one pass over the windows: each step starts from what the
+    step before kept, with the groups before it already quantized.
+
+    1. q/k/v: from the normed layer input (the pass stops there).
+    2. o_proj: one pass through attention, keeping o_proj's input for every window.
+    3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
+       attention, which replaces the layer input in place; the MLP's input comes from it.
+    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time
+       (its [seqlen, intermediate] input is never kept).
+    5. the MLP's second half again, with down_proj quantized: the layer's outputs.
+    """
+    attention_in, o_group, mlp_in, down_group = arch.groups
+    module = layer.get_submodule
+
+    def hessian_of(group) -> HessianAccumulator | None:
+        return HessianAccumulator(module(group[0]).in_features, device) if wanted(group) else None
+
+    hessian = hessian_of(attention_in)
+    if hessian is not None:
+        run_layer_until(layer, acts, device, stop_at=module(attention_in[0]),
+                        on_input={module(attention_in[0]): lambda i, x: hessian.add(x)})
+        solve_group(attention_in, hessian.hessian)
+    del hessian  # each K x K Hessian is gone before the next is made
+
+    o_proj = module(o_group[0])
+    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device=acts.hidden.device)
+    hessian = hessian_of(o_group)
+
+    def keep(i, x):
+        kept[i] = x.to(kept.device)
+        if hessian is not None:
+            hessian.add(x)
+
+    run_layer_until(layer, acts, device, stop_at=o_proj, on_input={o_proj: keep})
+    if hessian is not None:
+        solve_group(o_group, hessian.hessian)
+    del hessian, keep
+
+    hessian = hessian_of(mlp_in)
+    run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
+                           on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None))
+    del kept
+    if hessian is not None:
+        solve_group(mlp_in, hessian.hessian)
+    del hessian
+
+    down = module(down_group[0])
+    hessian = hessian_of(down_group)
+    if hessian is not None:
+        run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: lambda i, x: hessian.add(x)})
+        solve_group(down_group, hessian.hessian)
+    del hessian
+    run_mlp_residual(layer, arch.norms, acts, device)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[dict[str, torch.Tensor], dict]:
@@ -362,18 +444,9 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:
-    """One pass over the windows, stopped after the last group's modules, with a Hessian per group."""
-    accumulators, handles = [], []
-    for group in groups:
-        first = layer.get_submodule(group[0])
-        acc = HessianAccumulator(first.in_features, device)
-        accumulators.append(acc)
-        handles.append(add_input_hook(first, acc.add))
-    try:
-        run_layer_until(layer, acts, device, last=layer.get_submodule(groups[-1][-1]))
-    finally:
-        for h in handles:
-            h.remove()
+    """One pass over the windows from the layer's start, stopped at the last group's input, with a
+    Hessian per group."""
+    accumulators = [HessianAccumulator(layer.get_submodule(group[0]).in_features, device) for group in groups]
+    hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x)) for group, acc in zip(groups, accumulators)}
+    run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
     return accumulators
-
-

@@ -293,13 +293,17 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
     batches = [[g] for g in shape.groups] if s.true_sequential else [list(shape.groups)]
-    for batch in batches:
+    # true sequential keeps o_proj's input of every window from the attention pass to the residual pass
+    o_inputs = s.nsamples * s.seqlen * shape.groups[1][0].in_features * c
+    for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
+        kept_here = {"o_proj inputs kept": o_inputs} if s.true_sequential and index in (1, 2) else {}
+        kept, kept_host = ({}, kept_here) if s.offload else (kept_here, {})  # beside the activations
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
-                            device={**layer, **acts_device, **window, **quantized, **hessians,
+                            device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
                                     "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
-                            host=host))
+                            host={**host, **kept_host}))
         for group in batch:
             for linear in group:
                 # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
@@ -308,10 +312,12 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 # the solver consumes the Hessian: every Linear of the group but the last gets a copy
                 hessian_copy = ({} if linear is group[-1] else
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
-                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy}
+                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy,
+                            **(kept if index == 1 else {})}
                 solver = gptq_solver_bytes(linear) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
-                                    device={**resident, f"solver temporaries of {linear.name}": solver}, host=host))
+                                    device={**resident, f"solver temporaries of {linear.name}": solver},
+                                    host={**host, **(kept_host if index == 1 else {})}))
                 if s.method != "gptq":
                     phases.append(Phase(f"check {linear.name}", device={**resident, "packed codes": linear.weights // 2},
                                         host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))

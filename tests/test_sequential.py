@@ -1,0 +1,93 @@
+"""True-sequential's stepwise passes (quantize/driver.py: _sequential_steps) give the same checkpoint as
+re-running each layer from its start for every group, and are only taken where they compute the layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calibration.windows import CalibrationConfig
+from quantize import arch as arch_module
+from quantize import driver
+from tests.conftest import save_tiny_model
+
+
+def quantize_and_count(model, output, monkeypatch) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    calls = {"stepwise": 0, "whole layer": 0}
+    real_steps, real_run = driver._sequential_steps, driver.run_layer
+
+    def steps(*args, **kwargs):
+        calls["stepwise"] += 1
+        return real_steps(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        calls["whole layer"] += 1
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "_sequential_steps", steps)
+    monkeypatch.setattr(driver, "run_layer", run)
+    driver.quantize_model(str(model), output, driver.QuantizeSettings(group_size=32),
+                          CalibrationConfig(source="pydoc", nsamples=3, seqlen=48))
+    monkeypatch.setattr(driver, "_sequential_steps", real_steps)
+    monkeypatch.setattr(driver, "run_layer", real_run)
+    tensors = {}
+    for shard in sorted(output.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    return tensors, calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen2"])
+def test_stepwise_passes_give_the_same_codes_as_rerunning_the_layer(tmp_path, monkeypatch, arch):
+    model = save_tiny_model(tmp_path / "model", arch, layers=2)
+    new, new_calls = quantize_and_count(model, tmp_path / "stepwise", monkeypatch)
+    monkeypatch.setattr(driver, "_stepwise_possible", lambda *args: False)
+    old, old_calls = quantize_and_count(model, tmp_path / "whole", monkeypatch)
+    assert new_calls == {"stepwise": 2, "whole layer": 0}
+    assert old_calls == {"stepwise": 0, "whole layer": 2}
+    assert new.keys() == old.keys() and any(k.endswith("down_proj.qweight") for k in new)
+    assert [k for k in new if not torch.equal(new[k], old[k])] == []  # same codes, scales, zeros, bit for bit
+
+
+def test_a_layout_that_does_not_compute_the_layer_falls_back_to_whole_layer_passes(tmp_path, monkeypatch):
+    model = save_tiny_model(tmp_path / "model", "llama", layers=2)
+    reference, _ = quantize_and_count(model, tmp_path / "reference", monkeypatch)
+    wrong = arch_module.LayerNorms(after_attention="input_layernorm")  # a norm this layer does not apply
+    monkeypatch.setitem(arch_module.LAYER_NORMS, "LlamaForCausalLM", wrong)
+    fallback, calls = quantize_and_count(model, tmp_path / "fallback", monkeypatch)
+    assert calls == {"stepwise": 0, "whole layer": 2}
+    assert all(torch.equal(fallback[k], reference[k]) for k in reference)
+
+
+def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
+    """Gemma 3 normalises both branches' outputs: its entry in LAYER_NORMS computes its layer, Llama's does not."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    from quantize import stream
+
+    config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=16,
+                              layer_types=["sliding_attention"], architectures=["Gemma3ForCausalLM"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2 if p.dim() == 1 else 0.08)  # norms that are not the identity
+    layer = model.model.layers[0]
+    caught = {}
+
+    def catch(module, args, kwargs):
+        caught.update(kwargs, hidden=args[0] if args else kwargs["hidden_states"])
+
+    handle = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 256, (1, 40)))  # longer than the sliding window
+    handle.remove()
+    hidden = caught.pop("hidden")
+    caught.pop("hidden_states", None)
+    kwargs = {k: v for k, v in caught.items() if k not in ("cache", "past_key_values", "use_cache")}
+    acts = stream.Activations(hidden=hidden.clone(), kwargs_by_layer=[kwargs])
+    device = torch.device("cpu")
+    o_proj = layer.self_attn.o_proj
+    assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device)
+    assert not stream.steps_match_layer(layer, arch_module.PRE_NORM, o_proj, acts, device)
