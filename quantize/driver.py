@@ -397,7 +397,8 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
-    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device=acts.hidden.device)
+    # in host memory: as large as the activations, it would otherwise set the GPU's peak (Phi-4: 2.5 GiB)
+    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device="cpu")
     hessian = hessian_of(o_group)
 
     def keep(i, x):

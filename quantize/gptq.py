@@ -87,7 +87,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
     if W.data_ptr() == weight.data_ptr():  # the sweep works in place: never in the caller's weight
         W = W.clone()
     H = working_hessian(hessian, W.device, consume_hessian)
-    if not (torch.isfinite(W).all() and torch.isfinite(H).all()):
+    if not (all_finite(W) and all_finite(H)):
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
     dead = drop_dead_inputs(W, H)
@@ -242,6 +242,11 @@ def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
     if group_size <= block_size:
         return block_size // group_size * group_size
     return math.gcd(group_size, block_size)
+
+
+def all_finite(t: Tensor) -> bool:
+    """torch.isfinite(t).all() a few rows at a time: isfinite builds a float temporary as large as t."""
+    return all(bool(torch.isfinite(rows).all()) for rows in t.split(ROWS_AT_ONCE))
 
 
 def working_hessian(hessian: Tensor, device: torch.device, consume: bool) -> Tensor:

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.gptq import drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
+from quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from quantize.hessian_factor import damped_inverse_factor_
 
@@ -225,7 +225,7 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     blocksize = n_cols // scales.shape[1]
     W = weight.to(torch.float32).clone()
     H = working_hessian(hessian, W.device, consume_hessian)
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise CorruptInputError("Hessian contains NaN or inf")
     dead = drop_dead_inputs(W, H)
     signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor

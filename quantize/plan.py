@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lowbit.errors import UsageError
+from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from quantize.arch import LINEAR_GROUPS, layer_norm_params, text_config, tied_embeddings
 
 GiB = 2**30
@@ -180,7 +181,7 @@ def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
 
 # ---- what one step holds ----
 
-def gptq_solver_bytes(linear: Linear) -> int:
+def gptq_solver_bytes(linear: Linear, group_size: int = 128) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian.
 
     The Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
@@ -189,7 +190,8 @@ def gptq_solver_bytes(linear: Linear) -> int:
     codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
     """
     nk = linear.weights * FLOAT32
-    solving = nk + linear.weights + max(2 * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear))
+    solving = nk + linear.weights + max(2 * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear),
+                                        scale_search_bytes(linear, group_size))
     packing = linear.weights + _pack_bytes(linear)
     dequantize = linear.weights + nk + _row_chunk_bytes(linear)
     return max(solving, packing, dequantize)
@@ -199,7 +201,15 @@ def nf4_solver_bytes(linear: Linear) -> int:
     """quantize/nf4.py's calibrated sweep for one Linear, beside its Hessian: bitsandbytes' packed codes,
     W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
     nk = linear.weights * FLOAT32
-    return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear))
+    return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear),
+                                                           scale_search_bytes(linear, 64))
+
+
+def scale_search_bytes(linear: Linear, group_size: int) -> int:
+    """grid.searched_grid_params (and nf4.searched_absmax): about three float32 [candidates, rows, group]
+    temporaries, their rows chunked to at most SEARCH_CHUNK values each."""
+    group = linear.in_features if group_size == -1 else group_size
+    return 3 * FLOAT32 * min(len(CLIP_RATIOS) * linear.out_features * group, SEARCH_CHUNK)
 
 
 def _factor_panel_bytes(linear: Linear) -> int:
@@ -298,7 +308,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
         kept_here = {"o_proj inputs kept": o_inputs} if s.true_sequential and index in (1, 2) else {}
-        kept, kept_host = ({}, kept_here) if s.offload else (kept_here, {})  # beside the activations
+        kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
                             device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
@@ -314,7 +324,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
                 resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy,
                             **(kept if index == 1 else {})}
-                solver = gptq_solver_bytes(linear) if s.method == "gptq" else nf4_solver_bytes(linear)
+                solver = gptq_solver_bytes(linear, s.group_size) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
                                     host={**host, **(kept_host if index == 1 else {})}))
