@@ -155,6 +155,7 @@ def searched_absmax(weight: Tensor, importance: Tensor, blocksize: int, code_boo
     importance = importance.to(device=W.device, dtype=torch.float32)
     code_book = code_book.to(device=W.device, dtype=torch.float32)
     bounds, order = _code_bounds(code_book)
+    sorted_values = code_book[order]
     candidates = torch.tensor(ratios, dtype=torch.float32, device=W.device).unsqueeze(1)
     absmax = W.reshape(n_rows, n_cols // blocksize, blocksize).abs().amax(dim=2)
     best = torch.empty_like(absmax)
@@ -165,18 +166,19 @@ def searched_absmax(weight: Tensor, importance: Tensor, blocksize: int, code_boo
             rows = slice(start, start + rows_per_chunk)
             w = W[rows, columns]
             scale = absmax[rows, block] * candidates  # [C, n]
-            error = block_rounding_error(w, scale, importance[columns], code_book, bounds, order, weight.dtype)
+            error = block_rounding_error(w, scale, importance[columns], bounds, sorted_values, weight.dtype)
             best[rows, block] = scale.gather(0, error.argmin(dim=0, keepdim=True))[0]  # first of equals: ratio 1
     return best
 
 
-def block_rounding_error(w: Tensor, scale: Tensor, importance: Tensor, code_book: Tensor, bounds: Tensor,
-                         order: Tensor, dtype: torch.dtype) -> Tensor:
-    """sum_k importance[k] * (w[n, k] - value[n, k])**2 for round to nearest onto code_book * scale:
-    w [n, B], scale [..., n] -> [..., n]."""
+def block_rounding_error(w: Tensor, scale: Tensor, importance: Tensor, bounds: Tensor, sorted_values: Tensor,
+                         dtype: torch.dtype) -> Tensor:
+    """sum_k importance[k] * (w[n, k] - value[n, k])**2 for round to nearest onto the code values * scale:
+    w [n, B], scale [..., n] -> [..., n]. sorted_values[i] is the code value of bucket i (_code_bounds)."""
     s = scale.unsqueeze(-1)
-    value = (code_book[_nearest_codes(w, s, bounds, order)] * s).to(dtype).to(torch.float32)
-    return (value - w).square() @ importance
+    # the bucket's value directly (not code_book[order[bucket]]): one index, no int64 codes
+    value = sorted_values[_nearest_buckets(w, s, bounds)].mul_(s).to(dtype).to(torch.float32)
+    return value.sub_(w).square_() @ importance
 
 
 def state_with_absmax(state: bnb.QuantState, absmax: Tensor, double_quant: bool) -> bnb.QuantState:
@@ -270,9 +272,13 @@ def _nearest_codes(w: Tensor, scale: Tensor, bounds: Tensor, order: Tensor) -> T
     bitsandbytes' own absmax the codes are bit-identical to quantize_4bit. A zero scale
     (a block of zeros) maps everything to the zero code.
     """
+    return order[_nearest_buckets(w, scale, bounds)]
+
+
+def _nearest_buckets(w: Tensor, scale: Tensor, bounds: Tensor) -> Tensor:
+    """Position among the sorted code values of the one nearest to w / scale (int32)."""
     inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
-    scaled = torch.clamp(w * inverse, -1, 1)
-    return order[torch.bucketize(scaled, bounds, out_int32=True)]
+    return torch.bucketize(torch.clamp_(w * inverse, -1, 1), bounds, out_int32=True)
 
 
 def _pack_codes(codes: Tensor) -> Tensor:

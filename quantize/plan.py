@@ -202,14 +202,15 @@ def nf4_solver_bytes(linear: Linear) -> int:
     W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
     nk = linear.weights * FLOAT32
     return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear),
-                                                           scale_search_bytes(linear, 64))
+                                                           scale_search_bytes(linear, 64, temporaries=4))
 
 
-def scale_search_bytes(linear: Linear, group_size: int) -> int:
-    """grid.searched_grid_params (and nf4.searched_absmax): about three float32 [candidates, rows, group]
-    temporaries, their rows chunked to at most SEARCH_CHUNK values each."""
+def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 3) -> int:
+    """grid.searched_grid_params: about three float32 [candidates, rows, group] temporaries, their rows
+    chunked to at most SEARCH_CHUNK values each; nf4.searched_absmax about four (its int32 buckets, which
+    indexing widens to int64, and the values looked up)."""
     group = linear.in_features if group_size == -1 else group_size
-    return 3 * FLOAT32 * min(len(CLIP_RATIOS) * linear.out_features * group, SEARCH_CHUNK)
+    return temporaries * FLOAT32 * min(len(CLIP_RATIOS) * linear.out_features * group, SEARCH_CHUNK)
 
 
 def _factor_panel_bytes(linear: Linear) -> int:

@@ -209,8 +209,7 @@ NOT_TORCH_ALLOCATED = ("decoder layer as read", "next decoder layer as read", "e
     # K = 2048 and 4096 for down_proj: its K x K Hessian is most of the peak (the solver before the in-place
     # factorisation held three of them: 4096 would fail the bound)
     ("llama", "gptq", 2048, True), ("phi3", "nf4", 2048, False),
-    pytest.param("llama", "gptq", 4096, False, marks=pytest.mark.xfail(strict=True, reason=
-        "after the speed merge a second K x K buffer (aten::empty) appears at K = 4096: not yet found")),
+    ("llama", "gptq", 4096, False),
 ])
 def test_prediction_matches_the_engines_allocated_peak(tmp_path, arch, method, intermediate, act_order):
     """Quantize a small bf16 model on the CPU under the profiler: the predicted peak of torch-allocated
@@ -303,19 +302,23 @@ def test_the_engine_holds_no_more_as_it_goes_deeper(tmp_path):
 
 
 FREED_HEAP_SCRIPT = """
+import ctypes
 import torch
 from quantize.stream import release_free_heap
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
-big = torch.ones(30 * 2**18); del big  # a freed 30 MB mmap raises glibc's mmap threshold: 2 MB blocks go on the heap
+libc = ctypes.CDLL("libc.so.6")
+libc.mallopt(-3, 32 * 2**20)  # M_MMAP_THRESHOLD: 2 MB blocks go on the heap, as after glibc raises it itself
+libc.mallopt(-1, 2**30)  # M_TRIM_THRESHOLD: free() alone does not shrink the heap
+start = rss_mib()
 chunks = [torch.ones(2**19) for _ in range(128)]  # 256 MB in 2 MB tensors, like a layer's small ones
 sentinel = torch.ones(1000)  # above them on the heap: glibc cannot shrink the top
 del chunks
 before = rss_mib()
 release_free_heap()
-print(before - rss_mib())
+print(before - start, before - rss_mib())
 """
 
 
@@ -329,9 +332,12 @@ def test_freed_heap_goes_back_to_the_system_after_every_layer(tmp_path, monkeypa
 
     if stream._LIBC is None:
         pytest.skip("not glibc")
-    released = subprocess.run([sys.executable, "-c", FREED_HEAP_SCRIPT], capture_output=True, text=True,
-                              cwd=Path(__file__).parent.parent, check=True)
-    assert float(released.stdout) > 200, released  # MiB given back of the 256 freed
+    result = subprocess.run([sys.executable, "-c", FREED_HEAP_SCRIPT], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent, check=True)
+    kept, released = map(float, result.stdout.split())  # MiB still resident after the free, MiB trimmed
+    if kept < 128:
+        pytest.skip(f"this allocator gave the 256 MB back by itself ({kept:.0f} MiB kept)")
+    assert released > 0.8 * kept, result
 
     from tests.conftest import save_tiny_model
 

@@ -191,7 +191,7 @@ def index_escapes_folder(model: Path, tmp: Path) -> list:
 
 CASES: list[tuple[Callable, int, str]] = [
     (missing_path, 2, "model not found"),
-    (missing_hub_repo, 2, "model not found: lowbit-nobody/no-such-model"),
+    (missing_hub_repo, 2, "model lowbit-nobody/no-such-model cannot be had: HF_HUB_OFFLINE is set"),
     (no_weights, 2, "no safetensors weights"),
     (pickled_weights, 3, "only pickled .bin weights, and unpickling can run code"),
     (truncated_shard, 3, "corrupt safetensors file"),
