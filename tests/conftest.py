@@ -118,6 +118,47 @@ def gemma3_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma3_6_layers_dir(gemma3_dir) -> Path:
+    """Gemma-3-270M cut to its first six decoder layers (five sliding-window ones and the first full one):
+    real weights, tokenizer and tied head at a third of the cost. Built once from gemma3_dir and cached."""
+    return first_layers(gemma3_dir, 6, CACHE / "gemma3-270m-6-layers-bf16")
+
+
+def first_layers(model: Path, layers: int, folder: Path) -> Path:
+    """A copy of model with only its first decoder layers (config, tensors, tokenizer), written once."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (folder / "model.safetensors").exists():
+        return folder
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    if "layer_types" in config:
+        config["layer_types"] = config["layer_types"][:layers]
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    kept = {}
+    for shard in sorted(model.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                parts = name.split(".")
+                if "layers" in parts and int(parts[parts.index("layers") + 1]) >= layers:
+                    continue
+                kept[name] = f.get_tensor(name)
+    save_file(kept, partial / "model.safetensors", metadata={"format": "pt"})
+    for other in model.iterdir():
+        if other.name.startswith(("tokenizer", "special_tokens", "generation_config")):
+            shutil.copy(other, partial / other.name)
+    partial.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"{SHARED_DATA} is absent (the shared corpora)")

@@ -1,6 +1,7 @@
 """The real Gemma-3-270M (tied 262k-vocabulary head, five sliding-window layers to one full layer).
 
-Kept cheap for a 2-core CPU: a few short windows, a few calibration windows.
+Kept cheap for a 2-core CPU: its first six decoder layers (the five sliding-window ones and the first full
+one, real weights), one or two short windows, a few calibration windows. The whole model is benchmarks/'s.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ def texts(shared_data, tmp_path_factory):
     return split_wikitext(shared_data, tmp_path_factory.mktemp("wikitext"))
 
 
-def test_lowbit_eval_perplexity_equals_transformers_loss(gemma3_dir, texts):
+def test_lowbit_eval_perplexity_equals_transformers_loss(gemma3_6_layers_dir, texts):
     _, eval_text = texts
-    options = EvalOptions(seqlen=EVAL_SEQLEN, max_windows=2, device="cpu", dtype="float32", chunk_tokens=256)
-    report = evaluate(gemma3_dir, None, str(eval_text), options)
-    windows = eval_windows(load_eval_text(str(eval_text))[0], AutoTokenizer.from_pretrained(gemma3_dir), EVAL_SEQLEN, 2)
-    assert report["windows"] == 2 and report["seqlen"] == EVAL_SEQLEN
-    model = AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval()
+    options = EvalOptions(seqlen=EVAL_SEQLEN, max_windows=1, device="cpu", dtype="float32", chunk_tokens=256)
+    report = evaluate(gemma3_6_layers_dir, None, str(eval_text), options)
+    tokenizer = AutoTokenizer.from_pretrained(gemma3_6_layers_dir)
+    windows = eval_windows(load_eval_text(str(eval_text))[0], tokenizer, EVAL_SEQLEN, 1)
+    assert report["windows"] == 1 and report["seqlen"] == EVAL_SEQLEN
+    model = AutoModelForCausalLM.from_pretrained(gemma3_6_layers_dir, dtype=torch.float32).eval()
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
     assert model.config.sliding_window < EVAL_SEQLEN
     expected = math.exp(reference_loss(model, windows))
     print({"lowbit": report["ppl"], "transformers": expected})
@@ -47,43 +50,61 @@ def test_lowbit_eval_perplexity_equals_transformers_loss(gemma3_dir, texts):
 
 
 @pytest.fixture(scope="module")
-def eval_ids(gemma3_dir, texts):
+def eval_ids(gemma3_6_layers_dir, texts):
     _, eval_text = texts
-    return eval_windows(load_eval_text(str(eval_text))[0], AutoTokenizer.from_pretrained(gemma3_dir), 256, 1)
+    return eval_windows(load_eval_text(str(eval_text))[0], AutoTokenizer.from_pretrained(gemma3_6_layers_dir), 256, 1)
 
 
 @pytest.fixture(scope="module")
-def base_loss(gemma3_dir, eval_ids):
-    return reference_loss(AutoModelForCausalLM.from_pretrained(gemma3_dir, dtype=torch.float32).eval(), eval_ids)
+def base_log_probs(gemma3_6_layers_dir, eval_ids):
+    model = AutoModelForCausalLM.from_pretrained(gemma3_6_layers_dir, dtype=torch.float32).eval()
+    return log_probs(model, eval_ids)
 
 
-@pytest.mark.parametrize("bits", [4, 3])
-def test_gptq_checkpoint_loads_back_through_lowbits_loader(gemma3_dir, texts, eval_ids, base_loss, tmp_path, bits):
+def log_probs(model, windows) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=windows[0][None]).logits[0].float(), dim=-1)
+
+
+def kld_and_same_top(model, windows, base: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(base || model) per position, and the share of positions whose argmax is the base's.
+    Six layers of Gemma are no language model (their loss is above ln(vocab)), so the test compares the
+    quantized model with its base, not with the text."""
+    quantized = log_probs(model, windows)
+    kld = float((base.exp() * (base - quantized)).sum(-1).mean())
+    return kld, float((base.argmax(-1) == quantized.argmax(-1)).float().mean())
+
+
+def test_gptq_checkpoint_loads_back_through_lowbits_loader(gemma3_6_layers_dir, texts, eval_ids, base_log_probs,
+                                                           tmp_path):
+    """4 bits (3-bit packing of Gemma is tests/test_gemma3.py's, on a small random Gemma)."""
+    bits = 4
     calibration_text, _ = texts
     calibration = CalibrationConfig(source=str(calibration_text), nsamples=4, seqlen=128)
-    result = quantize_model(str(gemma3_dir), tmp_path / "q", QuantizeSettings(method="gptq", bits=bits, group_size=128),
-                            calibration)
-    arch = architecture_of(load_config_dict(gemma3_dir))
+    result = quantize_model(str(gemma3_6_layers_dir), tmp_path / "q",
+                            QuantizeSettings(method="gptq", bits=bits, group_size=128), calibration)
+    arch = architecture_of(load_config_dict(gemma3_6_layers_dir))
     assert len(result.manifest["layers"]) == arch.num_layers * 7  # every Linear of every layer
     assert bits < result.manifest["bits_per_weight"] < bits + 0.5
-    model = load_dequantized_model(tmp_path / "q")
-    loss = reference_loss(model, eval_ids)
-    print({"bits": bits, "base": base_loss, "gptq": loss})
-    # quantized, and still a language model (a broken unpacking gives ~ln(262144) = 12.5). Measured with
-    # only 4 x 128 calibration tokens: base 3.956, 4 bits 4.398 (+11 %), 3 bits 7.260 (+84 %)
-    assert base_loss < loss < base_loss * (1.25 if bits == 4 else 2.0)
+    kld, same_top = kld_and_same_top(load_dequantized_model(tmp_path / "q"), eval_ids, base_log_probs)
+    print({"bits": bits, "kld": kld, "same_top": same_top})
+    # quantized (KLD > 0), and still the model (a broken unpacking: KLD of several nats, same top near 0).
+    # Measured with only 4 x 128 calibration tokens: KLD 0.304, same top 0.688
+    assert 0 < kld < 0.6 and same_top > 0.55
 
 
-def test_nf4_checkpoint_loads_in_transformers_with_no_key_warnings(gemma3_dir, eval_ids, base_loss, tmp_path, caplog):
-    quantize_model(str(gemma3_dir), tmp_path / "nf4", QuantizeSettings(method="nf4"))
+def test_nf4_checkpoint_loads_in_transformers_with_no_key_warnings(gemma3_6_layers_dir, eval_ids, base_log_probs,
+                                                                   tmp_path, caplog):
+    quantize_model(str(gemma3_6_layers_dir), tmp_path / "nf4", QuantizeSettings(method="nf4"))
     with caplog.at_level(logging.WARNING):
         model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map="cpu", dtype=torch.float32,
                                                            output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     messages = " ".join(r.getMessage().lower() for r in caplog.records)
     assert "missing" not in messages and "unexpected" not in messages
-    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 18 * 7
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 6 * 7
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the head is still the embedding
-    loss = reference_loss(model, eval_ids)
-    print({"base": base_loss, "nf4": loss})
-    assert base_loss < loss < 1.1 * base_loss
+    kld, same_top = kld_and_same_top(model, eval_ids, base_log_probs)
+    print({"nf4": kld, "same_top": same_top})
+    # measured: KLD 0.179, same top 0.711
+    assert 0 < kld < 0.4 and same_top > 0.6

@@ -206,10 +206,10 @@ NOT_TORCH_ALLOCATED = ("decoder layer as read", "next decoder layer as read", "e
 
 @pytest.mark.parametrize("arch, method, intermediate, act_order", [
     ("llama", "gptq", 768, False), ("phi3", "gptq", 768, False), ("llama", "rtn", 768, False),
-    # K = 2048 and 4096 for down_proj: its K x K Hessian is most of the peak (the solver before the in-place
-    # factorisation held three of them: 4096 would fail the bound)
+    # K = 2048 for down_proj: its K x K Hessian is 17 MB of a 48 MB peak, so a second K x K buffer (the solver
+    # before the in-place factorisation held three) fails the 0.8 bound. (K = 4096 passes too, but the
+    # profiler's events of that run cost 100 s and 7 GB of host memory.)
     ("llama", "gptq", 2048, True), ("phi3", "nf4", 2048, False),
-    ("llama", "gptq", 4096, False),
 ])
 def test_prediction_matches_the_engines_allocated_peak(tmp_path, arch, method, intermediate, act_order):
     """Quantize a small bf16 model on the CPU under the profiler: the predicted peak of torch-allocated
