@@ -29,7 +29,7 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from quantize.plan import GiB, PlanSettings, model_shape, peaks, quantize_phases  # noqa: E402
+from lowbit.quantize.plan import GiB, PlanSettings, model_shape, peaks, quantize_phases  # noqa: E402
 
 PHI4_CONFIG = {
     "architectures": ["Phi3ForCausalLM"],

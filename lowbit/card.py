@@ -134,7 +134,7 @@ def _size_section(manifest: dict) -> str:
 
 
 def _eval_section(manifest: dict, base_model: str | None) -> str:
-    from evals.report import report_markdown
+    from lowbit.evals.report import report_markdown
 
     report = manifest.get("eval")
     if not isinstance(report, dict):

@@ -148,9 +148,9 @@ def quantize(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
-    from calibration.windows import CalibrationConfig
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
-    from quantize.writer import parse_size
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.quantize.writer import parse_size
 
     try:
         parse_size(max_shard_size)
@@ -166,7 +166,7 @@ def quantize(
                                 static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                 true_sequential=true_sequential, double_quant=double_quant, skip=skip)
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
-        from calibration.sources import default_calibration
+        from lowbit.calibration.sources import default_calibration
 
         calibration = default_calibration()
     calib = None
@@ -196,8 +196,8 @@ def inspect(
 ) -> None:
     """Show what a checkpoint is; with --verify, check it against its manifest and config (exit 7 on a mismatch)."""
     from lowbit.errors import VerifyError
-    from lowbit.inspect import summarize
-    from lowbit.inspect import verify as verify_checkpoint
+    from lowbit.checkpoint_info import summarize
+    from lowbit.checkpoint_info import verify as verify_checkpoint
 
     summary = summarize(folder)
     problems = verify_checkpoint(folder) if verify else None
@@ -229,7 +229,7 @@ def print_summary(summary) -> None:
         ("created", summary.created),
     ]
     if summary.eval:
-        from evals.report import report_rows
+        from lowbit.evals.report import report_rows
 
         rows += [(f"eval: {metric}", value) for metric, value in report_rows(summary.eval)]
     width = max(len(key) for key, _ in rows)
@@ -259,14 +259,14 @@ def eval_command(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
 ) -> None:
     """Score QUANTIZED against its base on the same windows; exit 1 when a gate fails."""
-    from evals.evaluate import EvalOptions, evaluate
-    from evals.report import Gates, attach_to_manifest, check_gates, report_table
-    from quantize.manifest import MANIFEST, read_manifest
+    from lowbit.evals.evaluate import EvalOptions, evaluate
+    from lowbit.evals.report import Gates, attach_to_manifest, check_gates, report_table
+    from lowbit.manifest import MANIFEST, read_manifest
 
     is_lowbit = (quantized / MANIFEST).is_file()
     revision = None
     if base is None:
-        from evals.evaluate import default_base
+        from lowbit.evals.evaluate import default_base
         from lowbit.errors import UsageError
 
         if not is_lowbit:
@@ -394,8 +394,8 @@ def plan(
 ) -> None:
     """Predict peak GPU and host memory of quantizing and evaluating MODEL; exit 1 when it does not fit."""
     from lowbit.errors import GateFailed, UsageError
-    from quantize.plan import PlanSettings, plan as make_plan, read_config, render
-    from quantize.writer import parse_size
+    from lowbit.quantize.plan import PlanSettings, plan as make_plan, read_config, render
+    from lowbit.quantize.writer import parse_size
 
     limits = {}
     for name, text in (("--gpu", gpu), ("--host-memory", host_memory)):

@@ -36,17 +36,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from calibration.sources import NAMED_CORPORA, default_calibration
-from calibration.windows import CalibrationConfig
-from evals.evaluate import EvalOptions, evaluate
-from evals.report import Gates, attach_to_manifest, check_gates
+from lowbit.calibration.sources import NAMED_CORPORA, default_calibration
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.evals.evaluate import EvalOptions, evaluate
+from lowbit.evals.report import Gates, attach_to_manifest, check_gates
 from lowbit.errors import LowbitError, OutputExistsError, UsageError
 from lowbit.hub import PushOptions, hub_endpoint, push_folder, validate_repo_id
 from lowbit.redact import register_secret
-from quantize.driver import RunOptions, quantize_model
-from quantize.settings import METHODS, QuantizeSettings
-from quantize.manifest import MANIFEST, read_manifest
-from quantize.writer import parse_size, sha256_file, write_json
+from lowbit.quantize.driver import RunOptions, quantize_model
+from lowbit.quantize.settings import METHODS, QuantizeSettings
+from lowbit.manifest import read_manifest, update_manifest
+from lowbit.quantize.writer import parse_size
+from lowbit.files import sha256_file
 
 RUN = "run"  # the manifest key holding each stage's record
 EVAL_DATASETS = ("wikitext2", "c4")  # named evaluation corpora; anything else is a path
@@ -304,10 +305,7 @@ def manifest_or_none(folder: Path) -> dict | None:
 
 def record_stage(folder: Path, stage: str, record: dict) -> dict:
     """Store one stage's record in manifest["run"] (rewritten atomically); returns the manifest."""
-    manifest = read_manifest(folder)
-    manifest[RUN] = {**(manifest.get(RUN) or {}), stage: record}
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    return update_manifest(folder, RUN, {**(read_manifest(folder).get(RUN) or {}), stage: record})
 
 
 # ---- the stages ----

@@ -13,11 +13,12 @@ import shutil
 from dataclasses import asdict
 
 from lowbit import __version__
-from quantize.checkpoint import SafetensorsCheckpoint
-from quantize.manifest import CALIBRATION_FILE, MANIFEST
-from quantize.nf4 import BnbConfig, bnb_quantization_config
-from quantize.settings import QuantizeSettings
-from quantize.writer import PendingTensor, parse_size, sha256_file, write_json, write_sharded
+from lowbit.files import sha256_file, write_json
+from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
+from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.writer import PendingTensor, parse_size, write_sharded
 
 TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -62,8 +63,6 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
         if file.is_file() and TOKENIZER_FILES.match(file.name):
             shutil.copyfile(file, work / file.name)
     if windows is not None:
-        from calibration.windows import save_windows
-
         save_windows(work / CALIBRATION_FILE, windows)
     for file in sorted(work.iterdir()):
         if file.is_file() and file.name not in files and file.name != MANIFEST:
@@ -75,9 +74,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
     quantized_bytes = sum(layer_files.info(n).nbytes for n in layer_names
                           if _module_of(n) in quantized_modules and not n.endswith(".bias"))
     manifest = {
-        "format": "lowbit-manifest",
-        "version": 1,
-        "tool": {"name": "lowbit", "version": __version__},
+        **manifest_header(),
         "created": progress["created"],
         "method": settings.method,
         "settings": asdict(settings),
@@ -96,7 +93,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
         "bits_per_weight": round(8 * quantized_bytes / max(quantized_weights, 1), 4),
         "eval": None,
     }
-    write_json(work / MANIFEST, manifest)
+    write_manifest(work, manifest)
     shutil.rmtree(progress_dir)
     return manifest
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import CorruptInputError, UsageError
+from lowbit.network import local_only, offline_hint
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -76,8 +77,6 @@ def resolve_model(name: str, revision: str | None = None, token: str | None = No
 def _download_from_hub(repo_id: str, revision: str | None, token: str | None) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from lowbit.network import local_only, offline_hint
 
     cache_only = local_only()
     try:

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError, UsageError
-from quantize.arch import Architecture, architecture_of
-from quantize.assemble import assemble
-from quantize.checkpoint import (
+from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.quantize.assemble import assemble
+from lowbit.quantize.checkpoint import (
     ModelSource,
     SafetensorsCheckpoint,
     check_remote_code,
@@ -31,12 +31,13 @@ from quantize.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.nf4 import BnbConfig, quantize_bnb
-from quantize.pack import pack_gptq_v1
-from quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
-from quantize.settings import METHODS, QuantizeSettings
-from quantize.stream import (
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
+from lowbit.quantize.pack import pack_gptq_v1
+from lowbit.quantize.plan import PlanSettings, should_offload_calibration
+from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
+from lowbit.quantize.settings import METHODS, QuantizeSettings
+from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
     embed_windows,
@@ -52,7 +53,7 @@ from quantize.stream import (
     run_mlp_residual,
     steps_match_layer,
 )
-from quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
+from lowbit.quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
 
@@ -156,7 +157,7 @@ def quantize_model(
     model: str,
     output: Path,
     settings: QuantizeSettings,
-    calibration=None,  # calibration.windows.CalibrationConfig, or None (rtn, plain nf4)
+    calibration=None,  # lowbit.calibration.windows.CalibrationConfig (anything with .build(tokenizer)), or None
     options: RunOptions = RunOptions(),
     on_progress: ProgressFn | None = None,
 ) -> QuantizeResult:
@@ -244,13 +245,11 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
 def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
     from transformers import AutoTokenizer
 
-    from calibration.windows import build_calibration
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the tokenizer of {source.name}: {str(e).splitlines()[0]}") from None
-    return build_calibration(calibration, tokenizer)
+    return calibration.build(tokenizer)
 
 
 def _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress, report) -> None:
@@ -313,7 +312,6 @@ def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, dev
     """Activations to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
     if device.type != "cuda":
         return False
-    from quantize.plan import PlanSettings, should_offload_calibration
 
     plan = PlanSettings(method=settings.method, bits=settings.bits, group_size=settings.group_size,
                         true_sequential=settings.true_sequential, nsamples=windows.shape[0], seqlen=windows.shape[1],

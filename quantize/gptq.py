@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
-from quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
+from lowbit.quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
+from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
 
 log = logging.getLogger("lowbit")
 

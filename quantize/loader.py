@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.arch import architecture_of, tied_embeddings
-from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.nf4 import dequantize_bnb
-from quantize.pack import unpack_gptq_v1
+from lowbit.quantize.arch import architecture_of, tied_embeddings
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.nf4 import dequantize_bnb
+from lowbit.quantize.pack import unpack_gptq_v1
+from lowbit.quantize.stream import build_skeleton, load_config, load_weights
 
 GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
 BNB_STATE_KEY = "weight.quant_state.bitsandbytes__"
@@ -141,8 +142,6 @@ def load_dequantized_model(folder: Path, dtype: torch.dtype = torch.float32, dev
 
     A multimodal checkpoint gives its language model alone (a `*ForCausalLM`, as lowbit evaluates it).
     """
-    from quantize.stream import build_skeleton, load_config, load_weights
-
     weights = DenseWeights(folder)
     config = load_config(folder)
     config.quantization_config = None

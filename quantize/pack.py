@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError
-from quantize.gptq import QuantizedWeight
+from lowbit.quantize.gptq import QuantizedWeight
 
 LOW_32_BITS = 0xFFFFFFFF
 CHUNK_VALUES = 2**22  # codes packed at once: bounds the int64 temporaries to ~100 MB whatever the matrix

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from lowbit.errors import UsageError
-from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
-from quantize.arch import LINEAR_GROUPS, layer_norm_params, text_config, tied_embeddings
+from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
+from lowbit.quantize.arch import LINEAR_GROUPS, layer_norm_params, text_config, tied_embeddings
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -589,7 +589,7 @@ def read_config(model: str, revision: str | None = None, token: str | None = Non
     """config.json of a local folder, or of a Hub repo (that file alone is downloaded)."""
     from pathlib import Path
 
-    from quantize.checkpoint import REPO_ID, load_config_dict
+    from lowbit.quantize.checkpoint import REPO_ID, load_config_dict
 
     path = Path(model).expanduser()
     if path.is_dir():

@@ -12,7 +12,7 @@ from lowbit.cli import app
 from lowbit.errors import OutputExistsError
 from lowbit.hub import files_to_push
 from lowbit.recipe import load_recipe, run_recipe
-from quantize.manifest import MANIFEST
+from lowbit.manifest import MANIFEST
 from tests.conftest import save_tiny_model
 from tests.fake_hub import FAKE_TOKEN, FAKE_USER
 

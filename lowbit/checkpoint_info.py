@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import LowbitError, UsageError
-from quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
-from quantize.manifest import MANIFEST, read_manifest
-from quantize.writer import sha256_file
+from lowbit.files import sha256_file
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
+from lowbit.manifest import MANIFEST, read_manifest
 
 BNB_BLOCKSIZE = 64  # what transformers always quantizes with
 BNB_NESTED_BLOCKSIZE = 256
@@ -126,7 +126,7 @@ def file_problems(folder: Path, files) -> list[str]:
 
 
 def tensor_problems(folder: Path) -> list[str]:
-    from quantize.arch import architecture_of
+    from lowbit.quantize.arch import architecture_of
 
     config = load_config_dict(folder)
     expected, optional = expected_tensors(folder, config)
@@ -156,8 +156,8 @@ def _describe(dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> str:
 
 def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
     """Every tensor the config implies, and the names that may be absent (a tied lm_head)."""
-    from quantize.arch import architecture_of
-    from quantize.stream import build_skeleton, load_config
+    from lowbit.quantize.arch import architecture_of
+    from lowbit.quantize.stream import build_skeleton, load_config
 
     check_remote_code(config, str(folder), trust_remote_code=False)
     arch = architecture_of(config, SafetensorsCheckpoint(folder).names())
