@@ -35,7 +35,8 @@ from lowbit.evals.contamination import contamination_report
 from lowbit.evals.datasets import eval_windows, load_eval_text
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import architecture_of
-from lowbit.quantize.checkpoint import hub_token, load_config_dict, resolve_model
+from lowbit.quantize.checkpoint import load_config_dict, resolve_model
+from lowbit.network import hub_token
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, load_windows, read_manifest
 from lowbit.quantize.loader import DenseWeights
 from lowbit.quantize.plan import PlanSettings, should_offload_eval

@@ -23,7 +23,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lowbit.errors import LowbitError
-from lowbit.redact import redact, register_secret
+from lowbit.network import hub_token
+from lowbit.redact import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize LLMs to 4 bits shard by shard, verify them, publish them.")
@@ -423,15 +424,6 @@ def plan(
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)
-
-
-def hub_token(explicit: str | None = None) -> str | None:
-    import os
-
-    token = explicit or os.environ.get("HF_TOKEN") or None
-    if token:
-        register_secret(token)
-    return token
 
 
 if __name__ == "__main__":

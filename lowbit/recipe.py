@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from lowbit.calibration.sources import NAMED_CORPORA, default_calibration
@@ -42,7 +41,7 @@ from lowbit.evals.evaluate import EvalOptions, evaluate
 from lowbit.evals.report import Gates, attach_to_manifest, check_gates
 from lowbit.errors import LowbitError, OutputExistsError, UsageError
 from lowbit.hub import PushOptions, hub_endpoint, push_folder, validate_repo_id
-from lowbit.redact import register_secret
+from lowbit.network import hub_token
 from lowbit.quantize.driver import RunOptions, quantize_model
 from lowbit.quantize.settings import METHODS, QuantizeSettings
 from lowbit.manifest import read_manifest, update_manifest
@@ -87,17 +86,6 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
-class PushSection:
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    create_pr: bool = False
-    commit_message: str | None = None
-    base_model: str | None = None
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
 class Recipe:
     path: Path
     model: ModelSection
@@ -105,7 +93,7 @@ class Recipe:
     run_options: RunOptions  # device, dtype, max_shard_size (token and force are added when running)
     calibration: CalibrationConfig | None
     eval: EvalSection | None
-    push: PushSection | None
+    push: PushOptions | None  # the token is added when running
     output: Path
 
 
@@ -231,7 +219,7 @@ def eval_section(table: dict | None, folder: Path, path: Path) -> EvalSection | 
     return EvalSection(dataset, EvalOptions(**table), gates)
 
 
-def push_section(table: dict | None, path: Path) -> PushSection | None:
+def push_section(table: dict | None, path: Path) -> PushOptions | None:
     if table is None:
         return None
     require("repo_id" in table, path, "push.repo_id", "is required")
@@ -244,7 +232,7 @@ def push_section(table: dict | None, path: Path) -> PushSection | None:
             validate_repo_id(table["base_model"])
         except UsageError as e:
             raise UsageError(f"{path}: push.base_model: {e}") from None
-    return PushSection(**table)
+    return PushOptions(**table)
 
 
 def resolve_path(value: str, folder: Path) -> Path:
@@ -375,9 +363,7 @@ def push_stage(recipe: Recipe, dry_run: bool, force: bool, token: str | None,
     if recipe.push is None:
         return {"stage": "skipped"}
     push, output = recipe.push, recipe.output
-    options = PushOptions(repo_id=push.repo_id, private=push.private, revision=push.revision,
-                          create_pr=push.create_pr, commit_message=push.commit_message, token=token,
-                          dry_run=dry_run or push.dry_run, base_model=push.base_model)
+    options = replace(push, token=token, dry_run=dry_run or push.dry_run)
     manifest = read_manifest(output)
     inputs = stable_hash({"repo_id": push.repo_id, "revision": push.revision, "create_pr": push.create_pr,
                           "base_model": push.base_model,
@@ -402,9 +388,7 @@ def run_recipe(path: Path, dry_run_push: bool = False, force: bool = False, on_p
                on_event: Callable[[str], None] | None = None) -> dict:
     """Run the recipe's stages; the summary says what each did. A failed gate is in the summary, not raised."""
     recipe = load_recipe(path)
-    token = os.environ.get("HF_TOKEN") or None
-    if token:
-        register_secret(token)
+    token = hub_token()
     quantized = quantize_stage(recipe, token, force, on_progress)
     evaluated = eval_stage(recipe, force, on_progress)
     if evaluated["passed"] is False:

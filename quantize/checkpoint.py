@@ -9,7 +9,6 @@ before anything is computed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -310,6 +309,3 @@ def load_config_dict(folder: Path) -> dict:
         raise CorruptInputError(f"config.json in {folder} is not a JSON object")
     return config
 
-
-def hub_token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None
