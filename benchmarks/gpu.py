@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from lowbit.calibration.windows import CalibrationConfig  # noqa: E402
 from lowbit.evals.evaluate import EvalOptions, evaluate  # noqa: E402
 from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model  # noqa: E402
-from lowbit.quantize.plan import GiB, PlanSettings, model_shape, peaks, quantize_phases  # noqa: E402
+from lowbit.quantize.arch import model_shape  # noqa: E402
+from lowbit.quantize.plan import GiB, PlanSettings, peaks, quantize_phases  # noqa: E402
 from markdown import replace_section  # noqa: E402
 from scale import PHI4_CONFIG, shrunk, write_truncated_checkpoint  # noqa: E402
 

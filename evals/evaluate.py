@@ -39,7 +39,8 @@ from lowbit.quantize.checkpoint import load_config_dict, resolve_model
 from lowbit.network import hub_token
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, load_windows, read_manifest
 from lowbit.quantize.loader import DenseWeights
-from lowbit.quantize.plan import PlanSettings, should_offload_eval
+from lowbit.quantize.fit import should_offload_eval
+from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.stream import (
     Activations,
     build_skeleton,

@@ -395,7 +395,10 @@ def plan(
 ) -> None:
     """Predict peak GPU and host memory of quantizing and evaluating MODEL; exit 1 when it does not fit."""
     from lowbit.errors import GateFailed, UsageError
-    from lowbit.quantize.plan import PlanSettings, plan as make_plan, read_config, render
+    from lowbit.plan_view import render
+    from lowbit.quantize.checkpoint import read_config
+    from lowbit.quantize.fit import plan as make_plan
+    from lowbit.quantize.plan import PlanSettings
     from lowbit.quantize.writer import parse_size
 
     limits = {}

@@ -34,7 +34,8 @@ from lowbit.quantize.checkpoint import (
 from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
 from lowbit.quantize.pack import pack_gptq_v1
-from lowbit.quantize.plan import PlanSettings, should_offload_calibration
+from lowbit.quantize.fit import should_offload_calibration
+from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
 from lowbit.quantize.settings import METHODS, QuantizeSettings
 from lowbit.quantize.stream import (

@@ -17,7 +17,7 @@ from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.loader import DenseWeights, load_dequantized_model
-from lowbit.quantize.plan import model_shape
+from lowbit.quantize.arch import model_shape
 from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import byte_tokenizer, gemma3_text_config
 from tests.test_gemma3 import reference_loss

@@ -11,15 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from lowbit.cli import app
+from lowbit.quantize.arch import model_shape
+from lowbit.quantize.fit import plan, should_offload_calibration
 from lowbit.quantize.plan import (
     GiB,
     PlanSettings,
     eval_phases,
-    model_shape,
     peaks,
-    plan,
     quantize_phases,
-    should_offload_calibration,
 )
 
 PHI4 = {
