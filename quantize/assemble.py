@@ -57,7 +57,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
 
     quantization_config = _quantization_config(settings, config, arch)
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
-    if settings.method in ("gptq", "rtn"):
+    if settings.gptq_format:
         write_json(work / "quantize_config.json", quantization_config)
     for file in sorted(source.folder.iterdir()):
         if file.is_file() and TOKENIZER_FILES.match(file.name):
@@ -113,7 +113,7 @@ def _numel(shape) -> int:
 
 
 def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
-    if settings.method in ("gptq", "rtn"):
+    if settings.gptq_format:
         quantization = {
             "quant_method": "gptq",
             "bits": settings.bits,
@@ -135,6 +135,6 @@ def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict
     skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
                       for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
+    bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]
     return bnb_quantization_config(bnb, skip, compute_dtype=source_dtype)

@@ -99,10 +99,8 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
     consume_hessian: the solver may work in the Hessian's buffer (one K x K matrix, not two); the caller
     must not use it afterwards. The stats then carry the output error, which needs H.
     """
-    if settings.method in ("gptq", "rtn"):
-        config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                            act_order=settings.act_order, static_groups=settings.static_groups,
-                            scale_search=settings.scale_search, damp=settings.damp)
+    if settings.gptq_format:
+        config = GPTQConfig.from_settings(settings)
 
         def solve_uniform(weight, hessian, bias, consume_hessian=False):
             if settings.method == "rtn" or hessian is None:  # RTN leaves the Hessian as it is
@@ -114,8 +112,7 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
 
         return solve_uniform
 
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
-                    scale_search=settings.scale_search)
+    bnb = BnbConfig.from_settings(settings)
 
     def solve_bnb(weight, hessian, bias, consume_hessian=False):
         tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian, consume_hessian)
@@ -233,7 +230,7 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
             if full not in reader:
                 raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
             n, k = reader.info(full).shape
-            if settings.method not in ("gptq", "rtn"):
+            if not settings.gptq_format:
                 continue
             if settings.group_size > 0 and k % settings.group_size:
                 raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
@@ -314,9 +311,8 @@ def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, dev
     if device.type != "cuda":
         return False
 
-    plan = PlanSettings(method=settings.method, bits=settings.bits, group_size=settings.group_size,
-                        true_sequential=settings.true_sequential, nsamples=windows.shape[0], seqlen=windows.shape[1],
-                        device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size())
+    plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1], device="cuda",
+                                      compute_bytes=torch.empty((), dtype=dtype).element_size())
     free, _ = torch.cuda.mem_get_info(device)
     return should_offload_calibration(config, plan, free)
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import ModelShape, model_shape
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
 from lowbit.quantize.plan import (
     ALLOCATOR_SLACK,
     GiB,
@@ -51,7 +52,7 @@ def check_settings(shape: ModelShape, s: PlanSettings) -> None:
     for name in ("nsamples", "seqlen", "eval_windows", "eval_seqlen", "eval_chunk"):
         if getattr(s, name) < 1:
             raise UsageError(f"{name} must be at least 1")
-    if s.method in ("gptq", "rtn") and s.group_size != -1:
+    if s.method in GPTQ_FORMAT_METHODS and s.group_size != -1:
         bad = [l.name for l in shape.linears if l.in_features % s.group_size]
         if bad:
             raise UsageError(f"group size {s.group_size} does not divide in_features of {bad[0]}")

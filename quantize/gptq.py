@@ -19,6 +19,7 @@ from torch import Tensor
 from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
+from lowbit.quantize.settings import QuantizeSettings
 
 log = logging.getLogger("lowbit")
 
@@ -34,6 +35,11 @@ class GPTQConfig:
     scale_search: bool = False  # each group's clipping chosen by the error weighted by diag(H)
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128
+
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings) -> "GPTQConfig":
+        return cls(bits=settings.bits, group_size=settings.group_size, sym=settings.sym, act_order=settings.act_order,
+                   static_groups=settings.static_groups, scale_search=settings.scale_search, damp=settings.damp)
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 8):

@@ -49,6 +49,7 @@ from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.hessian_factor import damped_inverse_factor_
+from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings
 
 log = logging.getLogger("lowbit")
 
@@ -65,8 +66,13 @@ class BnbConfig:
     damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
     scale_search: bool = False  # only for calibrated: each block's absmax chosen by the diag(H)-weighted error
 
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings) -> "BnbConfig":
+        return cls(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
+                   scale_search=settings.scale_search)
+
     def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
+        if self.quant_type not in BNB_METHODS:
             raise UsageError(f"quant type must be nf4 or fp4, not {self.quant_type!r}")
         if self.blocksize not in VALID_BLOCKSIZES:
             raise UsageError(f"block size must be one of {VALID_BLOCKSIZES}, not {self.blocksize}")

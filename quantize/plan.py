@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, QuantizeSettings, uses_activations
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -55,9 +56,15 @@ class PlanSettings:
             return self.compute_bytes
         return FLOAT32 if self.device == "cpu" else 2
 
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings, **run) -> PlanSettings:
+        """What the plan needs of QUANTIZE's settings, with the run's (windows, device, ...) as keywords."""
+        return cls(method=settings.method, bits=settings.bits, group_size=settings.group_size,
+                   true_sequential=settings.true_sequential, **run)
+
     @property
     def uses_activations(self) -> bool:
-        return self.method == "gptq" or (self.method in ("nf4", "fp4") and self.calibrated)
+        return uses_activations(self.method, self.calibrated)
 
 
 @dataclass
@@ -81,7 +88,7 @@ class Peak:
 def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
     """Bytes on disk of one quantized Linear (without bias), as the driver writes it."""
     n, k = linear.out_features, linear.in_features
-    if s.method in ("gptq", "rtn"):
+    if s.method in GPTQ_FORMAT_METHODS:
         groups = 1 if s.group_size == -1 else k // s.group_size
         return n * k * s.bits // 8 + groups * n * s.bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
     blocks = n * k // 64  # double quantization: uint8 absmax per block, float32 per 256 blocks, nested code book

@@ -6,6 +6,14 @@ import re
 from dataclasses import dataclass, replace
 
 METHODS = ("gptq", "rtn", "nf4", "fp4")
+GPTQ_FORMAT_METHODS = ("gptq", "rtn")  # written as GPTQ v1: packed integer codes on a uniform grid
+BNB_METHODS = ("nf4", "fp4")  # written as bitsandbytes 4-bit
+
+
+def uses_activations(method: str, calibrated: bool) -> bool:
+    """Whether a run of METHOD collects Hessians from calibration activations (GPTQ always; NF4/FP4 when
+    calibrated; RTN only for its scale search, which QuantizeSettings.calibrated decides)."""
+    return method == "gptq" or (method in BNB_METHODS and calibrated)
 
 
 @dataclass(frozen=True)
@@ -26,6 +34,10 @@ class QuantizeSettings:
     double_quant: bool = True  # nf4/fp4
     skip: str | None = None  # regex of module names kept in 16-bit (nf4/fp4)
 
+    @property
+    def gptq_format(self) -> bool:
+        return self.method in GPTQ_FORMAT_METHODS
+
     def is_skipped(self, module: str) -> bool:
         return self.skip is not None and re.search(self.skip, module) is not None
 
@@ -34,7 +46,7 @@ class QuantizeSettings:
         rtn when given calibration for its scale search (plain RTN ignores calibration)."""
         if self.method == "rtn":
             return has_calibration and self.scale_search
-        return self.method == "gptq" or (self.method in ("nf4", "fp4") and has_calibration)
+        return uses_activations(self.method, has_calibration)
 
     def resolved(self, has_calibration: bool) -> QuantizeSettings:
         """The settings as the run applies them: no scale search where there is no Hessian to weigh it."""
