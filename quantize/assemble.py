@@ -16,6 +16,7 @@ from lowbit import __version__
 from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.job import QuantizeJob
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.writer import PendingTensor, parse_size, write_sharded
@@ -26,9 +27,12 @@ TOKENIZER_FILES = re.compile(
 )
 
 
-def assemble(work, progress_dir, source, config, arch, reader, settings, options, calibration_info,
-              windows, progress, report) -> dict:
+def assemble(job: QuantizeJob) -> dict:
     """Stream every tensor into the final shards and write config, tokenizer and manifest."""
+    work, progress_dir, source, config, arch, reader = (job.work, job.progress_dir, job.source, job.config, job.arch,
+                                                        job.reader)
+    settings, calibration_info, windows, progress, report = (job.settings, job.calibration_info, job.windows,
+                                                             job.progress, job.report)
     for stale in work.iterdir():  # what a run killed while assembling had written
         if stale.is_file():
             stale.unlink()
@@ -52,7 +56,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
 
     total = sum(len(u) for u in units)
     written = iter(range(1, total + 1))
-    files = write_sharded(work, units, parse_size(options.max_shard_size),
+    files = write_sharded(work, units, parse_size(job.options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
     quantization_config = _quantization_config(settings, config, arch)
