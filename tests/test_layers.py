@@ -136,6 +136,11 @@ def test_a_base_module_that_imports_upward_fails(tmp_path):
     assert problems == [f"{synthetic}:1: lowbit.manifest (base) imports lowbit.quantize.writer (quantize)"]
 
 
+def test_no_module_is_over_400_lines():
+    long = {str(f.relative_to(REPO)): n for f in modules().values() if (n := len(f.read_text().splitlines())) > 400}
+    assert long == {}
+
+
 def third_party_imports() -> dict[str, str]:
     """Top-level third-party module -> a file importing it, over the whole library."""
     found = {}
