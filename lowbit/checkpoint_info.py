@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from lowbit.errors import LowbitError, UsageError
 from lowbit.files import sha256_file
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
 from lowbit.manifest import MANIFEST, read_manifest
-
-BNB_BLOCKSIZE = 64  # what transformers always quantizes with
-BNB_NESTED_BLOCKSIZE = 256
+from lowbit.quantize.nf4 import expected_tensors as bnb_expected
+from lowbit.quantize.pack import expected_tensors as gptq_expected
 
 # name -> (dtype, shape); shape None: any 1-D length (bitsandbytes' serialized quant state)
 Expected = dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]]
@@ -203,29 +201,10 @@ def quantized_modules(arch, quant: dict) -> set[str]:
 
 
 def gptq_tensors(n: int, k: int, quant: dict) -> Expected:
-    """GPTQ v1 tensors of a Linear [N, K]: qweight [K*b/32, N], qzeros [groups, N*b/32], scales, g_idx [K]."""
-    bits, group_size = quant.get("bits", 4), quant.get("group_size", 128)
-    groups = 1 if group_size in (-1, None) else math.ceil(k / group_size)
-    return {
-        "qweight": (torch.int32, (k * bits // 32, n)),
-        "qzeros": (torch.int32, (groups, n * bits // 32)),
-        "scales": (torch.float16, (groups, n)),
-        "g_idx": (torch.int32, (k,)),
-    }
+    """GPTQ v1 tensors of a Linear [N, K], from the checkpoint's quantization_config."""
+    return gptq_expected(n, k, quant.get("bits", 4), quant.get("group_size", 128))
 
 
 def bnb_tensors(n: int, k: int, quant: dict) -> Expected:
-    """bitsandbytes 4-bit tensors of a Linear [N, K]: two codes a byte, one absmax per 64 values."""
-    blocks = math.ceil(n * k / BNB_BLOCKSIZE)
-    double_quant = bool(quant.get("bnb_4bit_use_double_quant"))
-    quant_type = quant.get("bnb_4bit_quant_type", "nf4")
-    tensors: Expected = {
-        "weight": (torch.uint8, ((n * k + 1) // 2, 1)),
-        "weight.absmax": (torch.uint8 if double_quant else torch.float32, (blocks,)),
-        "weight.quant_map": (torch.float32, (16,)),
-        f"weight.quant_state.bitsandbytes__{quant_type}": (torch.uint8, None),
-    }
-    if double_quant:
-        tensors["weight.nested_absmax"] = (torch.float32, (math.ceil(blocks / BNB_NESTED_BLOCKSIZE),))
-        tensors["weight.nested_quant_map"] = (torch.float32, (256,))
-    return tensors
+    """bitsandbytes 4-bit tensors of a Linear [N, K], from the checkpoint's quantization_config."""
+    return bnb_expected(n, k, quant.get("bnb_4bit_quant_type", "nf4"), bool(quant.get("bnb_4bit_use_double_quant")))

@@ -12,12 +12,12 @@ import re
 import shutil
 from dataclasses import asdict
 
-from lowbit import __version__
 from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.job import QuantizeJob
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
+from lowbit.quantize.pack import quantization_config as gptq_quantization_config
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.writer import PendingTensor, parse_size, write_sharded
 
@@ -118,24 +118,7 @@ def _numel(shape) -> int:
 
 def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
     if settings.gptq_format:
-        quantization = {
-            "quant_method": "gptq",
-            "bits": settings.bits,
-            "group_size": settings.group_size,
-            # act-order with static groups keeps groups in column order: g_idx is k // group_size
-            "desc_act": settings.act_order and not settings.static_groups,
-            "sym": settings.sym,
-            "checkpoint_format": "gptq",
-            "damp_percent": settings.damp,
-            "true_sequential": settings.true_sequential,
-            "static_groups": settings.static_groups,
-            "lm_head": False,
-            "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
-        }
-        if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
-            quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
-            quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]
-        return quantization
+        return gptq_quantization_config(settings, arch)
     skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
                       for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"

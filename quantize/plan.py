@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
+from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
+from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, QuantizeSettings, uses_activations
 
 GiB = 2**30
@@ -89,11 +91,8 @@ def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
     """Bytes on disk of one quantized Linear (without bias), as the driver writes it."""
     n, k = linear.out_features, linear.in_features
     if s.method in GPTQ_FORMAT_METHODS:
-        groups = 1 if s.group_size == -1 else k // s.group_size
-        return n * k * s.bits // 8 + groups * n * s.bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
-    blocks = n * k // 64  # double quantization: uint8 absmax per block, float32 per 256 blocks, nested code book
-    absmax = blocks + (blocks // 256 + 1) * 4 + 256 * 4
-    return n * k // 2 + absmax + 16 * 4 + 200  # codes, absmax, quant_map, quant_state json
+        return gptq_linear_bytes(n, k, s.bits, s.group_size)
+    return bnb_linear_bytes(n, k)
 
 
 def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
@@ -128,7 +127,7 @@ def nf4_solver_bytes(linear: Linear) -> int:
     W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
     nk = linear.weights * FLOAT32
     return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear),
-                                                           scale_search_bytes(linear, 64, temporaries=4))
+                                                           scale_search_bytes(linear, BNB_BLOCKSIZE, temporaries=4))
 
 
 def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 3) -> int:
