@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 from lowbit.console import (check_choice, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
 from lowbit.network import hub_token
+from lowbit.quantize.settings import BITS, METHODS, valid_group_size
 from lowbit.redact import redact
 
 log = logging.getLogger("lowbit")
@@ -77,8 +78,8 @@ def quantize(
         parse_size(max_shard_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
-    check_choice("--bits", bits, (2, 3, 4, 8))
-    if group_size != -1 and group_size < 1:
+    check_choice("--bits", bits, BITS)
+    if not valid_group_size(group_size):
         raise typer.BadParameter("must be -1 or positive", param_hint="--group-size")
     if scale_search and calibration is None and method != "gptq":
         raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
@@ -327,7 +328,7 @@ def plan(
             limits[name] = parse_size(text) if text is not None else None
         except ValueError:
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
-    for name, value, choices in (("--method", method, ("gptq", "rtn", "nf4", "fp4")), ("--bits", bits, (2, 3, 4, 8))):
+    for name, value, choices in (("--method", method, METHODS), ("--bits", bits, BITS)):
         if value not in choices:
             raise UsageError(f"{name}: {value} is not one of {', '.join(map(str, choices))}")
     settings = PlanSettings(method=method, bits=bits, group_size=group_size, true_sequential=true_sequential,

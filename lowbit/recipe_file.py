@@ -16,7 +16,7 @@ from lowbit.evals.evaluate import EvalOptions
 from lowbit.evals.report import Gates
 from lowbit.hub import PushOptions, validate_repo_id
 from lowbit.quantize.driver import RunOptions
-from lowbit.quantize.settings import METHODS, QuantizeSettings
+from lowbit.quantize.settings import BITS, METHODS, QuantizeSettings, bits_text, valid_group_size
 from lowbit.quantize.writer import parse_size
 
 EVAL_DATASETS = ("wikitext2", "c4")  # named evaluation corpora; anything else is a path
@@ -141,8 +141,8 @@ def build_recipe(tables: dict, path: Path) -> Recipe:
 
 def check_quantize(settings: QuantizeSettings, run_options: RunOptions, path: Path) -> None:
     require(settings.method in METHODS, path, "quantize.method", f"must be one of {', '.join(METHODS)}")
-    require(settings.bits in (2, 3, 4, 8), path, "quantize.bits", "must be 2, 3, 4 or 8")
-    require(settings.group_size == -1 or settings.group_size >= 1, path, "quantize.group_size",
+    require(settings.bits in BITS, path, "quantize.bits", f"must be {bits_text()}")
+    require(valid_group_size(settings.group_size), path, "quantize.group_size",
             "must be -1 or positive")
     require(0 < settings.damp < 1, path, "quantize.damp", "must be between 0 and 1")
     require(run_options.dtype in DTYPES, path, "quantize.dtype", f"must be one of {', '.join(DTYPES)}")

@@ -6,8 +6,18 @@ import re
 from dataclasses import dataclass, replace
 
 METHODS = ("gptq", "rtn", "nf4", "fp4")
+BITS = (2, 3, 4, 8)  # of the uniform grid (gptq, rtn); nf4/fp4 are 4-bit
 GPTQ_FORMAT_METHODS = ("gptq", "rtn")  # written as GPTQ v1: packed integer codes on a uniform grid
 BNB_METHODS = ("nf4", "fp4")  # written as bitsandbytes 4-bit
+
+
+def bits_text() -> str:
+    return ", ".join(map(str, BITS[:-1])) + f" or {BITS[-1]}"
+
+
+def valid_group_size(group_size: int) -> bool:
+    """-1 (one group over all input columns) or a positive number of columns."""
+    return group_size == -1 or group_size >= 1
 
 
 def uses_activations(method: str, calibrated: bool) -> bool:
