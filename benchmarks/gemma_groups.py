@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantize.gptq import GPTQConfig, rtn_quantize
+from lowbit.quantize.gptq import GPTQConfig, rtn_quantize
 
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

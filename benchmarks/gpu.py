@@ -29,10 +29,11 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
-from calibration.windows import CalibrationConfig  # noqa: E402
-from evals.evaluate import EvalOptions, evaluate  # noqa: E402
-from quantize.driver import QuantizeSettings, RunOptions, quantize_model  # noqa: E402
-from quantize.plan import GiB, PlanSettings, model_shape, peaks, quantize_phases  # noqa: E402
+from lowbit.calibration.windows import CalibrationConfig  # noqa: E402
+from lowbit.evals.evaluate import EvalOptions, evaluate  # noqa: E402
+from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model  # noqa: E402
+from lowbit.quantize.arch import model_shape  # noqa: E402
+from lowbit.quantize.plan import GiB, PlanSettings, peaks, quantize_phases  # noqa: E402
 from markdown import replace_section  # noqa: E402
 from scale import PHI4_CONFIG, shrunk, write_truncated_checkpoint  # noqa: E402
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
-    from quantize.stream import pick_device
+    from lowbit.quantize.stream import pick_device
 
     device = pick_device(args.device)
     calibration_source = args.calibration if Path(args.calibration).exists() else "pydoc"

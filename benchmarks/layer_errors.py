@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.nf4 import BnbConfig, quantize_bnb
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
 
 C4 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c4" / "c4-sample.jsonl"
 
@@ -39,8 +39,8 @@ class LinearInputs:
 
 def c4_windows(tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Two sets of nsamples windows from the two halves of the c4 sample's token stream: never overlapping."""
-    from calibration.sources import read_text_source
-    from calibration.windows import sample_windows, tokenize_documents
+    from lowbit.calibration.sources import read_text_source
+    from lowbit.calibration.windows import sample_windows, tokenize_documents
 
     tokens = tokenize_documents(read_text_source(str(C4)).documents, tokenizer)
     half = len(tokens) // 2

@@ -151,7 +151,7 @@ def child_ppl(kind: str, model: str, evaluation: str, top_out: str = "", base_to
 
     if kind == "lowbit":
         sys.path.insert(0, str(REPO))
-        from quantize.loader import load_dequantized_model
+        from lowbit.quantize.loader import load_dequantized_model
 
         loaded = load_dequantized_model(Path(model), dtype=torch.float32)
     else:

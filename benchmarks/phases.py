@@ -32,25 +32,25 @@ C4 = REPO.parent / "shared" / "data" / "c4" / "c4-sample.jsonl"
 
 # (module, attribute, phase): functions or methods whose time is the phase's
 PHASES = [
-    ("quantize.driver", "_calibration_windows", "tokenize calibration windows"),
-    ("quantize.driver", "embed_windows", "embed windows"),
-    ("quantize.checkpoint:SafetensorsCheckpoint", "read_prefix", "read layer weights"),
-    ("quantize.driver", "load_weights", "load weights (dtype conversion)"),
-    ("quantize.driver", "run_layer_until", "window passes"),
-    ("quantize.driver", "run_layer", "window passes"),
-    ("quantize.driver", "run_attention_residual", "window passes"),
-    ("quantize.driver", "run_mlp_residual", "window passes"),
-    ("quantize.driver", "steps_match_layer", "window passes"),
-    ("quantize.driver:HessianAccumulator", "add", "Hessian accumulation"),
-    ("quantize.driver:HessianAccumulator", "result", "Hessian accumulation"),
-    ("quantize.gptq", "inverse_hessian_factor", "solve: Cholesky and inverse"),
-    ("quantize.gptq", "gptq_sweep", "solve: column sweep"),
-    ("quantize.driver", "_solve_linear", "solve: rest (copies, grid, dequantize)"),
-    ("quantize.driver", "pack_gptq_v1", "solve: packing"),
-    ("quantize.driver", "relative_output_error", "solve: error check"),
-    ("quantize.driver", "save_layer", "save layer progress"),
-    ("quantize.driver", "release_free_heap", "save layer progress"),
-    ("quantize.driver", "assemble", "write output shards"),
+    ("lowbit.quantize.driver", "_calibration_windows", "tokenize calibration windows"),
+    ("lowbit.quantize.driver", "embed_windows", "embed windows"),
+    ("lowbit.quantize.checkpoint:SafetensorsCheckpoint", "read_prefix", "read layer weights"),
+    ("lowbit.quantize.driver", "load_weights", "load weights (dtype conversion)"),
+    ("lowbit.quantize.driver", "run_layer_until", "window passes"),
+    ("lowbit.quantize.driver", "run_layer", "window passes"),
+    ("lowbit.quantize.driver", "run_attention_residual", "window passes"),
+    ("lowbit.quantize.driver", "run_mlp_residual", "window passes"),
+    ("lowbit.quantize.driver", "steps_match_layer", "window passes"),
+    ("lowbit.quantize.driver:HessianAccumulator", "add", "Hessian accumulation"),
+    ("lowbit.quantize.driver:HessianAccumulator", "result", "Hessian accumulation"),
+    ("lowbit.quantize.gptq", "inverse_hessian_factor", "solve: Cholesky and inverse"),
+    ("lowbit.quantize.gptq", "gptq_sweep", "solve: column sweep"),
+    ("lowbit.quantize.driver", "_solve_linear", "solve: rest (copies, grid, dequantize)"),
+    ("lowbit.quantize.solve", "pack_gptq_v1", "solve: packing"),
+    ("lowbit.quantize.driver", "relative_output_error", "solve: error check"),
+    ("lowbit.quantize.driver", "save_layer", "save layer progress"),
+    ("lowbit.quantize.driver", "release_free_heap", "save layer progress"),
+    ("lowbit.quantize.driver", "assemble", "write output shards"),
 ]
 
 
@@ -108,8 +108,8 @@ def git_commit() -> str:
 def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group_size: int, true_sequential: bool) -> dict:
     import torch
 
-    from calibration.windows import CalibrationConfig
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
 
     clock = PhaseClock()
     wrapped = install(clock)
@@ -138,7 +138,7 @@ def first_layers(model: Path, layers: int, work: Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from quantize.checkpoint import SafetensorsCheckpoint
+    from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 
     folder = work / f"{model.name}-{layers}L"
     if (folder / "model.safetensors").exists():

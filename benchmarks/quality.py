@@ -108,8 +108,9 @@ def prepare_windows(model: Path, cache: Path, args) -> tuple[Path, Path]:
     """Calibration windows as `lowbit quantize` draws them, and the wikitext-2 test windows, saved once per model."""
     from transformers import AutoTokenizer
 
-    from calibration.windows import CalibrationConfig, build_calibration, save_windows
-    from evals.datasets import eval_windows, load_eval_text
+    from lowbit.calibration.windows import CalibrationConfig, build_calibration
+    from lowbit.manifest import save_windows
+    from lowbit.evals.datasets import eval_windows, load_eval_text
 
     calibration = cache / f"calibration-{args.calibration}-{args.nsamples}x{args.seqlen}.json"
     evaluation = cache / f"evaluation-wikitext2-{args.eval_windows}x{args.eval_seqlen}.json"
@@ -188,7 +189,7 @@ def score(tool: str, folder: Path, evaluation: Path, base_top: Path, args, model
     scores = {"ppl": result["ppl"], "same_top": result.get("same_top"), "eval_seconds": result["seconds"],
               "eval_cpu_seconds": result["cpu_seconds"]}
     if args.kld and tool == "lowbit":
-        code = ("import json,sys; sys.path.insert(0, %r); from evals.evaluate import EvalOptions, evaluate; "
+        code = ("import json,sys; sys.path.insert(0, %r); from lowbit.evals.evaluate import EvalOptions, evaluate; "
                 "r = evaluate(%r, %r, 'wikitext2', EvalOptions(seqlen=%d, max_windows=%d, device='cpu')); "
                 "print(json.dumps({'kld': r['kld'], 'same_top': r['same_top'], 'ppl': r['ppl_quantized']}))"
                 % (str(REPO), str(target), str(model), args.eval_seqlen, args.eval_windows))

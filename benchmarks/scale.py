@@ -29,7 +29,8 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from quantize.plan import GiB, PlanSettings, model_shape, peaks, quantize_phases  # noqa: E402
+from lowbit.quantize.arch import model_shape  # noqa: E402
+from lowbit.quantize.plan import GiB, PlanSettings, peaks, quantize_phases  # noqa: E402
 
 PHI4_CONFIG = {
     "architectures": ["Phi3ForCausalLM"],

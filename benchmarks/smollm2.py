@@ -64,9 +64,9 @@ def evaluate_all(folders: dict[str, Path], args) -> dict[str, dict]:
     """Score every model against the base on the same windows; base hidden states computed once."""
     from transformers import AutoTokenizer
 
-    from evals.datasets import eval_windows, load_eval_text
-    from evals.evaluate import EvalOptions, final_hidden_states, score
-    from quantize.loader import DenseWeights
+    from lowbit.evals.datasets import eval_windows, load_eval_text
+    from lowbit.evals.evaluate import EvalOptions, final_hidden_states, score
+    from lowbit.quantize.loader import DenseWeights
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     text, provenance = load_eval_text("wikitext2")

@@ -44,9 +44,6 @@ LOCAL_CORPUS_FILES = {
     "wikitext2": "wikitext-2-raw/wiki.test.raw",
 }
 
-# The folder above the `calibration` package; tests may point it elsewhere.
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 C4_REPO = "allenai/c4"
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
@@ -118,10 +115,13 @@ def documents_of_file(path: Path, raw: bytes) -> list[str]:
 
 
 def local_data_dirs() -> list[Path]:
-    """Where local corpora may live: $LOWBIT_DATA_DIR, else ../shared/data from the cwd and from the repo root."""
+    """Where local corpora may live: $LOWBIT_DATA_DIR, else ../shared/data from the working directory.
+
+    Never relative to this file: installed, it lies in site-packages.
+    """
     if os.environ.get("LOWBIT_DATA_DIR"):
         return [Path(os.environ["LOWBIT_DATA_DIR"])]
-    return [Path.cwd() / ".." / "shared" / "data", REPO_ROOT / ".." / "shared" / "data"]
+    return [Path.cwd() / ".." / "shared" / "data"]
 
 
 def find_local_corpus(name: str) -> Path | None:

@@ -10,16 +10,13 @@ the text is short); any text of at least one window is usable.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from calibration.sources import read_text_source
-from lowbit.errors import CorruptInputError, UsageError
+from lowbit.calibration.sources import read_text_source
+from lowbit.errors import UsageError
 
 # With --chat-template every document becomes one assistant answer to a
 # neutral request, so the model is calibrated on its chat format
@@ -34,6 +31,10 @@ class CalibrationConfig:
     seqlen: int = 2048
     seed: int = 0
     chat_template: bool = False
+
+    def build(self, tokenizer) -> tuple[Tensor, dict]:
+        """The windows and their provenance: what the quantizer asks of its calibration."""
+        return build_calibration(self, tokenizer)
 
 
 def token_ids(text: str, tokenizer) -> list[int]:
@@ -82,29 +83,6 @@ def windows_sha256(windows: Tensor) -> str:
     header = f"{rows}x{columns}\n".encode("ascii")
     body = windows.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
     return hashlib.sha256(header + body).hexdigest()
-
-
-def save_windows(path: Path, windows: Tensor) -> None:
-    """Write {"windows": [[ids...], ...]} to path via a temporary file renamed into place."""
-    path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"windows": windows.tolist()}, separators=(",", ":")))
-    os.replace(temporary, path)
-
-
-def load_windows(path: Path) -> Tensor:
-    """The [nsamples, seqlen] int64 windows saved by save_windows."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"calibration windows file not found: {path}")
-    try:
-        windows = json.loads(path.read_text(encoding="utf-8"))["windows"]
-        tensor = torch.tensor(windows, dtype=torch.int64)
-    except (ValueError, KeyError, TypeError):
-        raise CorruptInputError(f"{path} is not a calibration windows file") from None
-    if tensor.dim() != 2 or tensor.numel() == 0:
-        raise CorruptInputError(f"{path} does not hold a non-empty list of equal-length windows")
-    return tensor
 
 
 def build_calibration(config: CalibrationConfig, tokenizer) -> tuple[Tensor, dict]:

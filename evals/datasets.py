@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from calibration.sources import (
+from lowbit.calibration.sources import (
     C4_REPO,
     C4_VALIDATION_FILE,
     WIKITEXT2_FILES,

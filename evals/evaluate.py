@@ -31,14 +31,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from evals.contamination import contamination_report
-from evals.datasets import eval_windows, load_eval_text
+from lowbit.evals.contamination import contamination_report
+from lowbit.evals.datasets import eval_windows, load_eval_text
 from lowbit.errors import UsageError
-from quantize.arch import architecture_of
-from quantize.checkpoint import hub_token, load_config_dict, resolve_model
-from quantize.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
-from quantize.loader import DenseWeights
-from quantize.stream import (
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import load_config_dict, resolve_model
+from lowbit.network import hub_token
+from lowbit.manifest import CALIBRATION_FILE, MANIFEST, load_windows, read_manifest
+from lowbit.quantize.loader import DenseWeights
+from lowbit.quantize.fit import should_offload_eval
+from lowbit.quantize.plan import PlanSettings
+from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
     embed_windows,
@@ -93,7 +96,6 @@ def should_offload(config: dict, windows: Tensor, chunk_tokens: int, dtype: torc
     """Hidden states to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
     if device.type != "cuda":
         return False
-    from quantize.plan import PlanSettings, should_offload_eval
 
     plan = PlanSettings(device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size(),
                         eval_windows=windows.shape[0], eval_seqlen=windows.shape[1], eval_chunk=chunk_tokens,
@@ -314,7 +316,6 @@ def load_tokenizer(folder: Path):
 
 def calibration_contamination(quantized: Path, tokenizer, eval_text: str) -> dict | None:
     """N-gram overlap of the saved calibration windows with the evaluation text; None without that file."""
-    from calibration.windows import load_windows
 
     file = quantized / CALIBRATION_FILE
     if not file.exists():

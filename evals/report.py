@@ -12,8 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from quantize.manifest import MANIFEST, read_manifest
-from quantize.writer import write_json
+from lowbit.manifest import update_manifest
 
 
 @dataclass(frozen=True)
@@ -153,6 +152,4 @@ def attach_to_manifest(quantized: Path, report: dict) -> None:
 
     The manifest lists no checksum of itself, so no other entry changes.
     """
-    manifest = read_manifest(quantized)
-    manifest["eval"] = {**report, "markdown": report_markdown(report)}
-    write_json(Path(quantized) / MANIFEST, manifest)
+    update_manifest(quantized, "eval", {**report, "markdown": report_markdown(report)})

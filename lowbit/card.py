@@ -18,6 +18,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from lowbit.error_plot import ERROR_MEANING, LAYER_ERRORS_FILE, layer_errors
 from lowbit.error_plot import layer_error_svg as heat_map_svg
+from lowbit.quantize.settings import BNB_METHODS
 
 __all__ = ["LAYER_ERRORS_FILE", "build_model_card", "card_tags", "layer_error_svg", "layer_errors"]
 
@@ -27,7 +28,6 @@ _METHOD_NAMES = {
     "nf4": "bitsandbytes NF4",
     "fp4": "bitsandbytes FP4",
 }
-_BNB_METHODS = ("nf4", "fp4")
 # Settings that mean nothing for a method, left out of its card (the manifest keeps them all).
 _NOT_FOR = {
     "gptq": {"double_quant", "skip"},
@@ -69,7 +69,7 @@ def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None
 def card_tags(manifest: dict) -> list[str]:
     method = manifest.get("method", "gptq")
     tags = ["lowbit", method, f"{_bits(manifest)}-bit"]
-    tags += ["bitsandbytes"] if method in _BNB_METHODS else ["gptq"]
+    tags += ["bitsandbytes"] if method in BNB_METHODS else ["gptq"]
     return list(dict.fromkeys(tags))  # unique, in order
 
 
@@ -100,7 +100,7 @@ def card_settings(manifest: dict) -> list[tuple[str, object]]:
     """(setting, value) rows: the method first, then each setting of that method once."""
     method = manifest.get("method", "?")
     left_out = {"method"} | _NOT_FOR.get(method, set())
-    if method in _BNB_METHODS and not isinstance(manifest.get("calibration"), dict):
+    if method in BNB_METHODS and not isinstance(manifest.get("calibration"), dict):
         left_out |= _CALIBRATED_ONLY
     settings = manifest.get("settings") or {}
     return [("method", method)] + sorted((k, v) for k, v in settings.items() if k not in left_out)
@@ -134,7 +134,7 @@ def _size_section(manifest: dict) -> str:
 
 
 def _eval_section(manifest: dict, base_model: str | None) -> str:
-    from evals.report import report_markdown
+    from lowbit.evals.report import report_markdown
 
     report = manifest.get("eval")
     if not isinstance(report, dict):
@@ -158,7 +158,7 @@ def public_report(report: dict, base_model: str | None) -> dict:
 
 def _usage_section(manifest: dict, repo_id: str | None) -> str:
     model = repo_id or "path/to/this/folder"
-    is_bnb = manifest.get("method") in _BNB_METHODS
+    is_bnb = manifest.get("method") in BNB_METHODS
     install = "pip install -U transformers bitsandbytes" if is_bnb else "pip install -U transformers gptqmodel optimum"
     vllm_args = f'model="{model}", quantization="bitsandbytes"' if is_bnb else f'model="{model}"'
     return f"""## Use it

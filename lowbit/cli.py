@@ -7,32 +7,24 @@ stderr. Errors the user can act on print one line and exit with their code
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import sys
-import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from lowbit.errors import LowbitError
-from lowbit.redact import redact, register_secret
+from lowbit.console import (check_choice, handle_errors, print_json, progress_bar, progress_callback,
+                            quiet_third_parties, state, stderr, stdout)
+from lowbit.network import hub_token
+from lowbit.quantize.settings import BITS, METHODS, valid_group_size
+from lowbit.redact import redact
+
+log = logging.getLogger("lowbit")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize LLMs to 4 bits shard by shard, verify them, publish them.")
-# soft_wrap: a message is one line, however narrow the (absent) terminal
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
-state = {"verbose": False, "quiet": False}
-log = logging.getLogger("lowbit")
-
 
 @app.callback()
 def main(
@@ -44,76 +36,6 @@ def main(
     handler = RichHandler(console=stderr, show_time=False, show_path=False)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     quiet_third_parties(verbose)
-
-
-# Loggers of libraries that warn about things that are not the user's business here.
-# bitsandbytes: at import, a multi-line note that an optional CPU matmul kernel (which lowbit never runs) is absent.
-THIRD_PARTY_NOISE = ("bitsandbytes.backends.cpu.ops",)
-
-
-def quiet_third_parties(verbose: bool) -> None:
-    """Every log line once, through our handler; known noise only with --verbose.
-
-    huggingface_hub gives its root logger a handler of its own, so its warnings would
-    print twice (once there, once through ours): drop it and let them propagate.
-    """
-    from huggingface_hub.utils import logging as hf_logging
-
-    hf_logger = hf_logging.get_logger()
-    for own in list(hf_logger.handlers):
-        hf_logger.removeHandler(own)
-    hf_logger.propagate = True
-    for name in THIRD_PARTY_NOISE:
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
-
-
-def handle_errors(command):
-    """One line and a distinct exit code for every failure; a traceback only with --verbose."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except LowbitError as e:
-            stderr.print(f"[red]error:[/red] {escape(redact(str(e)))}", highlight=False, markup=True)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            stderr.print("interrupted: re-run the same command to resume")
-            raise typer.Exit(130) from None
-        except MemoryError:
-            stderr.print("[red]error:[/red] out of host memory (see `lowbit plan` for settings that fit)")
-            raise typer.Exit(5) from None
-        except (typer.Exit, click.exceptions.ClickException, typer.BadParameter):
-            raise
-        except Exception as e:  # a bug: still one line, the traceback with --verbose
-            if state["verbose"]:
-                stderr.print(redact(traceback.format_exc()), markup=False, highlight=False)
-            message = redact(f"{type(e).__name__}: {e}".splitlines()[0])
-            stderr.print(f"[red]internal error:[/red] {escape(message)} (run with --verbose for details)", markup=True)
-            raise typer.Exit(70) from None
-
-    return wrapper
-
-
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=stderr, disable=state["quiet"], transient=False)
-
-
-def progress_callback(progress: Progress):
-    """Adapt the library's on_progress(stage, done, total) to rich tasks, one per stage."""
-    tasks: dict[str, int] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done, total=total)
-
-    return update
-
-
-def print_json(data: dict) -> None:
-    sys.stdout.write(redact(json.dumps(data, indent=2, default=str)) + "\n")
 
 
 @app.command()
@@ -148,16 +70,16 @@ def quantize(
     json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
-    from calibration.windows import CalibrationConfig
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
-    from quantize.writer import parse_size
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.quantize.writer import parse_size
 
     try:
         parse_size(max_shard_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
-    check_choice("--bits", bits, (2, 3, 4, 8))
-    if group_size != -1 and group_size < 1:
+    check_choice("--bits", bits, BITS)
+    if not valid_group_size(group_size):
         raise typer.BadParameter("must be -1 or positive", param_hint="--group-size")
     if scale_search and calibration is None and method != "gptq":
         raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
@@ -166,7 +88,7 @@ def quantize(
                                 static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                 true_sequential=true_sequential, double_quant=double_quant, skip=skip)
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
-        from calibration.sources import default_calibration
+        from lowbit.calibration.sources import default_calibration
 
         calibration = default_calibration()
     calib = None
@@ -196,8 +118,8 @@ def inspect(
 ) -> None:
     """Show what a checkpoint is; with --verify, check it against its manifest and config (exit 7 on a mismatch)."""
     from lowbit.errors import VerifyError
-    from lowbit.inspect import summarize
-    from lowbit.inspect import verify as verify_checkpoint
+    from lowbit.checkpoint_info import summarize
+    from lowbit.checkpoint_info import verify as verify_checkpoint
 
     summary = summarize(folder)
     problems = verify_checkpoint(folder) if verify else None
@@ -229,7 +151,7 @@ def print_summary(summary) -> None:
         ("created", summary.created),
     ]
     if summary.eval:
-        from evals.report import report_rows
+        from lowbit.evals.report import report_rows
 
         rows += [(f"eval: {metric}", value) for metric, value in report_rows(summary.eval)]
     width = max(len(key) for key, _ in rows)
@@ -259,14 +181,14 @@ def eval_command(
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the report as JSON to PATH ('-' for stdout)."),
 ) -> None:
     """Score QUANTIZED against its base on the same windows; exit 1 when a gate fails."""
-    from evals.evaluate import EvalOptions, evaluate
-    from evals.report import Gates, attach_to_manifest, check_gates, report_table
-    from quantize.manifest import MANIFEST, read_manifest
+    from lowbit.evals.evaluate import EvalOptions, evaluate
+    from lowbit.evals.report import Gates, attach_to_manifest, check_gates, report_table
+    from lowbit.manifest import MANIFEST, read_manifest
 
     is_lowbit = (quantized / MANIFEST).is_file()
     revision = None
     if base is None:
-        from evals.evaluate import default_base
+        from lowbit.evals.evaluate import default_base
         from lowbit.errors import UsageError
 
         if not is_lowbit:
@@ -394,8 +316,11 @@ def plan(
 ) -> None:
     """Predict peak GPU and host memory of quantizing and evaluating MODEL; exit 1 when it does not fit."""
     from lowbit.errors import GateFailed, UsageError
-    from quantize.plan import PlanSettings, plan as make_plan, read_config, render
-    from quantize.writer import parse_size
+    from lowbit.plan_view import render
+    from lowbit.quantize.checkpoint import read_config
+    from lowbit.quantize.fit import plan as make_plan
+    from lowbit.quantize.plan import PlanSettings
+    from lowbit.quantize.writer import parse_size
 
     limits = {}
     for name, text in (("--gpu", gpu), ("--host-memory", host_memory)):
@@ -403,7 +328,7 @@ def plan(
             limits[name] = parse_size(text) if text is not None else None
         except ValueError:
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
-    for name, value, choices in (("--method", method, ("gptq", "rtn", "nf4", "fp4")), ("--bits", bits, (2, 3, 4, 8))):
+    for name, value, choices in (("--method", method, METHODS), ("--bits", bits, BITS)):
         if value not in choices:
             raise UsageError(f"{name}: {value} is not one of {', '.join(map(str, choices))}")
     settings = PlanSettings(method=method, bits=bits, group_size=group_size, true_sequential=true_sequential,
@@ -418,20 +343,6 @@ def plan(
             stdout.print(line, markup=False, highlight=False, soft_wrap=True)
     if not result["fits"]:
         raise GateFailed("does not fit" + (": see the suggestions" if result["suggestions"] else ""))
-
-
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)
-
-
-def hub_token(explicit: str | None = None) -> str | None:
-    import os
-
-    token = explicit or os.environ.get("HF_TOKEN") or None
-    if token:
-        register_secret(token)
-    return token
 
 
 if __name__ == "__main__":

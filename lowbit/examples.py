@@ -100,7 +100,7 @@ def build_gemma3(output: Path, dtype: str = "bfloat16", max_shard_size: str = "2
 
 def comparison_lines(checkpoint: Path, baseline: Path) -> list[str]:
     """Both checkpoints' eval figures, side by side (they must have been scored on the same windows)."""
-    from quantize.manifest import read_manifest
+    from lowbit.manifest import read_manifest
 
     rows = []
     for folder in (checkpoint, baseline):

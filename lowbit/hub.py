@@ -39,7 +39,7 @@ from lowbit import __version__
 from lowbit.card import LAYER_ERRORS_FILE, build_model_card, layer_error_svg, layer_errors
 from lowbit.errors import HubError, UsageError
 from lowbit.redact import redact, register_secret
-from quantize.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
+from lowbit.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
 
 CARD_FILE = "README.md"
 log = logging.getLogger("lowbit")

@@ -14,6 +14,8 @@ import os
 import socket
 from urllib.parse import urlsplit
 
+from lowbit.redact import register_secret
+
 PROBE_SECONDS = 2.0
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
@@ -21,6 +23,15 @@ PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "AL
 
 def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or DEFAULT_ENDPOINT
+
+
+def hub_token(explicit: str | None = None) -> str | None:
+    """The token to send: the one given, else HF_TOKEN, else None (huggingface_hub then uses the stored login).
+    Registered as a secret, so that no output shows it."""
+    token = explicit or os.environ.get("HF_TOKEN") or None
+    if token:
+        register_secret(token)
+    return token
 
 
 def hub_offline() -> bool:

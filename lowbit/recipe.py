@@ -1,7 +1,7 @@
 """`lowbit run RECIPE.toml`: quantize -> eval (with gates) -> push, from one file a CI job keeps.
 
 A recipe is TOML with the tables [model], [quantize], [calibration], [eval]
-(with [eval.gates]), [push] and [output]; `SCHEMA` below lists every key.
+(with [eval.gates]), [push] and [output]; `SCHEMA` in lowbit/recipe_file.py lists every key.
 Relative paths resolve against the recipe's folder. The Hub token comes only
 from HF_TOKEN, never from the file.
 
@@ -30,234 +30,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tomllib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from calibration.sources import NAMED_CORPORA, default_calibration
-from calibration.windows import CalibrationConfig
-from evals.evaluate import EvalOptions, evaluate
-from evals.report import Gates, attach_to_manifest, check_gates
-from lowbit.errors import LowbitError, OutputExistsError, UsageError
-from lowbit.hub import PushOptions, hub_endpoint, push_folder, validate_repo_id
-from lowbit.redact import register_secret
-from quantize.driver import RunOptions, quantize_model
-from quantize.settings import METHODS, QuantizeSettings
-from quantize.manifest import MANIFEST, read_manifest
-from quantize.writer import parse_size, sha256_file, write_json
+from lowbit.errors import LowbitError, OutputExistsError
+from lowbit.evals.evaluate import evaluate
+from lowbit.evals.report import attach_to_manifest, check_gates
+from lowbit.files import sha256_file
+from lowbit.hub import hub_endpoint, push_folder
+from lowbit.manifest import read_manifest, update_manifest
+from lowbit.network import hub_token
+from lowbit.quantize.driver import quantize_model
+from lowbit.recipe_file import Recipe, load_recipe
 
 RUN = "run"  # the manifest key holding each stage's record
-EVAL_DATASETS = ("wikitext2", "c4")  # named evaluation corpora; anything else is a path
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-# Every key a recipe may hold, with its TOML type; a nested dict is a sub-table.
-SCHEMA: dict[str, dict] = {
-    "model": {"source": str, "revision": str},
-    "quantize": {
-        "method": str, "bits": int, "group_size": int, "act_order": bool, "sym": bool, "damp": float,
-        "static_groups": bool, "scale_search": bool, "true_sequential": bool, "double_quant": bool, "skip": str,
-        "device": str, "dtype": str, "max_shard_size": str,
-    },
-    "calibration": {"source": str, "nsamples": int, "seqlen": int, "seed": int, "chat_template": bool},
-    "eval": {
-        "dataset": str, "seqlen": int, "max_windows": int, "device": str, "dtype": str, "chunk_tokens": int,
-        "gates": {"max_ppl_delta": float, "max_ppl_ratio": float, "max_kld": float, "min_same_top": float},
-    },
-    "push": {"repo_id": str, "private": bool, "revision": str, "create_pr": bool, "commit_message": str,
-             "base_model": str, "dry_run": bool},
-    "output": {"dir": str},
-}  # fmt: skip
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    source: str  # an absolute folder path, or a Hub repo id
-    revision: str | None = None
-
-
-@dataclass(frozen=True)
-class EvalSection:
-    dataset: str = "wikitext2"
-    options: EvalOptions = EvalOptions()
-    gates: Gates = Gates()
-
-
-@dataclass(frozen=True)
-class PushSection:
-    repo_id: str
-    private: bool = False
-    revision: str | None = None
-    create_pr: bool = False
-    commit_message: str | None = None
-    base_model: str | None = None
-    dry_run: bool = False
-
-
-@dataclass(frozen=True)
-class Recipe:
-    path: Path
-    model: ModelSection
-    settings: QuantizeSettings
-    run_options: RunOptions  # device, dtype, max_shard_size (token and force are added when running)
-    calibration: CalibrationConfig | None
-    eval: EvalSection | None
-    push: PushSection | None
-    output: Path
-
-
-# ---- reading a recipe ----
-
-
-def load_recipe(path: Path) -> Recipe:
-    """Parse and validate RECIPE.toml; UsageError naming the key for anything wrong."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"recipe not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read recipe {path}: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path} is not valid TOML: {e}") from None
-    tables = check_table(data, SCHEMA, "", path)
-    for required in ("model", "output"):
-        if required not in tables:
-            raise UsageError(f"{path}: the recipe has no {required} table")  # no brackets: the CLI prints rich markup
-    return build_recipe(tables, path)
-
-
-def check_table(table, schema: dict, name: str, recipe: Path) -> dict:
-    """The table itself, once every key is known and every value has its type."""
-    if not isinstance(table, dict):
-        raise UsageError(f"{recipe}: {name} must be a table")
-    for key, value in table.items():
-        full = f"{name}.{key}" if name else key
-        if full == "push.token":
-            raise UsageError(f"{recipe}: push.token is not allowed: the token is read from HF_TOKEN only")
-        if key not in schema:
-            raise UsageError(f"{recipe}: unknown key {full} (known: {', '.join(schema)})")
-        expected = schema[key]
-        if isinstance(expected, dict):
-            check_table(value, expected, full, recipe)
-        elif not has_type(value, expected):
-            raise UsageError(f"{recipe}: {full} must be {TYPE_NAMES[expected]}, not {value!r}")
-    return table
-
-
-def has_type(value, expected: type) -> bool:
-    if expected is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-def require(condition: bool, recipe: Path, key: str, message: str) -> None:
-    if not condition:
-        raise UsageError(f"{recipe}: {key} {message}")
-
-
-def build_recipe(tables: dict, path: Path) -> Recipe:
-    folder = path.resolve().parent
-    model = tables["model"]
-    require("source" in model, path, "model.source", "is required")
-    output = tables["output"]
-    require("dir" in output, path, "output.dir", "is required")
-    quantize = dict(tables.get("quantize", {}))
-    run_keys = ("device", "dtype", "max_shard_size")
-    run_options = RunOptions(**{k: quantize.pop(k) for k in run_keys if k in quantize})
-    settings = QuantizeSettings(**quantize)
-    check_quantize(settings, run_options, path)
-    return Recipe(
-        path=path,
-        model=ModelSection(model_source(model["source"], folder), model.get("revision")),
-        settings=settings,
-        run_options=run_options,
-        calibration=calibration_section(tables.get("calibration"), settings, folder, path),
-        eval=eval_section(tables.get("eval"), folder, path),
-        push=push_section(tables.get("push"), path),
-        output=resolve_path(output["dir"], folder),
-    )
-
-
-def check_quantize(settings: QuantizeSettings, run_options: RunOptions, path: Path) -> None:
-    require(settings.method in METHODS, path, "quantize.method", f"must be one of {', '.join(METHODS)}")
-    require(settings.bits in (2, 3, 4, 8), path, "quantize.bits", "must be 2, 3, 4 or 8")
-    require(settings.group_size == -1 or settings.group_size >= 1, path, "quantize.group_size",
-            "must be -1 or positive")
-    require(0 < settings.damp < 1, path, "quantize.damp", "must be between 0 and 1")
-    require(run_options.dtype in DTYPES, path, "quantize.dtype", f"must be one of {', '.join(DTYPES)}")
-    try:
-        parse_size(run_options.max_shard_size)
-    except ValueError as e:
-        raise UsageError(f"{path}: quantize.max_shard_size: {e}") from None
-
-
-def calibration_section(table: dict | None, settings: QuantizeSettings, folder: Path,
-                        path: Path) -> CalibrationConfig | None:
-    """gptq without a calibration source uses `default_calibration()` (c4, else pydoc); rtn uses one only for
-    its scale search; nf4/fp4 are calibrated only when the table is there.
-    """
-    if settings.method == "rtn" and not settings.scale_search:
-        require(table is None, path, "calibration", "is not used by method rtn without scale_search: remove the table")
-        return None
-    if table is None and settings.method != "gptq":
-        return None
-    table = dict(table or {})
-    if "source" not in table:
-        table["source"] = default_calibration()
-    config = CalibrationConfig(**table)
-    require(config.nsamples >= 1, path, "calibration.nsamples", "must be at least 1")
-    require(config.seqlen >= 2, path, "calibration.seqlen", "must be at least 2")
-    source = config.source if config.source in NAMED_CORPORA else str(resolve_path(config.source, folder))
-    return CalibrationConfig(**{**asdict(config), "source": source})
-
-
-def eval_section(table: dict | None, folder: Path, path: Path) -> EvalSection | None:
-    if table is None:
-        return None
-    table = dict(table)
-    gates = Gates(**table.pop("gates", {}))
-    dataset = table.pop("dataset", "wikitext2")
-    if dataset not in EVAL_DATASETS:
-        dataset = str(resolve_path(dataset, folder))
-    require(table.get("dtype", "auto") in DTYPES, path, "eval.dtype", f"must be one of {', '.join(DTYPES)}")
-    for key, minimum in (("seqlen", 2), ("max_windows", 1), ("chunk_tokens", 1)):
-        require(table.get(key, minimum) >= minimum, path, f"eval.{key}", f"must be at least {minimum}")
-    return EvalSection(dataset, EvalOptions(**table), gates)
-
-
-def push_section(table: dict | None, path: Path) -> PushSection | None:
-    if table is None:
-        return None
-    require("repo_id" in table, path, "push.repo_id", "is required")
-    try:
-        validate_repo_id(table["repo_id"])
-    except UsageError as e:
-        raise UsageError(f"{path}: push.repo_id: {e}") from None
-    if "base_model" in table:
-        try:
-            validate_repo_id(table["base_model"])
-        except UsageError as e:
-            raise UsageError(f"{path}: push.base_model: {e}") from None
-    return PushSection(**table)
-
-
-def resolve_path(value: str, folder: Path) -> Path:
-    """A path as written in the recipe, relative to the recipe's folder; absolute paths stay."""
-    return (folder / Path(value).expanduser()).resolve()
-
-
-def model_source(value: str, folder: Path) -> str:
-    """A path when it starts with '.', '/' or '~' or names something next to the recipe; else a Hub repo id."""
-    if value.startswith((".", "/", "~")) or (folder / value).exists():
-        return str(resolve_path(value, folder))
-    return value
-
-
 # ---- hashes of stage inputs and outputs ----
 
 
@@ -304,10 +91,7 @@ def manifest_or_none(folder: Path) -> dict | None:
 
 def record_stage(folder: Path, stage: str, record: dict) -> dict:
     """Store one stage's record in manifest["run"] (rewritten atomically); returns the manifest."""
-    manifest = read_manifest(folder)
-    manifest[RUN] = {**(manifest.get(RUN) or {}), stage: record}
-    write_json(folder / MANIFEST, manifest)
-    return manifest
+    return update_manifest(folder, RUN, {**(read_manifest(folder).get(RUN) or {}), stage: record})
 
 
 # ---- the stages ----
@@ -334,8 +118,7 @@ def quantize_stage(recipe: Recipe, token: str | None, force: bool, on_progress: 
     if output.exists() and not force and (manifest is None or RUN not in manifest):
         raise OutputExistsError(f"output {output} exists and was not made by `lowbit run` (use --force to replace it)")
     # force=True: a recipe owns its output folder, and progress from other settings is stale
-    options = RunOptions(**{**asdict(recipe.run_options), "force": True, "revision": recipe.model.revision,
-                            "token": token})
+    options = replace(recipe.run_options, force=True, revision=recipe.model.revision, token=token)
     result = quantize_model(recipe.model.source, output, recipe.settings, recipe.calibration, options, on_progress)
     record_stage(output, "quantize", {"inputs": inputs, "stat": file_stats(output, result.manifest)})
     return {"stage": "done", "seconds": round(result.seconds, 2), "resumed_from_layer": result.resumed_from_layer}
@@ -377,9 +160,7 @@ def push_stage(recipe: Recipe, dry_run: bool, force: bool, token: str | None,
     if recipe.push is None:
         return {"stage": "skipped"}
     push, output = recipe.push, recipe.output
-    options = PushOptions(repo_id=push.repo_id, private=push.private, revision=push.revision,
-                          create_pr=push.create_pr, commit_message=push.commit_message, token=token,
-                          dry_run=dry_run or push.dry_run, base_model=push.base_model)
+    options = replace(push, token=token, dry_run=dry_run or push.dry_run)
     manifest = read_manifest(output)
     inputs = stable_hash({"repo_id": push.repo_id, "revision": push.revision, "create_pr": push.create_pr,
                           "base_model": push.base_model,
@@ -404,9 +185,7 @@ def run_recipe(path: Path, dry_run_push: bool = False, force: bool = False, on_p
                on_event: Callable[[str], None] | None = None) -> dict:
     """Run the recipe's stages; the summary says what each did. A failed gate is in the summary, not raised."""
     recipe = load_recipe(path)
-    token = os.environ.get("HF_TOKEN") or None
-    if token:
-        register_secret(token)
+    token = hub_token()
     quantized = quantize_stage(recipe, token, force, on_progress)
     evaluated = eval_stage(recipe, force, on_progress)
     if evaluated["passed"] is False:

@@ -192,3 +192,83 @@ def _text_prefix(name: str, tensor_names) -> str:
         if f"{prefix}embed_tokens.weight" in names:
             return prefix
     return candidates[0]
+
+
+# ---- the sizes memory depends on (lowbit plan), from config.json alone ----
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    out_features: int  # N
+    in_features: int  # K
+
+    @property
+    def weights(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory depends on, from config.json."""
+
+    architecture: str
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    source_bytes: int  # bytes per weight in the checkpoint
+    groups: tuple[tuple[Linear, ...], ...]  # one decoder layer's Linears; a group shares one input (and Hessian)
+    layer_other_params: int  # norms and biases of one decoder layer
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [linear for group in self.groups for linear in group]
+
+    @property
+    def layer_params(self) -> int:
+        return sum(linear.weights for linear in self.linears) + self.layer_other_params
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+
+def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every projection name lowbit knows."""
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {
+        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+        "self_attn.qkv_proj": (q + 2 * kv, hidden), "self_attn.o_proj": (hidden, q),
+        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
+        "mlp.gate_up_proj": (2 * intermediate, hidden), "mlp.down_proj": (hidden, intermediate),
+    }
+
+
+def model_shape(config: dict) -> ModelShape:
+    names = config.get("architectures") or []
+    if not names or names[0] not in LINEAR_GROUPS:
+        raise UsageError(f"unsupported architecture {names[0] if names else '(none)'} "
+                         f"(lowbit supports {', '.join(sorted(LINEAR_GROUPS))})")
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
+    tied = tied_embeddings(config)
+    config = text_config(config)  # a multimodal model's language model
+    try:
+        hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
+        heads, layers, vocab = int(config["num_attention_heads"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"config.json lacks a usable {e}") from None
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    shapes = _linear_shapes(hidden, intermediate, heads, kv_heads, head_dim)
+    groups = tuple(tuple(Linear(name, *shapes[name]) for name in group) for group in LINEAR_GROUPS[names[0]])
+    biased = names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias"))
+    biases = sum(shapes[n][0] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) if biased else 0
+    return ModelShape(
+        architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
+        tied=tied, source_bytes=DTYPE_BYTES.get(str(dtype), 2),
+        groups=groups, layer_other_params=layer_norm_params(names[0], hidden, head_dim) + biases,
+    )

@@ -12,12 +12,14 @@ import re
 import shutil
 from dataclasses import asdict
 
-from lowbit import __version__
-from quantize.checkpoint import SafetensorsCheckpoint
-from quantize.manifest import CALIBRATION_FILE, MANIFEST
-from quantize.nf4 import BnbConfig, bnb_quantization_config
-from quantize.settings import QuantizeSettings
-from quantize.writer import PendingTensor, parse_size, sha256_file, write_json, write_sharded
+from lowbit.files import sha256_file, write_json
+from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.job import QuantizeJob
+from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
+from lowbit.quantize.pack import quantization_config as gptq_quantization_config
+from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.writer import PendingTensor, parse_size, write_sharded
 
 TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|.*\.model|"
@@ -25,9 +27,12 @@ TOKENIZER_FILES = re.compile(
 )
 
 
-def assemble(work, progress_dir, source, config, arch, reader, settings, options, calibration_info,
-              windows, progress, report) -> dict:
+def assemble(job: QuantizeJob) -> dict:
     """Stream every tensor into the final shards and write config, tokenizer and manifest."""
+    work, progress_dir, source, config, arch, reader = (job.work, job.progress_dir, job.source, job.config, job.arch,
+                                                        job.reader)
+    settings, calibration_info, windows, progress, report = (job.settings, job.calibration_info, job.windows,
+                                                             job.progress, job.report)
     for stale in work.iterdir():  # what a run killed while assembling had written
         if stale.is_file():
             stale.unlink()
@@ -51,19 +56,17 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
 
     total = sum(len(u) for u in units)
     written = iter(range(1, total + 1))
-    files = write_sharded(work, units, parse_size(options.max_shard_size),
+    files = write_sharded(work, units, parse_size(job.options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
     quantization_config = _quantization_config(settings, config, arch)
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
-    if settings.method in ("gptq", "rtn"):
+    if settings.gptq_format:
         write_json(work / "quantize_config.json", quantization_config)
     for file in sorted(source.folder.iterdir()):
         if file.is_file() and TOKENIZER_FILES.match(file.name):
             shutil.copyfile(file, work / file.name)
     if windows is not None:
-        from calibration.windows import save_windows
-
         save_windows(work / CALIBRATION_FILE, windows)
     for file in sorted(work.iterdir()):
         if file.is_file() and file.name not in files and file.name != MANIFEST:
@@ -75,9 +78,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
     quantized_bytes = sum(layer_files.info(n).nbytes for n in layer_names
                           if _module_of(n) in quantized_modules and not n.endswith(".bias"))
     manifest = {
-        "format": "lowbit-manifest",
-        "version": 1,
-        "tool": {"name": "lowbit", "version": __version__},
+        **manifest_header(),
         "created": progress["created"],
         "method": settings.method,
         "settings": asdict(settings),
@@ -96,7 +97,7 @@ def assemble(work, progress_dir, source, config, arch, reader, settings, options
         "bits_per_weight": round(8 * quantized_bytes / max(quantized_weights, 1), 4),
         "eval": None,
     }
-    write_json(work / MANIFEST, manifest)
+    write_manifest(work, manifest)
     shutil.rmtree(progress_dir)
     return manifest
 
@@ -116,28 +117,11 @@ def _numel(shape) -> int:
 
 
 def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
-    if settings.method in ("gptq", "rtn"):
-        quantization = {
-            "quant_method": "gptq",
-            "bits": settings.bits,
-            "group_size": settings.group_size,
-            # act-order with static groups keeps groups in column order: g_idx is k // group_size
-            "desc_act": settings.act_order and not settings.static_groups,
-            "sym": settings.sym,
-            "checkpoint_format": "gptq",
-            "damp_percent": settings.damp,
-            "true_sequential": settings.true_sequential,
-            "static_groups": settings.static_groups,
-            "lm_head": False,
-            "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
-        }
-        if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
-            quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
-            quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]
-        return quantization
+    if settings.gptq_format:
+        return gptq_quantization_config(settings, arch)
     skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
                       for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp)
+    bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]
     return bnb_quantization_config(bnb, skip, compute_dtype=source_dtype)

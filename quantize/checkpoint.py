@@ -9,7 +9,6 @@ before anything is computed.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import CorruptInputError, UsageError
+from lowbit.network import local_only, offline_hint
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -68,23 +68,30 @@ def resolve_model(name: str, revision: str | None = None, token: str | None = No
         if not path.is_dir():
             raise UsageError(f"model must be a folder, not a file: {name}")
         return ModelSource(name=name, folder=path.resolve(), revision=revision)
-    if not REPO_ID.match(name) or name.startswith((".", "/")):
+    return _download_from_hub(hub_repo_id(name), revision, token)
+
+
+def hub_repo_id(name: str) -> str:
+    """NAME, when it is not a local path and can be a Hub repo id."""
+    if not REPO_ID.match(name):
         raise UsageError(f"model not found: {name} (no such folder, and not a Hub repo id)")
-    return _download_from_hub(name, revision, token)
+    return name
+
+
+def no_such_repo(repo_id: str) -> UsageError:
+    return UsageError(f"model not found: {repo_id} (no such Hub repo, or no access to it)")
 
 
 def _download_from_hub(repo_id: str, revision: str | None, token: str | None) -> ModelSource:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    from lowbit.network import local_only, offline_hint
-
     cache_only = local_only()
     try:
         folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS,
                                    local_files_only=cache_only)
     except RepositoryNotFoundError:
-        raise UsageError(f"model not found: {repo_id} (no such Hub repo, or no access to it)") from None
+        raise no_such_repo(repo_id) from None
     except LocalEntryNotFoundError:
         raise UsageError(f"model {repo_id} cannot be had: {offline_hint()}") from None
     except HfHubHTTPError as e:
@@ -92,6 +99,41 @@ def _download_from_hub(repo_id: str, revision: str | None, token: str | None) ->
     except OSError as e:
         raise UsageError(f"cannot download {repo_id}: {e.__class__.__name__}") from None
     return ModelSource(name=repo_id, folder=Path(folder), revision=revision or "main")
+
+
+def read_config(model: str, revision: str | None = None, token: str | None = None) -> dict:
+    """config.json of a local folder (or the file itself), or of a Hub repo (that file alone is downloaded)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return load_config_dict(path)
+    if path.is_file() and path.name.endswith(".json"):
+        return load_config_dict(path.parent) if path.name == "config.json" else _json_object(path)
+    repo_id = hub_repo_id(model)
+    cache_only = local_only()
+    try:
+        file = hf_hub_download(repo_id, "config.json", revision=revision, token=token, local_files_only=cache_only)
+    except RepositoryNotFoundError:
+        raise no_such_repo(repo_id) from None
+    except LocalEntryNotFoundError as e:
+        if cache_only:
+            raise UsageError(f"cannot read config.json of {repo_id}: {offline_hint()}") from None
+        raise UsageError(f"cannot download config.json of {repo_id}: {type(e).__name__}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise UsageError(f"cannot download config.json of {repo_id}: {type(e).__name__}") from None
+    return load_config_dict(Path(file).parent)
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CorruptInputError(f"{path} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CorruptInputError(f"{path} is not a JSON object")
+    return data
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
@@ -311,6 +353,3 @@ def load_config_dict(folder: Path) -> dict:
         raise CorruptInputError(f"config.json in {folder} is not a JSON object")
     return config
 
-
-def hub_token() -> str | None:
-    return os.environ.get("HF_TOKEN") or None

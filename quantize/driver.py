@@ -14,16 +14,15 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError, UsageError
-from quantize.arch import Architecture, architecture_of
-from quantize.assemble import assemble
-from quantize.checkpoint import (
+from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.quantize.assemble import assemble
+from lowbit.quantize.checkpoint import (
     ModelSource,
     SafetensorsCheckpoint,
     check_remote_code,
@@ -31,12 +30,13 @@ from quantize.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.nf4 import BnbConfig, quantize_bnb
-from quantize.pack import pack_gptq_v1
-from quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
-from quantize.settings import METHODS, QuantizeSettings
-from quantize.stream import (
+from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
+from lowbit.quantize.fit import should_offload_calibration
+from lowbit.quantize.plan import PlanSettings
+from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
+from lowbit.quantize.settings import METHODS, QuantizeSettings
+from lowbit.quantize.solve import HessianAccumulator, make_solver, relative_output_error
+from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
     embed_windows,
@@ -52,25 +52,10 @@ from quantize.stream import (
     run_mlp_residual,
     steps_match_layer,
 )
-from quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
+from lowbit.quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
 
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How to run: none of it changes the output."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    max_shard_size: str = "2GB"
-    offload: bool | None = None  # activations in host memory; None = decide from free GPU memory
-    force: bool = False
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # read pickled .bin weights (weights_only) when there are no safetensors
-    revision: str | None = None
-    token: str | None = None
 
 
 @dataclass
@@ -81,82 +66,11 @@ class QuantizeResult:
     resumed_from_layer: int = 0
 
 
-ProgressFn = Callable[[str, int, int], None]
-
-
-@dataclass
-class SolvedLinear:
-    tensors: dict[str, torch.Tensor]  # names relative to the module, as written to disk
-    dequantized: torch.Tensor  # [N, K] float32, what a loader will compute
-    stats: dict = field(default_factory=dict)
-
-
-def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
-    """One function (weight, hessian or None, bias or None, consume_hessian) -> what to write, for the chosen method.
-
-    consume_hessian: the solver may work in the Hessian's buffer (one K x K matrix, not two); the caller
-    must not use it afterwards. The stats then carry the output error, which needs H.
-    """
-    if settings.method in ("gptq", "rtn"):
-        config = GPTQConfig(bits=settings.bits, group_size=settings.group_size, sym=settings.sym,
-                            act_order=settings.act_order, static_groups=settings.static_groups,
-                            scale_search=settings.scale_search, damp=settings.damp)
-
-        def solve_uniform(weight, hessian, bias, consume_hessian=False):
-            if settings.method == "rtn" or hessian is None:  # RTN leaves the Hessian as it is
-                q, stats = rtn_quantize(weight, config, None if hessian is None else hessian.diagonal()), {}
-            else:
-                q, gptq_stats = gptq_quantize(weight, hessian, config, consume_hessian)
-                stats = {"error": gptq_stats.error, "damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
-            return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats)
-
-        return solve_uniform
-
-    bnb = BnbConfig(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
-                    scale_search=settings.scale_search)
-
-    def solve_bnb(weight, hessian, bias, consume_hessian=False):
-        tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian, consume_hessian)
-        if bias is not None:
-            tensors["bias"] = bias
-        return SolvedLinear(tensors, dequantized, stats)
-
-    return solve_bnb
-
-
-def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor | None, max_rows: int = 512) -> float:
-    """||(W - Q) X||^2 / ||W X||^2 through the Hessian (on a strided subset of rows, to stay cheap);
-    without a Hessian, the plain relative weight error."""
-    step = max(1, weight.shape[0] // max_rows)
-    w = weight[::step].float()
-    d = w - dequantized[::step].float()
-    if hessian is None:
-        return float((d * d).sum() / (w * w).sum().clamp_min(1e-30))
-    return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
-
-
-class HessianAccumulator:
-    """H = 2/n * sum(x x^T) over all input rows seen, as a running mean in float32.
-
-    Each batch is folded in with one in-place addmm (old mean rescaled, new rows added): no K x K temporary.
-    """
-
-    def __init__(self, columns: int, device: torch.device):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        rows = x.shape[0]
-        self.hessian.addmm_(x.T, x, beta=self.rows / (self.rows + rows), alpha=2 / (self.rows + rows))
-        self.rows += rows
-
-
 def quantize_model(
     model: str,
     output: Path,
     settings: QuantizeSettings,
-    calibration=None,  # calibration.windows.CalibrationConfig, or None (rtn, plain nf4)
+    calibration=None,  # lowbit.calibration.windows.CalibrationConfig (anything with .build(tokenizer)), or None
     options: RunOptions = RunOptions(),
     on_progress: ProgressFn | None = None,
 ) -> QuantizeResult:
@@ -195,6 +109,8 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     progress_dir = work / ".lowbit-progress"
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
     progress = open_progress(work, progress_dir, fingerprint, options.force)
+    job = QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
+                      work, progress, report)
     layers_done = progress["layers_done"]
     if layers_done:
         log.info("resuming %s from layer %d of %d", output, layers_done, arch.num_layers)
@@ -202,12 +118,10 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     try:
         solve = make_solver(settings)
         if windows is not None:
-            _quantize_calibrated(source, config, arch, reader, settings, options, solve, windows, device, dtype,
-                                 progress_dir, progress, report)
+            _quantize_calibrated(job, solve)
         else:
-            _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress, report)
-        manifest = assemble(work, progress_dir, source, config, arch, reader, settings, options,
-                             calibration_info, windows, progress, report)
+            _quantize_weights_only(job, solve)
+        manifest = assemble(job)
     except OSError as e:
         error = disk_full_error(e, work, reader.total_bytes())
         if error is None:
@@ -231,7 +145,7 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
             if full not in reader:
                 raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
             n, k = reader.info(full).shape
-            if settings.method not in ("gptq", "rtn"):
+            if not settings.gptq_format:
                 continue
             if settings.group_size > 0 and k % settings.group_size:
                 raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
@@ -244,17 +158,17 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
 def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
     from transformers import AutoTokenizer
 
-    from calibration.windows import build_calibration
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=options.trust_remote_code)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the tokenizer of {source.name}: {str(e).splitlines()[0]}") from None
-    return build_calibration(calibration, tokenizer)
+    return calibration.build(tokenizer)
 
 
-def _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress, report) -> None:
+def _quantize_weights_only(job: QuantizeJob, solve) -> None:
     """RTN and plain NF4 need no activations: read a tensor, quantize it, keep only the result."""
+    arch, reader, settings, progress_dir, progress, report = (job.arch, job.reader, job.settings, job.progress_dir,
+                                                             job.progress, job.report)
     linears = set(arch.linear_names())
     for i in range(progress["layers_done"], arch.num_layers):
         prefix = arch.layer_prefix(i)
@@ -278,9 +192,11 @@ def _quantize_weights_only(arch, reader, settings, solve, progress_dir, progress
         report("quantize", i + 1, arch.num_layers)
 
 
-def _quantize_calibrated(source, config, arch, reader, settings, options, solve, windows, device, dtype,
-                         progress_dir, progress, report) -> None:
+def _quantize_calibrated(job: QuantizeJob, solve) -> None:
     """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on."""
+    source, config, arch, reader, settings, options = job.source, job.config, job.arch, job.reader, job.settings, job.options
+    windows, device, dtype, progress_dir, progress, report = (job.windows, job.device, job.dtype, job.progress_dir,
+                                                             job.progress, job.report)
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
     offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device, settings)
     start = progress["layers_done"]
@@ -313,11 +229,9 @@ def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, dev
     """Activations to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
     if device.type != "cuda":
         return False
-    from quantize.plan import PlanSettings, should_offload_calibration
 
-    plan = PlanSettings(method=settings.method, bits=settings.bits, group_size=settings.group_size,
-                        true_sequential=settings.true_sequential, nsamples=windows.shape[0], seqlen=windows.shape[1],
-                        device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size())
+    plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1], device="cuda",
+                                      compute_bytes=torch.empty((), dtype=dtype).element_size())
     free, _ = torch.cuda.mem_get_info(device)
     return should_offload_calibration(config, plan, free)
 

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
-from quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
+from lowbit.quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
+from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
+from lowbit.quantize.settings import BITS, QuantizeSettings, bits_text, valid_group_size
 
 log = logging.getLogger("lowbit")
 
@@ -35,10 +36,15 @@ class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128
 
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings) -> "GPTQConfig":
+        return cls(bits=settings.bits, group_size=settings.group_size, sym=settings.sym, act_order=settings.act_order,
+                   static_groups=settings.static_groups, scale_search=settings.scale_search, damp=settings.damp)
+
     def __post_init__(self) -> None:
-        if self.bits not in (2, 3, 4, 8):
-            raise UsageError(f"bits must be 2, 3, 4 or 8, not {self.bits}")
-        if self.group_size != -1 and self.group_size < 1:
+        if self.bits not in BITS:
+            raise UsageError(f"bits must be {bits_text()}, not {self.bits}")
+        if not valid_group_size(self.group_size):
             raise UsageError(f"group size must be -1 or positive, not {self.group_size}")
         if self.damp < 0 or self.block_size < 1:
             raise UsageError("damping must be >= 0 and block size >= 1")

@@ -25,13 +25,12 @@ import torch
 from torch import nn
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.arch import architecture_of, tied_embeddings
-from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.nf4 import dequantize_bnb
-from quantize.pack import unpack_gptq_v1
+from lowbit.quantize.arch import architecture_of, tied_embeddings
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.nf4 import STATE_KEY, dequantize_bnb
+from lowbit.quantize.pack import TENSOR_SUFFIXES, unpack_gptq_v1
+from lowbit.quantize.stream import build_skeleton, load_config, load_weights
 
-GPTQ_KEYS = ("qweight", "qzeros", "scales", "g_idx")
-BNB_STATE_KEY = "weight.quant_state.bitsandbytes__"
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
@@ -111,9 +110,9 @@ class DenseWeights:
     def _dense(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         dense: dict[str, torch.Tensor] = {}
         for module in sorted({name[: -len(".qweight")] for name in raw if name.endswith(".qweight")}):
-            parts = {key: raw.pop(f"{module}.{key}") for key in GPTQ_KEYS if f"{module}.{key}" in raw}
+            parts = {key: raw.pop(f"{module}.{key}") for key in TENSOR_SUFFIXES if f"{module}.{key}" in raw}
             dense[f"{module}.weight"] = dequantize_gptq(parts, self.gptq)
-        for state_key in [name for name in raw if BNB_STATE_KEY in name]:
+        for state_key in [name for name in raw if STATE_KEY in name]:
             module = state_key.split(".weight.quant_state.")[0]
             parts = {name[len(module) + 1 :]: raw.pop(name) for name in list(raw) if name.startswith(module + ".weight")}
             state = json.loads(bytes(parts[state_key[len(module) + 1 :]].tolist()).decode())
@@ -141,8 +140,6 @@ def load_dequantized_model(folder: Path, dtype: torch.dtype = torch.float32, dev
 
     A multimodal checkpoint gives its language model alone (a `*ForCausalLM`, as lowbit evaluates it).
     """
-    from quantize.stream import build_skeleton, load_config, load_weights
-
     weights = DenseWeights(folder)
     config = load_config(folder)
     config.quantization_config = None

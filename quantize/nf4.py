@@ -39,6 +39,7 @@ effective scales a loader computes from them.
 """
 
 import logging
+import math
 from dataclasses import dataclass
 
 import bitsandbytes.functional as bnb
@@ -46,12 +47,16 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
-from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
-from quantize.hessian_factor import damped_inverse_factor_
+from lowbit.quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
+from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
+from lowbit.quantize.hessian_factor import damped_inverse_factor_
+from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings
 
 log = logging.getLogger("lowbit")
 
+BLOCKSIZE = 64  # values per absmax: what transformers always quantizes with
+NESTED_BLOCKSIZE = 256  # double quantization: absmax bytes per float32 nested scale
+STATE_KEY = "weight.quant_state.bitsandbytes__"  # + quant type: the serialized quant state of a weight
 SWEEP_BLOCK = 128  # columns per lazy-update block of the GPTQ sweep
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -61,12 +66,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class BnbConfig:
     quant_type: str = "nf4"  # "nf4" | "fp4"
     double_quant: bool = True
-    blocksize: int = 64  # what transformers always uses
+    blocksize: int = BLOCKSIZE
     damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
     scale_search: bool = False  # only for calibrated: each block's absmax chosen by the diag(H)-weighted error
 
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings) -> "BnbConfig":
+        return cls(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
+                   scale_search=settings.scale_search)
+
     def __post_init__(self) -> None:
-        if self.quant_type not in ("nf4", "fp4"):
+        if self.quant_type not in BNB_METHODS:
             raise UsageError(f"quant type must be nf4 or fp4, not {self.quant_type!r}")
         if self.blocksize not in VALID_BLOCKSIZES:
             raise UsageError(f"block size must be one of {VALID_BLOCKSIZES}, not {self.blocksize}")
@@ -124,7 +134,7 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
 
 def dequantize_bnb(tensors: dict[str, Tensor], shape: tuple[int, int]) -> Tensor:
     """float32 [N, K] from the Linear4bit state-dict entries (keys relative to the module), with bitsandbytes itself."""
-    state_keys = [key for key in tensors if key.startswith("weight.quant_state.bitsandbytes__")]
+    state_keys = [key for key in tensors if key.startswith(STATE_KEY)]
     if "weight" not in tensors or "weight.absmax" not in tensors or len(state_keys) != 1:
         raise CorruptInputError(f"incomplete bitsandbytes 4-bit tensors: {sorted(tensors)}")
     state_dict = {key.removeprefix("weight."): value for key, value in tensors.items() if key != "weight"}
@@ -214,6 +224,30 @@ def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_
         "load_in_4bit": True,
         "load_in_8bit": False,
     }
+
+
+def expected_tensors(n: int, k: int, quant_type: str, double_quant: bool) -> dict[str, tuple[torch.dtype, tuple | None]]:
+    """(dtype, shape) of a Linear [N, K]: two codes a byte, one absmax per BLOCKSIZE values; shape None:
+    any 1-D length (the serialized quant state)."""
+    blocks = math.ceil(n * k / BLOCKSIZE)
+    tensors: dict[str, tuple[torch.dtype, tuple | None]] = {
+        "weight": (torch.uint8, ((n * k + 1) // 2, 1)),
+        "weight.absmax": (torch.uint8 if double_quant else torch.float32, (blocks,)),
+        "weight.quant_map": (torch.float32, (16,)),
+        f"{STATE_KEY}{quant_type}": (torch.uint8, None),
+    }
+    if double_quant:
+        tensors["weight.nested_absmax"] = (torch.float32, (math.ceil(blocks / NESTED_BLOCKSIZE),))
+        tensors["weight.nested_quant_map"] = (torch.float32, (256,))
+    return tensors
+
+
+def linear_bytes(n: int, k: int) -> int:
+    """Bytes on disk of one double-quantized Linear [N, K] (without bias): codes, uint8 absmax per block,
+    a float32 per NESTED_BLOCKSIZE blocks, the nested code book, quant_map, the quant state's JSON."""
+    blocks = n * k // BLOCKSIZE
+    absmax = blocks + (blocks // NESTED_BLOCKSIZE + 1) * 4 + 256 * 4
+    return n * k // 2 + absmax + 16 * 4 + 200
 
 
 def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float,

@@ -5,16 +5,67 @@ value j occupies bits j*b .. j*b+b-1 of the stream, word r holding stream bits
 32r .. 32r+31. For b = 2, 4, 8 a word holds whole values; for b = 3 values 10 and 21
 of every 32 straddle two words (AutoGPTQ's 10/1/10/1/10 split is this same stream).
 Zero points are stored minus one (the v1 quirk).
+
+This module is the format's one description: the tensors of a quantized Linear, their shapes and
+bytes on disk, and the `quantization_config` a loader reads. The writer, loader, inspector and
+plan ask it.
 """
+
+from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
+from lowbit import __version__
 from lowbit.errors import CorruptInputError
-from quantize.gptq import QuantizedWeight
+from lowbit.quantize.arch import Architecture
+from lowbit.quantize.gptq import QuantizedWeight
+from lowbit.quantize.settings import QuantizeSettings
 
 LOW_32_BITS = 0xFFFFFFFF
 CHUNK_VALUES = 2**22  # codes packed at once: bounds the int64 temporaries to ~100 MB whatever the matrix
+TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")  # of each quantized Linear; its bias is float16
+
+
+def expected_tensors(n: int, k: int, bits: int, group_size: int | None) -> dict[str, tuple[torch.dtype, tuple]]:
+    """(dtype, shape) of a Linear [N, K]: qweight [K*b/32, N], qzeros [groups, N*b/32], scales, g_idx [K]."""
+    groups = 1 if group_size in (-1, None) else math.ceil(k / group_size)
+    return {
+        "qweight": (torch.int32, (k * bits // 32, n)),
+        "qzeros": (torch.int32, (groups, n * bits // 32)),
+        "scales": (torch.float16, (groups, n)),
+        "g_idx": (torch.int32, (k,)),
+    }
+
+
+def linear_bytes(n: int, k: int, bits: int, group_size: int) -> int:
+    """Bytes on disk of one Linear [N, K] (without bias); group_size divides K, or is -1."""
+    groups = 1 if group_size == -1 else k // group_size
+    return n * k * bits // 8 + groups * n * bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
+
+
+def quantization_config(settings: QuantizeSettings, arch: Architecture) -> dict:
+    """config.json's "quantization_config" (also written as quantize_config.json), as AutoGPTQ spells it."""
+    quantization = {
+        "quant_method": "gptq",
+        "bits": settings.bits,
+        "group_size": settings.group_size,
+        # act-order with static groups keeps groups in column order: g_idx is k // group_size
+        "desc_act": settings.act_order and not settings.static_groups,
+        "sym": settings.sym,
+        "checkpoint_format": "gptq",
+        "damp_percent": settings.damp,
+        "true_sequential": settings.true_sequential,
+        "static_groups": settings.static_groups,
+        "lm_head": False,
+        "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
+    }
+    if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
+        quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
+        quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]
+    return quantization
 
 
 def pack_rows(codes: Tensor, bits: int) -> Tensor:
@@ -68,7 +119,7 @@ def pack_gptq_v1(q: QuantizedWeight, bias: Tensor | None = None) -> dict[str, Te
 
 def unpack_gptq_v1(tensors: dict[str, Tensor], bits: int) -> QuantizedWeight:
     """The codes, scales, true zero points and g_idx of GPTQ v1 tensors (keys as pack_gptq_v1 writes)."""
-    missing = {"qweight", "qzeros", "scales", "g_idx"} - tensors.keys()
+    missing = set(TENSOR_SUFFIXES) - tensors.keys()
     if missing:
         raise CorruptInputError(f"GPTQ tensors missing: {', '.join(sorted(missing))}")
     g_idx = tensors["g_idx"].to(torch.int32)

@@ -17,11 +17,13 @@ CUDA context and the caching allocator's slack.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from lowbit.errors import UsageError
-from quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
-from quantize.arch import LINEAR_GROUPS, layer_norm_params, text_config, tied_embeddings
+from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
+from lowbit.quantize.arch import Linear, ModelShape
+from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
+from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, QuantizeSettings, uses_activations
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -30,47 +32,6 @@ CUDA_CONTEXT = int(0.5 * GiB)  # on the card, outside torch's allocated bytes
 ALLOCATOR_SLACK = 0.10  # reserved over allocated in torch's caching allocator
 FLOAT32 = 4
 PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (int64 temporaries)
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-OPTION_NAMES = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_chunk": "--chunk-tokens",
-                "eval_windows": "--max-windows"}  # as `lowbit quantize` / `lowbit eval` spell them
-
-
-@dataclass(frozen=True)
-class Linear:
-    name: str
-    out_features: int  # N
-    in_features: int  # K
-
-    @property
-    def weights(self) -> int:
-        return self.out_features * self.in_features
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What memory depends on, from config.json."""
-
-    architecture: str
-    layers: int
-    hidden: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    source_bytes: int  # bytes per weight in the checkpoint
-    groups: tuple[tuple[Linear, ...], ...]  # one decoder layer's Linears; a group shares one input (and Hessian)
-    layer_other_params: int  # norms and biases of one decoder layer
-
-    @property
-    def linears(self) -> list[Linear]:
-        return [linear for group in self.groups for linear in group]
-
-    @property
-    def layer_params(self) -> int:
-        return sum(linear.weights for linear in self.linears) + self.layer_other_params
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
 
 
 @dataclass(frozen=True)
@@ -97,9 +58,15 @@ class PlanSettings:
             return self.compute_bytes
         return FLOAT32 if self.device == "cpu" else 2
 
+    @classmethod
+    def from_settings(cls, settings: QuantizeSettings, **run) -> PlanSettings:
+        """What the plan needs of QUANTIZE's settings, with the run's (windows, device, ...) as keywords."""
+        return cls(method=settings.method, bits=settings.bits, group_size=settings.group_size,
+                   true_sequential=settings.true_sequential, **run)
+
     @property
     def uses_activations(self) -> bool:
-        return self.method == "gptq" or (self.method in ("nf4", "fp4") and self.calibrated)
+        return uses_activations(self.method, self.calibrated)
 
 
 @dataclass
@@ -118,56 +85,14 @@ class Peak:
     parts: dict[str, int]
 
 
-# ---- the model's shape ----
-
-def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every projection name lowbit knows."""
-    q, kv = heads * head_dim, kv_heads * head_dim
-    return {
-        "self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
-        "self_attn.qkv_proj": (q + 2 * kv, hidden), "self_attn.o_proj": (hidden, q),
-        "mlp.gate_proj": (intermediate, hidden), "mlp.up_proj": (intermediate, hidden),
-        "mlp.gate_up_proj": (2 * intermediate, hidden), "mlp.down_proj": (hidden, intermediate),
-    }
-
-
-def model_shape(config: dict) -> ModelShape:
-    names = config.get("architectures") or []
-    if not names or names[0] not in LINEAR_GROUPS:
-        raise UsageError(f"unsupported architecture {names[0] if names else '(none)'} "
-                         f"(lowbit supports {', '.join(sorted(LINEAR_GROUPS))})")
-    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
-    tied = tied_embeddings(config)
-    config = text_config(config)  # a multimodal model's language model
-    try:
-        hidden, intermediate = int(config["hidden_size"]), int(config["intermediate_size"])
-        heads, layers, vocab = int(config["num_attention_heads"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UsageError(f"config.json lacks a usable {e}") from None
-    kv_heads = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or hidden // heads)
-    shapes = _linear_shapes(hidden, intermediate, heads, kv_heads, head_dim)
-    groups = tuple(tuple(Linear(name, *shapes[name]) for name in group) for group in LINEAR_GROUPS[names[0]])
-    biased = names[0] == "Qwen2ForCausalLM" or bool(config.get("attention_bias"))
-    biases = sum(shapes[n][0] for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")) if biased else 0
-    return ModelShape(
-        architecture=names[0], layers=layers, hidden=hidden, intermediate=intermediate, vocab=vocab,
-        tied=tied, source_bytes=DTYPE_BYTES.get(str(dtype), 2),
-        groups=groups, layer_other_params=layer_norm_params(names[0], hidden, head_dim) + biases,
-    )
-
-
 # ---- output ----
 
 def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
     """Bytes on disk of one quantized Linear (without bias), as the driver writes it."""
     n, k = linear.out_features, linear.in_features
-    if s.method in ("gptq", "rtn"):
-        groups = 1 if s.group_size == -1 else k // s.group_size
-        return n * k * s.bits // 8 + groups * n * s.bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
-    blocks = n * k // 64  # double quantization: uint8 absmax per block, float32 per 256 blocks, nested code book
-    absmax = blocks + (blocks // 256 + 1) * 4 + 256 * 4
-    return n * k // 2 + absmax + 16 * 4 + 200  # codes, absmax, quant_map, quant_state json
+    if s.method in GPTQ_FORMAT_METHODS:
+        return gptq_linear_bytes(n, k, s.bits, s.group_size)
+    return bnb_linear_bytes(n, k)
 
 
 def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
@@ -202,7 +127,7 @@ def nf4_solver_bytes(linear: Linear) -> int:
     W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
     nk = linear.weights * FLOAT32
     return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear),
-                                                           scale_search_bytes(linear, 64, temporaries=4))
+                                                           scale_search_bytes(linear, BNB_BLOCKSIZE, temporaries=4))
 
 
 def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 3) -> int:
@@ -432,6 +357,10 @@ def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
 
 # ---- peaks and verdicts ----
 
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
 def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
     """(device peak, host peak); on the CPU the device is host memory, and the device peak is empty."""
     baseline = HOST_BASELINE + (HOST_CUDA_RUNTIME if s.device != "cpu" else 0)
@@ -455,220 +384,3 @@ def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
 def gpu_needed(allocated: int) -> int:
     """Card memory for a peak of allocated tensor bytes: the allocator's slack and the CUDA context on top."""
     return int(allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if allocated else 0
-
-
-def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes: int | None = None) -> dict:
-    """Everything `lowbit plan` prints: peaks of quantization and evaluation, output size, fits, suggestions."""
-    shape = model_shape(config)
-    check_settings(shape, s)
-    result = _verdict(shape, s, gpu_bytes, host_bytes)
-    size, bits_per_weight = output_size(shape, s)
-    result.update(
-        model={"architecture": shape.architecture, "layers": shape.layers, "hidden": shape.hidden,
-               "intermediate": shape.intermediate, "vocab": shape.vocab,
-               "parameters": shape.layers * shape.layer_params + shape.embedding_params * (1 if shape.tied else 2) + shape.hidden},
-        settings={"method": s.method, "bits": s.bits, "group_size": s.group_size, "calibrated": s.uses_activations,
-                  "nsamples": s.nsamples,
-                  "seqlen": s.seqlen, "device": s.device, "compute_bytes": s.c, "offload": s.offload,
-                  "eval_windows": s.eval_windows, "eval_seqlen": s.eval_seqlen, "eval_chunk": s.eval_chunk,
-                  "eval_offload": s.eval_offload},
-        output_bytes=size, bits_per_weight=round(bits_per_weight, 4),
-        limits={"gpu_bytes": gpu_bytes, "host_bytes": host_bytes},
-    )
-    result["suggestions"] = [] if result["fits"] else suggestions(shape, s, gpu_bytes, host_bytes)
-    return result
-
-
-def check_settings(shape: ModelShape, s: PlanSettings) -> None:
-    for name in ("nsamples", "seqlen", "eval_windows", "eval_seqlen", "eval_chunk"):
-        if getattr(s, name) < 1:
-            raise UsageError(f"{name} must be at least 1")
-    if s.method in ("gptq", "rtn") and s.group_size != -1:
-        bad = [l.name for l in shape.linears if l.in_features % s.group_size]
-        if bad:
-            raise UsageError(f"group size {s.group_size} does not divide in_features of {bad[0]}")
-
-
-def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> dict:
-    q_device, q_host = peaks(quantize_phases(shape, s), s)
-    e_device, e_host = peaks(eval_phases(shape, s), s)
-
-    def entry(device: Peak, host: Peak) -> dict:
-        needed = gpu_needed(device.bytes)
-        fits_gpu = gpu_bytes is None or s.device == "cpu" or needed <= gpu_bytes
-        fits_host = host_bytes is None or host.bytes <= host_bytes
-        return {"gpu_peak_bytes": device.bytes, "gpu_needed_bytes": needed, "gpu_phase": device.phase,
-                "gpu_parts": device.parts, "host_peak_bytes": host.bytes, "host_phase": host.phase,
-                "host_parts": host.parts, "fits_gpu": fits_gpu, "fits_host": fits_host, "fits": fits_gpu and fits_host}
-
-    quantize, evaluate = entry(q_device, q_host), entry(e_device, e_host)
-    return {"quantize": quantize, "evaluate": evaluate, "fits": quantize["fits"] and evaluate["fits"]}
-
-
-def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> list[dict]:
-    """Changes of settings that make the part that does not fit fit, each with what it costs.
-
-    Tried in order of cost: offloading, then (with offloading if it alone is not enough) halving the
-    calibration windows or their length, then the CPU; for evaluation a smaller head chunk, offloading,
-    fewer windows. A part nothing rescues gets an entry without an option.
-    """
-    out: list[dict] = []
-    base = _verdict(shape, s, gpu_bytes, host_bytes)
-    on_gpu = s.device != "cpu"
-
-    def fits(option: str, changed: PlanSettings, part: str, cost: str) -> bool:
-        verdict = _verdict(shape, changed, gpu_bytes, host_bytes)[part]
-        if verdict["fits"]:
-            gpu_needed = verdict["gpu_needed_bytes"] if changed.device != "cpu" else None
-            out.append({"for": part, "option": option, "gpu_needed_bytes": gpu_needed,
-                        "host_peak_bytes": verdict["host_peak_bytes"], "cost": cost})
-        return verdict["fits"]
-
-    def halve(part: str, name: str, smallest: int, prefix: str, template: PlanSettings, cost) -> None:
-        value = getattr(s, name) // 2
-        while value >= smallest and not fits(f"{prefix}{OPTION_NAMES[name]} {value}",
-                                             replace(template, **{name: value}), part, cost(value)):
-            value //= 2
-
-    if not base["quantize"]["fits"]:
-        tokens = s.nsamples * s.seqlen
-        acts = tokens * shape.hidden * s.c
-        passes = shape.layers * (len(shape.groups) + 2)
-        offload = on_gpu and not s.offload and not base["quantize"]["fits_gpu"]  # it helps the GPU only
-        if not offload or not fits("--offload", replace(s, offload=True), "quantize",
-                                   f"activations ({gib(acts)}) in host memory; each of {passes} passes over them "
-                                   f"crosses PCIe ({passes * acts / GiB:.0f} GiB in all)"):
-            template = replace(s, offload=s.offload or offload)
-            prefix = "--offload " if offload else ""
-            halve("quantize", "nsamples", 1, prefix, template,
-                  lambda v: f"calibrates on {v * s.seqlen} tokens instead of {tokens}: noisier Hessians")
-            halve("quantize", "seqlen", 128, prefix, template,
-                  lambda v: f"calibrates on {s.nsamples * v} tokens instead of {tokens}, in shorter contexts")
-        if on_gpu:
-            fits("--device cpu", replace(s, device="cpu"), "quantize",
-                 "runs on the CPU in float32: hours instead of minutes for a large model")
-    if not base["evaluate"]["fits"]:
-        halve("evaluate", "eval_chunk", 16, "lowbit eval ", s, lambda v: "the same figures, from more, smaller head matmuls")
-        if on_gpu and not s.eval_offload:
-            fits("lowbit eval --offload", replace(s, eval_offload=True), "evaluate",
-                 "final hidden states in host memory; each layer's pass moves them over PCIe")
-        halve("evaluate", "eval_windows", 1, "lowbit eval ", s,
-              lambda v: f"scores {v * (s.eval_seqlen - 1)} tokens instead of {s.eval_windows * (s.eval_seqlen - 1)}: "
-                        f"a noisier perplexity")
-    for part in ("quantize", "evaluate"):
-        if not base[part]["fits"] and not any(tip["for"] == part for tip in out):
-            where = "gpu" if not base[part]["fits_gpu"] else "host"
-            parts = base[part][f"{where}_parts"]
-            largest = max(parts, key=parts.get)
-            out.append({"for": part, "option": None, "gpu_needed_bytes": None, "host_peak_bytes": None,
-                        "cost": f"no setting here makes it fit: its {where} peak is at '{base[part][f'{where}_phase']}', "
-                                f"where {largest} alone is {gib(parts[largest])}"})
-    return out
-
-
-# ---- the engine's automatic decisions ----
-
-def should_offload_calibration(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
-    """Offload the activations when quantizing with them on the GPU would not fit its free memory, and
-    offloading helps. free_gpu_bytes is after the CUDA context, so only the allocator's slack is added."""
-    shape = model_shape(config)
-    on_device, _ = peaks(quantize_phases(shape, replace(s, offload=False)), s)
-    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
-
-
-def should_offload_eval(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
-    """The same for evaluation's final hidden states."""
-    shape = model_shape(config)
-    on_device, _ = peaks(eval_phases(shape, replace(s, eval_offload=False)), s)
-    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
-
-
-# ---- reading the config, and the text `lowbit plan` prints ----
-
-def read_config(model: str, revision: str | None = None, token: str | None = None) -> dict:
-    """config.json of a local folder, or of a Hub repo (that file alone is downloaded)."""
-    from pathlib import Path
-
-    from quantize.checkpoint import REPO_ID, load_config_dict
-
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return load_config_dict(path)
-    if path.is_file() and path.name.endswith(".json"):
-        return load_config_dict(path.parent) if path.name == "config.json" else _json_file(path)
-    if not REPO_ID.match(model):
-        raise UsageError(f"model not found: {model} (no such folder, and not a Hub repo id)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    from lowbit.network import local_only, offline_hint
-
-    cache_only = local_only()
-    try:
-        file = hf_hub_download(model, "config.json", revision=revision, token=token, local_files_only=cache_only)
-    except RepositoryNotFoundError:
-        raise UsageError(f"model not found: {model} (no such Hub repo, or no access to it)") from None
-    except LocalEntryNotFoundError as e:
-        if cache_only:
-            raise UsageError(f"cannot read config.json of {model}: {offline_hint()}") from None
-        raise UsageError(f"cannot download config.json of {model}: {type(e).__name__}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise UsageError(f"cannot download config.json of {model}: {type(e).__name__}") from None
-    return load_config_dict(Path(file).parent)
-
-
-def _json_file(path) -> dict:
-    import json
-
-    from lowbit.errors import CorruptInputError
-
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise CorruptInputError(f"{path} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise CorruptInputError(f"{path} is not a JSON object")
-    return data
-
-
-def gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"
-
-
-def render(result: dict) -> list[str]:
-    """The human-readable plan, line by line."""
-    m, s = result["model"], result["settings"]
-    device = "the CPU (float32)" if s["device"] == "cpu" else f"a GPU ({8 * s['compute_bytes']}-bit compute)"
-    lines = [f"{m['architecture']}: {m['layers']} layers, hidden {m['hidden']}, intermediate {m['intermediate']}, "
-             f"vocab {m['vocab']}, {m['parameters'] / 1e9:.2f}B parameters",
-             (f"{s['method']} {s['bits']}-bit, group {s['group_size']}" if s["method"] in ("gptq", "rtn") else s["method"])
-             + (f", calibration {s['nsamples']} x {s['seqlen']}{' (offloaded)' if s['offload'] else ''}"
-                if s["calibrated"] else ", no calibration")
-             + f"; eval {s['eval_windows']} x {s['eval_seqlen']}, "
-             + f"chunk {s['eval_chunk']}; on {device}",
-             f"{'':10}{'GPU peak':>12}{'GPU needed':>13}{'host peak':>12}  fits"]
-    on_gpu = s["device"] != "cpu"
-    for name in ("quantize", "evaluate"):
-        r = result[name]
-        gpu_peak, gpu_needed = (r["gpu_peak_bytes"], r["gpu_needed_bytes"]) if on_gpu else (None, None)
-        lines.append(f"{name:10}{gib(gpu_peak):>12}{gib(gpu_needed):>13}"
-                     f"{gib(r['host_peak_bytes']):>12}  {'yes' if r['fits'] else 'NO'}")
-    for name in ("quantize", "evaluate"):
-        r = result[name]
-        where = ("gpu", "host") if s["device"] != "cpu" else ("host",)
-        for memory in where:
-            parts = sorted(r[f"{memory}_parts"].items(), key=lambda kv: -kv[1])[:4]
-            lines.append(f"  {name} {memory} peak at '{r[f'{memory}_phase']}': "
-                         + ", ".join(f"{k} {gib(v)}" for k, v in parts))
-    limits = result["limits"]
-    lines.append(f"output {result['output_bytes'] / 1e9:.2f} GB, {result['bits_per_weight']:.2f} bits per weight")
-    lines.append(f"limits: GPU {gib(limits['gpu_bytes'])} (needed = peak + {ALLOCATOR_SLACK:.0%} allocator slack + "
-                 f"{gib(CUDA_CONTEXT)} CUDA context), host {gib(limits['host_bytes'])}")
-    lines.append("fits" if result["fits"] else "does NOT fit")
-    for tip in result["suggestions"]:
-        if tip["option"] is None:
-            lines.append(f"  {tip['for']}: {tip['cost']}")
-            continue
-        gpu = f"GPU needed {gib(tip['gpu_needed_bytes'])}, " if s["device"] != "cpu" else ""
-        lines.append(f"  {tip['for']}: {tip['option']} -> {gpu}host {gib(tip['host_peak_bytes'])}; cost: {tip['cost']}")
-    return lines

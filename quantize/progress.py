@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import OutputExistsError
-from quantize.checkpoint import SafetensorsCheckpoint
-from quantize.settings import QuantizeSettings
-from quantize.stream import Activations
-from quantize.writer import write_json
+from lowbit.files import write_json
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.stream import Activations
 
 
 def progress_fingerprint(settings: QuantizeSettings, reader: SafetensorsCheckpoint, config: dict, calibration_info: dict | None) -> str:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lowbit.errors import UsageError
-from quantize.arch import LayerNorms
+from lowbit.quantize.arch import LayerNorms
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import OutputExistsError, ResourceError
-from quantize.checkpoint import SAFETENSORS_DTYPES
+from lowbit.files import write_json
+from lowbit.quantize.checkpoint import SAFETENSORS_DTYPES
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -122,21 +123,6 @@ def _announce(t: PendingTensor, on_tensor: Callable[[str], None]) -> Callable[[]
         return t.read()
 
     return read
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()
 
 
 def check_output_free(output: Path, force: bool) -> None:

@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 
-from calibration.windows import CalibrationConfig
-from quantize import driver
-from quantize.arch import architecture_of
-from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.gptq import GPTQConfig, gptq_quantize
-from quantize.loader import DenseWeights
-from quantize.settings import QuantizeSettings
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.quantize import driver
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize
+from lowbit.quantize.loader import DenseWeights
+from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import save_tiny_model
 
 GROUP = 32

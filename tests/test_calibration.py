@@ -13,20 +13,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from calibration import sources
-from calibration.sources import find_local_corpus, read_text_source
-from calibration.windows import (
+from lowbit.calibration import sources
+from lowbit.calibration.sources import find_local_corpus, read_text_source
+from lowbit.calibration.windows import (
     CHAT_REQUEST,
     CalibrationConfig,
     build_calibration,
-    load_windows,
     sample_windows,
-    save_windows,
     tokenize_documents,
     windows_sha256,
 )
-from evals.datasets import eval_windows, load_eval_text
+from lowbit.evals.datasets import eval_windows, load_eval_text
 from lowbit.errors import CorruptInputError, UsageError
+from lowbit.manifest import load_windows, save_windows
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared_data = pytest.mark.skipif(
@@ -176,18 +175,17 @@ def test_named_corpora_are_found_in_lowbit_data_dir(tmp_path, monkeypatch, witho
     assert "First line" in wikitext.documents[0]
 
 
-def test_local_data_folder_is_found_relative_to_cwd_and_repo_root(tmp_path, monkeypatch):
+def test_local_data_folder_is_found_relative_to_cwd_only(tmp_path, monkeypatch):
     monkeypatch.delenv("LOWBIT_DATA_DIR", raising=False)
     write_local_corpora(tmp_path / "shared" / "data")
     (tmp_path / "repo").mkdir()
-    monkeypatch.setattr(sources, "REPO_ROOT", tmp_path / "elsewhere")
     monkeypatch.chdir(tmp_path / "repo")
     assert find_local_corpus("c4") == (tmp_path / "shared" / "data" / "c4" / "c4-sample.jsonl").resolve()
 
+    # never beside the package's own files (installed, they lie in site-packages), even where this
+    # checkout has a ../shared/data
     monkeypatch.chdir(tmp_path)
     assert find_local_corpus("c4") is None
-    monkeypatch.setattr(sources, "REPO_ROOT", tmp_path / "repo")
-    assert find_local_corpus("c4") == (tmp_path / "shared" / "data" / "c4" / "c4-sample.jsonl").resolve()
 
 
 @pytest.mark.parametrize("name", ["c4", "wikitext2"])

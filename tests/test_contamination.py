@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydoc_data.topics import topics
 
-from evals.contamination import CONTAMINATION_THRESHOLD, contamination_report, word_ngrams
+from lowbit.evals.contamination import CONTAMINATION_THRESHOLD, contamination_report, word_ngrams
 
 WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 

@@ -1,4 +1,4 @@
-"""evals.evaluate on tiny random Llama models: layer-by-layer scoring against plain transformers."""
+"""lowbit.evals.evaluate on tiny random Llama models: layer-by-layer scoring against plain transformers."""
 
 import json
 import math
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import evals.evaluate as evaluate_module
-from evals.datasets import eval_windows, load_eval_text
-from evals.evaluate import (
+import lowbit.evals.evaluate as evaluate_module
+from lowbit.evals.datasets import eval_windows, load_eval_text
+from lowbit.evals.evaluate import (
     EvalOptions,
     chunk_log_probs,
     default_base,
@@ -21,9 +21,9 @@ from evals.evaluate import (
     score,
 )
 from lowbit.errors import UsageError
-from quantize.checkpoint import SafetensorsCheckpoint
-from quantize.loader import DenseWeights, load_dequantized_model
-from quantize.stream import build_skeleton, live_parameter_bytes, run_layer
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.loader import DenseWeights, load_dequantized_model
+from lowbit.quantize.stream import build_skeleton, live_parameter_bytes, run_layer
 
 VOCAB = 256
 SEQLEN = 32
@@ -266,7 +266,7 @@ def eval_text_file(tmp_path_factory):
 
 
 def test_lowbit_rtn_checkpoint_evaluates_against_its_base(models, eval_text_file, tmp_path):
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
 
     base = models["untied"]
     quantized = tmp_path / "rtn"
@@ -299,7 +299,7 @@ def test_lowbit_rtn_checkpoint_evaluates_against_its_base(models, eval_text_file
 def test_single_model_with_calibration_windows_reports_contamination(models, eval_text_file, tmp_path):
     import shutil
 
-    from calibration.windows import save_windows
+    from lowbit.manifest import save_windows
 
     folder = tmp_path / "model"
     shutil.copytree(models["tied"], folder)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from quantize.loader import DenseWeights
-from quantize.pack import pack_rows
+from lowbit.quantize.loader import DenseWeights
+from lowbit.quantize.pack import pack_rows
 from tests.conftest import save_tiny_model
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

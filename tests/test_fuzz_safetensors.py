@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from lowbit.errors import LowbitError
-from quantize.checkpoint import SAFETENSORS_DTYPES, SafetensorsCheckpoint, read_header
+from lowbit.quantize.checkpoint import SAFETENSORS_DTYPES, SafetensorsCheckpoint, read_header
 
 FUZZ = settings(max_examples=150, deadline=None)
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from calibration.windows import CalibrationConfig
-from evals.evaluate import EvalOptions, final_hidden_states, perplexity
-from quantize.driver import quantize_model
-from quantize.loader import DenseWeights, load_dequantized_model
-from quantize.settings import QuantizeSettings
-from quantize.stream import build_skeleton, embed_windows, load_config
-from lowbit.inspect import tensor_problems
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.evals.evaluate import EvalOptions, final_hidden_states, perplexity
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import DenseWeights, load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.stream import build_skeleton, embed_windows, load_config
+from lowbit.checkpoint_info import tensor_problems
 from tests.conftest import save_tiny_model
 
 SEQLEN = 32  # four times the tiny model's sliding window of 8
@@ -81,7 +81,7 @@ def test_each_layer_gets_the_mask_and_rotary_embedding_of_its_type(gemma, window
 
 
 def test_layer_run_on_another_layers_arguments_is_refused(gemma, windows):
-    from quantize.stream import run_layer
+    from lowbit.quantize.stream import run_layer
 
     skeleton = build_skeleton(load_config(gemma))
     acts = embed_windows(skeleton, DenseWeights(gemma).read("model.embed_tokens.weight"), windows[:1],

@@ -10,15 +10,15 @@ import torch
 from safetensors import safe_open
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-from calibration.windows import CalibrationConfig
-from evals.evaluate import EvalOptions, final_hidden_states, perplexity
-from lowbit.inspect import tensor_problems
-from quantize.arch import architecture_of
-from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.driver import quantize_model
-from quantize.loader import DenseWeights, load_dequantized_model
-from quantize.plan import model_shape
-from quantize.settings import QuantizeSettings
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.evals.evaluate import EvalOptions, final_hidden_states, perplexity
+from lowbit.checkpoint_info import tensor_problems
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import DenseWeights, load_dequantized_model
+from lowbit.quantize.arch import model_shape
+from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import byte_tokenizer, gemma3_text_config
 from tests.test_gemma3 import reference_loss
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from calibration.windows import CalibrationConfig
-from evals.datasets import eval_windows, load_eval_text
-from evals.evaluate import EvalOptions, evaluate
-from quantize.arch import architecture_of
-from quantize.checkpoint import load_config_dict
-from quantize.driver import quantize_model
-from quantize.loader import load_dequantized_model
-from quantize.settings import QuantizeSettings
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.evals.datasets import eval_windows, load_eval_text
+from lowbit.evals.evaluate import EvalOptions, evaluate
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import load_config_dict
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
 from tests.test_gemma3 import reference_loss
 from tests.test_quantize_real import split_wikitext
 

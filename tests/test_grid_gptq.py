@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.grid import dequantize_codes, grid_params, quantize_to_codes
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.grid import dequantize_codes, grid_params, quantize_to_codes
 
 
 def correlated_problem(n_rows=32, n_cols=128, n_samples=512, seed=0):

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import quantize.gptq as gptq
-from quantize.gptq import GPTQConfig, gptq_quantize
-from quantize.hessian_factor import damped_inverse_factor_, permute_symmetric_
+import lowbit.quantize.gptq as gptq
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize
+from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_symmetric_
 
 
 def hessian(k: int, rows: int | None = None, seed: int = 0) -> torch.Tensor:

@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from lowbit.inspect import verify
-from quantize.writer import sha256_file
+from lowbit.checkpoint_info import verify
+from lowbit.files import sha256_file
 from tests.conftest import save_tiny_model
 
 SHARD = "model-00001-of-00001.safetensors"

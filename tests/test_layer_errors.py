@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.layer_errors import C4, collect_linear_inputs, output_error
-from quantize.driver import make_solver
-from quantize.settings import QuantizeSettings
+from lowbit.quantize.driver import make_solver
+from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import CACHE
 
 pytestmark = pytest.mark.slow

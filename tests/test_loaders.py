@@ -14,10 +14,10 @@ import subprocess
 import pytest
 import torch
 
-from calibration.windows import CalibrationConfig
-from quantize.driver import quantize_model
-from quantize.loader import load_dequantized_model
-from quantize.settings import QuantizeSettings
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import CACHE, REPO, save_tiny_model
 
 pytestmark = pytest.mark.loaders

@@ -8,7 +8,7 @@ import pytest
 
 from lowbit.errors import UsageError
 from lowbit.examples import comparison_lines
-from lowbit.recipe import load_recipe
+from lowbit.recipe_file import load_recipe
 from tests.conftest import REPO
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lowbit.errors import CorruptInputError, UsageError
-from quantize.nf4 import BnbConfig, bnb_quantization_config, dequantize_bnb, quantize_bnb
+from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config, dequantize_bnb, quantize_bnb
 
 ALL_CONFIGS = [
     BnbConfig(quant_type=quant_type, double_quant=double_quant)

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from calibration.windows import CalibrationConfig
-from quantize.checkpoint import SafetensorsCheckpoint
-from quantize.driver import quantize_model
-from quantize.loader import load_dequantized_model
-from quantize.settings import QuantizeSettings
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import save_tiny_model
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from quantize.gptq import GPTQConfig, QuantizedWeight, gptq_quantize, rtn_quantize
-from quantize.pack import dequantize_gptq_v1, pack_gptq_v1, pack_rows, unpack_gptq_v1, unpack_rows
+from lowbit.quantize.gptq import GPTQConfig, QuantizedWeight, gptq_quantize, rtn_quantize
+from lowbit.quantize.pack import dequantize_gptq_v1, pack_gptq_v1, pack_rows, unpack_gptq_v1, unpack_rows
 
 
 def as_int32(word: int) -> int:

@@ -11,15 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from quantize.plan import (
+from lowbit.quantize.arch import model_shape
+from lowbit.quantize.fit import plan, should_offload_calibration
+from lowbit.quantize.plan import (
     GiB,
     PlanSettings,
     eval_phases,
-    model_shape,
     peaks,
-    plan,
     quantize_phases,
-    should_offload_calibration,
 )
 
 PHI4 = {
@@ -142,7 +141,7 @@ def test_rtn_needs_no_gpu_and_output_size_follows_bits():
 
 
 def test_driver_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
-    from quantize import driver
+    from lowbit.quantize import driver
 
     settings = driver.QuantizeSettings()
     windows = torch.zeros(32, 512, dtype=torch.int64)
@@ -156,7 +155,7 @@ def test_driver_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch
 
 
 def test_evaluator_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
-    from evals import evaluate
+    from lowbit.evals import evaluate
 
     windows = torch.zeros(40, 2048, dtype=torch.int64)
     settings = PlanSettings(eval_windows=40, eval_seqlen=2048, eval_chunk=512)
@@ -171,7 +170,7 @@ def test_evaluator_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypa
 # ---- against the engine ----
 
 def test_chunked_packing_equals_packing_at_once(monkeypatch):
-    from quantize import pack, plan as memory_model
+    from lowbit.quantize import pack, plan as memory_model
 
     assert memory_model.PACK_CHUNK_VALUES == pack.CHUNK_VALUES  # the plan counts the temporaries of one chunk
     codes = torch.randint(0, 8, (64, 37), dtype=torch.int32)
@@ -216,8 +215,8 @@ def test_prediction_matches_the_engines_allocated_peak(tmp_path, arch, method, i
     bytes must be within 0.8-1.25 of the measured one (deterministic: allocation sizes, not RSS)."""
     from transformers import AutoModelForCausalLM
 
-    from calibration.windows import CalibrationConfig
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
     from tests.conftest import byte_tokenizer, tiny_config
 
     config = tiny_config(arch, layers=2, hidden=256)
@@ -249,8 +248,8 @@ def test_eval_prediction_matches_the_evaluators_allocated_peak(tmp_path, shared_
     """The same check for `lowbit eval` (base vs an RTN checkpoint of it), on wikitext-2 windows."""
     from transformers import AutoModelForCausalLM
 
-    from evals.evaluate import EvalOptions, evaluate
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.evals.evaluate import EvalOptions, evaluate
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
     from tests.conftest import byte_tokenizer, tiny_config
 
     config = tiny_config("llama", layers=2, hidden=256)
@@ -281,8 +280,8 @@ def test_the_engine_holds_no_more_as_it_goes_deeper(tmp_path):
     that of 2 layers (what the plan assumes: one layer resident at a time)."""
     from transformers import AutoModelForCausalLM
 
-    from calibration.windows import CalibrationConfig
-    from quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
     from tests.conftest import byte_tokenizer, tiny_config
 
     measured = {}
@@ -304,7 +303,7 @@ def test_the_engine_holds_no_more_as_it_goes_deeper(tmp_path):
 FREED_HEAP_SCRIPT = """
 import ctypes
 import torch
-from quantize.stream import release_free_heap
+from lowbit.quantize.stream import release_free_heap
 
 def rss_mib():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -328,7 +327,7 @@ def test_freed_heap_goes_back_to_the_system_after_every_layer(tmp_path, monkeypa
     import subprocess
     import sys
 
-    from quantize import driver, stream
+    from lowbit.quantize import driver, stream
 
     if stream._LIBC is None:
         pytest.skip("not glibc")
@@ -341,7 +340,7 @@ def test_freed_heap_goes_back_to_the_system_after_every_layer(tmp_path, monkeypa
 
     from tests.conftest import save_tiny_model
 
-    from calibration.windows import CalibrationConfig
+    from lowbit.calibration.windows import CalibrationConfig
 
     model = save_tiny_model(tmp_path / "model", layers=3)
     for method, calibration in (("rtn", None), ("gptq", CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))):

@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from calibration.windows import CalibrationConfig, build_calibration
-from quantize import driver, stream
-from quantize.arch import architecture_of
-from quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
-from quantize.driver import QuantizeSettings, quantize_model
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.loader import DenseWeights
-from quantize.nf4 import BnbConfig, quantize_bnb
+from lowbit.calibration.windows import CalibrationConfig, build_calibration
+from lowbit.quantize import driver, stream
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.driver import QuantizeSettings, quantize_model
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.loader import DenseWeights
+from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
 from tests.conftest import save_tiny_model
 
 
@@ -184,7 +184,7 @@ def test_only_one_decoder_layer_is_materialised(tmp_path, monkeypatch, arch):
 
 
 def perplexity(folder, windows) -> float:
-    from quantize.loader import load_dequantized_model
+    from lowbit.quantize.loader import load_dequantized_model
 
     model = load_dequantized_model(folder)
     with torch.no_grad():
@@ -211,7 +211,7 @@ def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smoll
     """
     from transformers import AutoTokenizer
 
-    from evals.datasets import eval_windows, load_eval_text
+    from lowbit.evals.datasets import eval_windows, load_eval_text
 
     calibration_text, eval_text = split_wikitext(shared_data, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)

@@ -11,8 +11,9 @@ import lowbit.recipe as recipe_module
 from lowbit.cli import app
 from lowbit.errors import OutputExistsError
 from lowbit.hub import files_to_push
-from lowbit.recipe import load_recipe, run_recipe
-from quantize.manifest import MANIFEST
+from lowbit.recipe import run_recipe
+from lowbit.recipe_file import load_recipe
+from lowbit.manifest import MANIFEST
 from tests.conftest import save_tiny_model
 from tests.fake_hub import FAKE_TOKEN, FAKE_USER
 

@@ -20,7 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from lowbit.cli import app
-from quantize.checkpoint import read_header
+from lowbit.quantize.checkpoint import read_header
 from tests.conftest import save_tiny_model
 
 RTN = ["--method", "rtn", "--group-size", "32"]
@@ -105,7 +105,7 @@ def no_weights(model: Path, tmp: Path) -> list:
 
 
 def pickled_weights(model: Path, tmp: Path) -> list:
-    from quantize.checkpoint import SafetensorsCheckpoint
+    from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 
     reader = SafetensorsCheckpoint(model)
     torch.save({name: reader.read(name) for name in reader.names()}, model / "pytorch_model.bin")
@@ -269,8 +269,8 @@ def safetensors_disk_full(*args, **kwargs):
     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
 
-@pytest.mark.parametrize("target, fail", [("quantize.writer._write_shard", fail_with_enospc),
-                                          ("quantize.progress.save_file", safetensors_disk_full)],
+@pytest.mark.parametrize("target, fail", [("lowbit.quantize.writer._write_shard", fail_with_enospc),
+                                          ("lowbit.quantize.progress.save_file", safetensors_disk_full)],
                          ids=["writing-shards", "saving-progress"])
 def test_disk_full_cleans_up_and_says_how_much_is_needed(target, fail, model, tmp_path, monkeypatch):
     monkeypatch.setattr(target, fail)
@@ -310,7 +310,7 @@ def test_output_stays_inside_its_folder(model, tmp_path):
 
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(model, tmp_path):
-    from quantize.writer import output_lock
+    from lowbit.quantize.writer import output_lock
 
     out = tmp_path / "out"
     with output_lock(out):  # what a running `lowbit quantize -o out` holds

@@ -1,4 +1,4 @@
-"""evals.report: gates, tables and the manifest's "eval" entry, on hand-made reports."""
+"""lowbit.evals.report: gates, tables and the manifest's "eval" entry, on hand-made reports."""
 
 import io
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 from rich.console import Console
 
-from evals.report import Gates, attach_to_manifest, check_gates, report_markdown, report_table
+from lowbit.evals.report import Gates, attach_to_manifest, check_gates, report_markdown, report_table
 from lowbit.errors import CorruptInputError, UsageError
 
 REPORT = {

@@ -18,9 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import quantize.driver
-import quantize.writer
 from lowbit.cli import app
+from lowbit.quantize import driver, writer
 from tests.conftest import REPO, save_tiny_model
 
 EPOCH = "1700000000"
@@ -103,14 +102,14 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
 
 def interrupt_after_layers(monkeypatch, layers: int) -> None:
     """Make the next run stop like a Ctrl-C once `layers` decoder layers are saved."""
-    save_layer = quantize.driver.save_layer
+    save_layer = driver.save_layer
 
     def save_then_stop(progress_dir, index, *args):
         save_layer(progress_dir, index, *args)
         if index + 1 >= layers:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize.driver, "save_layer", save_then_stop)
+    monkeypatch.setattr(driver, "save_layer", save_then_stop)
 
 
 @pytest.fixture
@@ -131,17 +130,17 @@ def test_interrupted_run_keeps_its_progress_and_says_how_to_resume(model, tmp_pa
 
 
 def test_run_killed_while_writing_shards_resumes_to_the_same_bytes(model, tmp_path, monkeypatch):
-    write_shard = quantize.writer._write_shard
+    write_shard = writer._write_shard
 
     def write_half_then_stop(path, tensors):
         write_shard(path, tensors[: len(tensors) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quantize.writer, "_write_shard", write_half_then_stop)
+    monkeypatch.setattr(writer, "_write_shard", write_half_then_stop)
     assert run("quantize", model, *RTN, "-o", tmp_path / "out").exit_code == 130
     assert list((tmp_path / "out.partial").glob("model-*.safetensors"))  # a shard that looks complete, but is not
     (tmp_path / "out.partial" / "config.json.tmp").write_text("{")  # what a kill inside write_json leaves
-    monkeypatch.setattr(quantize.writer, "_write_shard", write_shard)
+    monkeypatch.setattr(writer, "_write_shard", write_shard)
 
     resumed = run("quantize", model, *RTN, "-o", tmp_path / "out")
     uninterrupted = run("quantize", model, *RTN, "-o", tmp_path / "uninterrupted")

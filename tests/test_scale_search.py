@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
-from quantize.grid import CLIP_RATIOS, grid_params, searched_grid_params, weighted_rounding_error
-from quantize.nf4 import BnbConfig, effective_absmax, quantize_bnb, searched_absmax
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.grid import CLIP_RATIOS, grid_params, searched_grid_params, weighted_rounding_error
+from lowbit.quantize.nf4 import BnbConfig, effective_absmax, quantize_bnb, searched_absmax
 
 
 def random_rows(seed: int, rows: int, columns: int, outliers: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from lowbit.errors import LowbitError, UsageError
-from quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
-from quantize.manifest import MANIFEST, read_manifest
-from quantize.writer import sha256_file
-
-BNB_BLOCKSIZE = 64  # what transformers always quantizes with
-BNB_NESTED_BLOCKSIZE = 256
+from lowbit.files import sha256_file
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
+from lowbit.manifest import MANIFEST, read_manifest
+from lowbit.quantize.nf4 import expected_tensors as bnb_expected
+from lowbit.quantize.pack import expected_tensors as gptq_expected
 
 # name -> (dtype, shape); shape None: any 1-D length (bitsandbytes' serialized quant state)
 Expected = dict[str, tuple[torch.dtype | None, tuple[int, ...] | None]]
@@ -126,7 +124,7 @@ def file_problems(folder: Path, files) -> list[str]:
 
 
 def tensor_problems(folder: Path) -> list[str]:
-    from quantize.arch import architecture_of
+    from lowbit.quantize.arch import architecture_of
 
     config = load_config_dict(folder)
     expected, optional = expected_tensors(folder, config)
@@ -156,8 +154,8 @@ def _describe(dtype: torch.dtype | None, shape: tuple[int, ...] | None) -> str:
 
 def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
     """Every tensor the config implies, and the names that may be absent (a tied lm_head)."""
-    from quantize.arch import architecture_of
-    from quantize.stream import build_skeleton, load_config
+    from lowbit.quantize.arch import architecture_of
+    from lowbit.quantize.stream import build_skeleton, load_config
 
     check_remote_code(config, str(folder), trust_remote_code=False)
     arch = architecture_of(config, SafetensorsCheckpoint(folder).names())
@@ -203,29 +201,10 @@ def quantized_modules(arch, quant: dict) -> set[str]:
 
 
 def gptq_tensors(n: int, k: int, quant: dict) -> Expected:
-    """GPTQ v1 tensors of a Linear [N, K]: qweight [K*b/32, N], qzeros [groups, N*b/32], scales, g_idx [K]."""
-    bits, group_size = quant.get("bits", 4), quant.get("group_size", 128)
-    groups = 1 if group_size in (-1, None) else math.ceil(k / group_size)
-    return {
-        "qweight": (torch.int32, (k * bits // 32, n)),
-        "qzeros": (torch.int32, (groups, n * bits // 32)),
-        "scales": (torch.float16, (groups, n)),
-        "g_idx": (torch.int32, (k,)),
-    }
+    """GPTQ v1 tensors of a Linear [N, K], from the checkpoint's quantization_config."""
+    return gptq_expected(n, k, quant.get("bits", 4), quant.get("group_size", 128))
 
 
 def bnb_tensors(n: int, k: int, quant: dict) -> Expected:
-    """bitsandbytes 4-bit tensors of a Linear [N, K]: two codes a byte, one absmax per 64 values."""
-    blocks = math.ceil(n * k / BNB_BLOCKSIZE)
-    double_quant = bool(quant.get("bnb_4bit_use_double_quant"))
-    quant_type = quant.get("bnb_4bit_quant_type", "nf4")
-    tensors: Expected = {
-        "weight": (torch.uint8, ((n * k + 1) // 2, 1)),
-        "weight.absmax": (torch.uint8 if double_quant else torch.float32, (blocks,)),
-        "weight.quant_map": (torch.float32, (16,)),
-        f"weight.quant_state.bitsandbytes__{quant_type}": (torch.uint8, None),
-    }
-    if double_quant:
-        tensors["weight.nested_absmax"] = (torch.float32, (math.ceil(blocks / BNB_NESTED_BLOCKSIZE),))
-        tensors["weight.nested_quant_map"] = (torch.float32, (256,))
-    return tensors
+    """bitsandbytes 4-bit tensors of a Linear [N, K], from the checkpoint's quantization_config."""
+    return bnb_expected(n, k, quant.get("bnb_4bit_quant_type", "nf4"), bool(quant.get("bnb_4bit_use_double_quant")))

@@ -1,0 +1,82 @@
+"""One Linear's solve: the chosen method's solver, the Hessian it weighs errors by, the error it reports.
+
+The driver hands each Linear (weight, Hessian or None, bias) to `make_solver(settings)`'s function and
+writes the tensors it returns; the format's own module makes them (pack.py: GPTQ v1; nf4.py: bitsandbytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
+from lowbit.quantize.pack import pack_gptq_v1
+from lowbit.quantize.settings import QuantizeSettings
+
+
+@dataclass
+class SolvedLinear:
+    tensors: dict[str, torch.Tensor]  # names relative to the module, as written to disk
+    dequantized: torch.Tensor  # [N, K] float32, what a loader will compute
+    stats: dict = field(default_factory=dict)
+
+
+def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
+    """One function (weight, hessian or None, bias or None, consume_hessian) -> what to write, for the chosen method.
+
+    consume_hessian: the solver may work in the Hessian's buffer (one K x K matrix, not two); the caller
+    must not use it afterwards. The stats then carry the output error, which needs H.
+    """
+    if settings.gptq_format:
+        config = GPTQConfig.from_settings(settings)
+
+        def solve_uniform(weight, hessian, bias, consume_hessian=False):
+            if settings.method == "rtn" or hessian is None:  # RTN leaves the Hessian as it is
+                q, stats = rtn_quantize(weight, config, None if hessian is None else hessian.diagonal()), {}
+            else:
+                q, gptq_stats = gptq_quantize(weight, hessian, config, consume_hessian)
+                stats = {"error": gptq_stats.error, "damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
+            return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats)
+
+        return solve_uniform
+
+    bnb = BnbConfig.from_settings(settings)
+
+    def solve_bnb(weight, hessian, bias, consume_hessian=False):
+        tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian, consume_hessian)
+        if bias is not None:
+            tensors["bias"] = bias
+        return SolvedLinear(tensors, dequantized, stats)
+
+    return solve_bnb
+
+
+def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor | None, max_rows: int = 512) -> float:
+    """||(W - Q) X||^2 / ||W X||^2 through the Hessian (on a strided subset of rows, to stay cheap);
+    without a Hessian, the plain relative weight error."""
+    step = max(1, weight.shape[0] // max_rows)
+    w = weight[::step].float()
+    d = w - dequantized[::step].float()
+    if hessian is None:
+        return float((d * d).sum() / (w * w).sum().clamp_min(1e-30))
+    return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
+
+
+class HessianAccumulator:
+    """H = 2/n * sum(x x^T) over all input rows seen, as a running mean in float32.
+
+    Each batch is folded in with one in-place addmm (old mean rescaled, new rows added): no K x K temporary.
+    """
+
+    def __init__(self, columns: int, device: torch.device):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        rows = x.shape[0]
+        self.hessian.addmm_(x.T, x, beta=self.rows / (self.rows + rows), alpha=2 / (self.rows + rows))
+        self.rows += rows
