@@ -202,12 +202,13 @@ def split_wikitext(shared_data, folder):
     return first, second
 
 
-def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smollm2_dir, shared_data, tmp_path):
+def test_smollm2_end_to_end_gptq_3bit_far_below_rtn(smollm2_dir, shared_data, tmp_path):
     """Quantize the real model, reload it from disk, score held-out text.
 
     Calibration and evaluation come from the two halves of wikitext-2 test: the same
     kind of text, never the same words. A few calibration windows keep this affordable
-    on a CPU; GPTQ generalises better with more (see BENCHMARKS.md).
+    on a CPU; GPTQ generalises better with more (see BENCHMARKS.md). 3 bits: SmolLM2's weights sit on a
+    4-bit grid, so at 4 bits every method looks alike on it (the real-Gemma tests take 4 bits).
     """
     from transformers import AutoTokenizer
 
@@ -218,7 +219,6 @@ def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smoll
     windows = eval_windows(load_eval_text(str(eval_text))[0], tokenizer, 512, 4)
     calib = CalibrationConfig(source=str(calibration_text), nsamples=8, seqlen=512, seed=0)
     runs = {
-        "gptq4": (QuantizeSettings(method="gptq", bits=4, group_size=64), calib),
         "gptq3": (QuantizeSettings(method="gptq", bits=3, group_size=64), calib),
         "rtn3": (QuantizeSettings(method="rtn", bits=3, group_size=64), None),
     }
@@ -228,7 +228,6 @@ def test_smollm2_end_to_end_gptq_4bit_close_to_base_and_3bit_far_below_rtn(smoll
         assert result.manifest["bits_per_weight"] < settings.bits + 1
         ppl[name] = perplexity(tmp_path / name, windows)
     print(ppl)
-    # Measured here: base 38.5, GPTQ 4-bit 57.7, GPTQ 3-bit 196, RTN 3-bit 285. Eight calibration windows
-    # overfit the down projections (their held-out gain over RTN shrinks); more windows do better.
-    assert ppl["gptq4"] < 1.6 * ppl["base"]  # 4-bit: within 60 % of the base
-    assert ppl["gptq3"] < 0.75 * ppl["rtn3"]  # 3-bit: error compensation must pay off
+    # Measured before the act-order and scale-search defaults: base 38.5, GPTQ 3-bit 196, RTN 3-bit 285.
+    # Eight calibration windows overfit the down projections; more windows do better.
+    assert ppl["base"] < ppl["gptq3"] < 0.75 * ppl["rtn3"]  # 3-bit: error compensation must pay off
