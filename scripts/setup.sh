@@ -6,7 +6,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+python -m pip install -q --upgrade pip "setuptools>=68"  # tests/test_wheel.py builds without isolation
 # torch first, pinned: 2.13.0 is the CPU build that lies on the CI machines' disk
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
