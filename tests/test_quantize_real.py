@@ -202,6 +202,7 @@ def split_wikitext(shared_data, folder):
     return first, second
 
 
+@pytest.mark.long
 def test_smollm2_end_to_end_gptq_3bit_far_below_rtn(smollm2_dir, shared_data, tmp_path):
     """Quantize the real model, reload it from disk, score held-out text.
 
@@ -216,8 +217,8 @@ def test_smollm2_end_to_end_gptq_3bit_far_below_rtn(smollm2_dir, shared_data, tm
 
     calibration_text, eval_text = split_wikitext(shared_data, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    windows = eval_windows(load_eval_text(str(eval_text))[0], tokenizer, 512, 4)
-    calib = CalibrationConfig(source=str(calibration_text), nsamples=8, seqlen=512, seed=0)
+    windows = eval_windows(load_eval_text(str(eval_text))[0], tokenizer, 512, 2)
+    calib = CalibrationConfig(source=str(calibration_text), nsamples=4, seqlen=512, seed=0)
     runs = {
         "gptq3": (QuantizeSettings(method="gptq", bits=3, group_size=64), calib),
         "rtn3": (QuantizeSettings(method="rtn", bits=3, group_size=64), None),
@@ -228,6 +229,6 @@ def test_smollm2_end_to_end_gptq_3bit_far_below_rtn(smollm2_dir, shared_data, tm
         assert result.manifest["bits_per_weight"] < settings.bits + 1
         ppl[name] = perplexity(tmp_path / name, windows)
     print(ppl)
-    # Measured with the defaults (act-order in place, scale search): base 38.5, GPTQ 3-bit 64.4, RTN 3-bit 285
-    # (GPTQ 3-bit was 196 before those defaults).
+    # Measured with the defaults (act-order in place, scale search), 4 calibration and 2 scored windows:
+    # base 36.1, GPTQ 3-bit 84.9, RTN 3-bit 281 (8 and 4 windows: 38.5, 64.4, 285; 196 before those defaults).
     assert ppl["base"] < ppl["gptq3"] < 0.75 * ppl["rtn3"]  # 3-bit: error compensation must pay off
