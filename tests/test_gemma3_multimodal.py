@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from lowbit.calibration.windows import CalibrationConfig
