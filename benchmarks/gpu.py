@@ -76,8 +76,7 @@ class StepRecorder:
 
 def predicted_device_peak(config: dict, settings: QuantizeSettings, calibration: CalibrationConfig | None,
                           device: torch.device, dtype: torch.dtype) -> dict:
-    plan_settings = PlanSettings(method=settings.method, bits=settings.bits, group_size=settings.group_size,
-                                 calibrated=calibration is not None and settings.method != "rtn",
+    plan_settings = PlanSettings(settings, calibrated=calibration is not None and settings.method != "rtn",
                                  nsamples=calibration.nsamples if calibration else 0,
                                  seqlen=calibration.seqlen if calibration else 0,
                                  device=device.type, compute_bytes=torch.empty((), dtype=dtype).element_size())

@@ -31,6 +31,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from lowbit.quantize.arch import model_shape  # noqa: E402
 from lowbit.quantize.plan import GiB, PlanSettings, peaks, quantize_phases  # noqa: E402
+from lowbit.quantize.settings import QuantizeSettings  # noqa: E402
 
 PHI4_CONFIG = {
     "architectures": ["Phi3ForCausalLM"],
@@ -169,7 +170,7 @@ def run_measured(command: list[str], progress_dir: Path, poll_seconds: float = 0
 
 
 def predicted_host_peak(config: dict, nsamples: int, seqlen: int, group_size: int = 128) -> dict:
-    settings = PlanSettings(method="gptq", device="cpu", nsamples=nsamples, seqlen=seqlen, group_size=group_size)
+    settings = PlanSettings(QuantizeSettings(group_size=group_size), device="cpu", nsamples=nsamples, seqlen=seqlen)
     _, host = peaks(quantize_phases(model_shape(config), settings), settings)
     return {"bytes": host.bytes, "phase": host.phase, "parts": host.parts}
 

@@ -39,18 +39,18 @@ from lowbit.quantize.checkpoint import load_config_dict, resolve_model
 from lowbit.network import hub_token
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, load_windows, read_manifest
 from lowbit.quantize.loader import DenseWeights
-from lowbit.quantize.fit import should_offload_eval
+from lowbit.quantize.fit import should_offload as offload_needed
 from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
+    each_layer,
     embed_windows,
     free_weights,
     load_config,
     load_weights,
     pick_device,
     pick_dtype,
-    release_free_heap,
     run_layer,
 )
 
@@ -94,14 +94,9 @@ def model_dtype(config: dict) -> str | None:
 def should_offload(config: dict, windows: Tensor, chunk_tokens: int, dtype: torch.dtype, device: torch.device,
                    with_base: bool) -> bool:
     """Hidden states to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
-    if device.type != "cuda":
-        return False
-
-    plan = PlanSettings(device="cuda", compute_bytes=torch.empty((), dtype=dtype).element_size(),
-                        eval_windows=windows.shape[0], eval_seqlen=windows.shape[1], eval_chunk=chunk_tokens,
-                        eval_base=with_base)
-    free, _ = torch.cuda.mem_get_info(device)
-    return should_offload_eval(config, plan, free)
+    plan = PlanSettings(compute_bytes=dtype.itemsize, eval_windows=windows.shape[0], eval_seqlen=windows.shape[1],
+                        eval_chunk=chunk_tokens, eval_base=with_base)
+    return offload_needed(config, plan, device, "evaluate")
 
 
 def dense_skeleton(folder: Path) -> nn.Module:
@@ -128,14 +123,8 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
         offload = should_offload(weights.config, windows, options.chunk_tokens, dtype, device, with_base=False)
     model = dense_skeleton(Path(folder))
     acts = embed_windows(model, weights.read(arch.embed_name), windows, device, dtype, offload)
-    report("layers", 0, arch.num_layers)
-    for i in range(arch.num_layers):
-        layer = model.model.layers[i]
-        load_weights(layer, weights.read_prefix(arch.layer_prefix(i)), device, dtype)
+    for _, layer, _ in each_layer(model, arch, weights.read_prefix, device, dtype, report=report):
         run_layer(layer, acts, device, update=True)
-        free_weights(layer)
-        release_free_heap()
-        report("layers", i + 1, arch.num_layers)
     apply_final_norm(model.model.norm, weights.read_prefix(arch.norm_prefix), acts, device, dtype)
     return acts.hidden
 

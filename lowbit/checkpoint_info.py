@@ -196,8 +196,8 @@ def quantized_modules(arch, quant: dict) -> set[str]:
     if method not in ("gptq", "bitsandbytes"):
         raise UsageError(f"cannot verify a {method} checkpoint (lowbit writes gptq and bitsandbytes)")
     skip = (quant.get("llm_int8_skip_modules") or []) if method == "bitsandbytes" else []
-    names = {arch.layer_prefix(i) + name for i in range(arch.num_layers) for name in arch.linear_names()}
-    return {n for n in names if not any(m == s or m.startswith(s + ".") for s in skip for m in (n, arch.loaded_name(n)))}
+    return set(arch.quantized_linears(lambda n: any(m == s or m.startswith(s + ".")
+                                                    for s in skip for m in (n, arch.loaded_name(n)))))
 
 
 def gptq_tensors(n: int, k: int, quant: dict) -> Expected:

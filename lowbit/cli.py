@@ -15,10 +15,10 @@ from typing import Optional
 import typer
 from rich.logging import RichHandler
 
-from lowbit.console import (check_choice, handle_errors, print_json, progress_bar, progress_callback,
+from lowbit.console import (bad_option, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
 from lowbit.network import hub_token
-from lowbit.quantize.settings import BITS, METHODS, valid_group_size
+from lowbit.quantize.settings import InvalidSetting, Method, QuantizeSettings
 from lowbit.redact import redact
 
 log = logging.getLogger("lowbit")
@@ -43,7 +43,7 @@ def main(
 def quantize(
     model: str = typer.Argument(..., help="Local folder or Hub repo id."),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder (written to OUTPUT.partial, renamed when complete)."),
-    method: str = typer.Option("gptq", help="gptq, rtn (round to nearest, the baseline), nf4 or fp4."),
+    method: Method = typer.Option(Method.GPTQ, help="rtn: round to nearest, the baseline."),
     bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
     group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by descending Hessian diagonal."),
@@ -71,22 +71,22 @@ def quantize(
 ) -> None:
     """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
     from lowbit.calibration.windows import CalibrationConfig
-    from lowbit.quantize.driver import QuantizeSettings, RunOptions, quantize_model
+    from lowbit.quantize.driver import RunOptions, quantize_model
     from lowbit.quantize.writer import parse_size
 
     try:
         parse_size(max_shard_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
-    check_choice("--bits", bits, BITS)
-    if not valid_group_size(group_size):
-        raise typer.BadParameter("must be -1 or positive", param_hint="--group-size")
     if scale_search and calibration is None and method != "gptq":
         raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
                                  "give --calibration", param_hint="--scale-search")
-    settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                                static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
-                                true_sequential=true_sequential, double_quant=double_quant, skip=skip)
+    try:
+        settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                                    static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
+                                    true_sequential=true_sequential, double_quant=double_quant, skip=skip)
+    except InvalidSetting as e:
+        raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
         from lowbit.calibration.sources import default_calibration
 
@@ -300,7 +300,7 @@ def plan(
     model: str = typer.Argument(..., help="Local folder or Hub repo id: only its config.json is read."),
     gpu: Optional[str] = typer.Option(None, help="GPU memory, e.g. 16GiB (without it: plan for the CPU)."),
     host_memory: Optional[str] = typer.Option(None, "--host-memory", help="Host memory, e.g. 32GiB."),
-    method: str = typer.Option("gptq", help="gptq, rtn, nf4 or fp4."),
+    method: Method = typer.Option(Method.GPTQ),
     calibrated: bool = typer.Option(False, "--calibrated", help="nf4/fp4 with calibration data (GPTQ onto the code book)."),
     bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
     group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
@@ -328,13 +328,15 @@ def plan(
             limits[name] = parse_size(text) if text is not None else None
         except ValueError:
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
-    for name, value, choices in (("--method", method, METHODS), ("--bits", bits, BITS)):
-        if value not in choices:
-            raise UsageError(f"{name}: {value} is not one of {', '.join(map(str, choices))}")
-    settings = PlanSettings(method=method, bits=bits, group_size=group_size, true_sequential=true_sequential,
-                            calibrated=method == "gptq" or calibrated, nsamples=nsamples, seqlen=seqlen,
-                            device="cuda" if gpu is not None else "cpu", offload=offload, eval_windows=eval_windows,
-                            eval_seqlen=eval_seqlen, eval_chunk=eval_chunk)
+    try:
+        quantize_settings = QuantizeSettings(method=method, bits=bits, group_size=group_size,
+                                             true_sequential=true_sequential)
+    except InvalidSetting as e:
+        raise bad_option(e) from None
+    settings = PlanSettings.from_settings(quantize_settings, calibrated=method == Method.GPTQ or calibrated,
+                                          nsamples=nsamples, seqlen=seqlen, device="cuda" if gpu is not None else "cpu",
+                                          offload=offload, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
+                                          eval_chunk=eval_chunk)
     result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"])
     if json_out:
         print_json(result)

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from lowbit.errors import LowbitError
+from lowbit.quantize.settings import InvalidSetting
 from lowbit.redact import redact
 
 # soft_wrap: a message is one line, however narrow the (absent) terminal
@@ -93,6 +94,6 @@ def print_json(data: dict) -> None:
     sys.stdout.write(redact(json.dumps(data, indent=2, default=str)) + "\n")
 
 
-def check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise typer.BadParameter(f"{value} is not one of {', '.join(map(str, choices))}", param_hint=name)
+def bad_option(error: InvalidSetting) -> typer.BadParameter:
+    """A setting's broken rule, pointed at the option that set it (exit 2, click's usage line)."""
+    return typer.BadParameter(error.rule, param_hint="--" + error.name.replace("_", "-"))

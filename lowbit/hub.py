@@ -40,6 +40,7 @@ from lowbit.card import LAYER_ERRORS_FILE, build_model_card, layer_error_svg, la
 from lowbit.errors import HubError, UsageError
 from lowbit.redact import redact, register_secret
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
+from lowbit.network import hub_endpoint
 
 CARD_FILE = "README.md"
 log = logging.getLogger("lowbit")
@@ -122,11 +123,6 @@ def files_to_push(folder: Path) -> list[Path]:
         listed = ", ".join(missing)
         raise UsageError(f"{folder} is not a complete lowbit checkpoint: {listed} listed in the manifest but absent")
     return chosen
-
-
-def hub_endpoint() -> str | None:
-    """HF_ENDPOINT as set now (huggingface_hub itself reads it once, at import)."""
-    return os.environ.get("HF_ENDPOINT", "").strip().rstrip("/") or None
 
 
 def push_folder(folder: Path, options: PushOptions, on_event: Callable[[str], None] | None = None) -> PushResult:
@@ -329,7 +325,7 @@ def _describe(err: httpx2.HTTPError, step: str, repo_id: str) -> str:
     namespace = repo_id.split("/")[0]
     if status is None:
         reason = "connection refused" if isinstance(err, httpx2.ConnectError) else type(err).__name__
-        return f"cannot reach the Hub at {hub_endpoint() or 'huggingface.co'} while {step}: {reason}"
+        return f"cannot reach the Hub at {hub_endpoint()} while {step}: {reason}"
     if status == 401:
         return "token missing or invalid: log in with `hf auth login`, set HF_TOKEN or pass --token"
     if status == 403:

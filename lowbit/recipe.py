@@ -38,7 +38,8 @@ from lowbit.errors import LowbitError, OutputExistsError
 from lowbit.evals.evaluate import evaluate
 from lowbit.evals.report import attach_to_manifest, check_gates
 from lowbit.files import sha256_file
-from lowbit.hub import hub_endpoint, push_folder
+from lowbit.hub import push_folder
+from lowbit.network import hub_endpoint
 from lowbit.manifest import read_manifest, update_manifest
 from lowbit.network import hub_token
 from lowbit.quantize.driver import quantize_model
@@ -164,7 +165,7 @@ def push_stage(recipe: Recipe, dry_run: bool, force: bool, token: str | None,
     manifest = read_manifest(output)
     inputs = stable_hash({"repo_id": push.repo_id, "revision": push.revision, "create_pr": push.create_pr,
                           "base_model": push.base_model,
-                          "endpoint": hub_endpoint() or "https://huggingface.co",
+                          "endpoint": hub_endpoint(),
                           "files": files_hash(manifest), "eval": stable_hash(manifest.get("eval"))})
     record = (manifest.get(RUN) or {}).get("push") or {}
     if not options.dry_run and not force and record.get("inputs") == inputs:

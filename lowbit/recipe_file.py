@@ -16,7 +16,7 @@ from lowbit.evals.evaluate import EvalOptions
 from lowbit.evals.report import Gates
 from lowbit.hub import PushOptions, validate_repo_id
 from lowbit.quantize.driver import RunOptions
-from lowbit.quantize.settings import BITS, METHODS, QuantizeSettings, bits_text, valid_group_size
+from lowbit.quantize.settings import InvalidSetting, QuantizeSettings
 from lowbit.quantize.writer import parse_size
 
 EVAL_DATASETS = ("wikitext2", "c4")  # named evaluation corpora; anything else is a path
@@ -125,8 +125,11 @@ def build_recipe(tables: dict, path: Path) -> Recipe:
     quantize = dict(tables.get("quantize", {}))
     run_keys = ("device", "dtype", "max_shard_size")
     run_options = RunOptions(**{k: quantize.pop(k) for k in run_keys if k in quantize})
-    settings = QuantizeSettings(**quantize)
-    check_quantize(settings, run_options, path)
+    try:
+        settings = QuantizeSettings(**quantize)
+    except InvalidSetting as e:
+        raise UsageError(f"{path}: quantize.{e.name} {e.rule}") from None
+    check_run_options(run_options, path)
     return Recipe(
         path=path,
         model=ModelSection(model_source(model["source"], folder), model.get("revision")),
@@ -139,12 +142,7 @@ def build_recipe(tables: dict, path: Path) -> Recipe:
     )
 
 
-def check_quantize(settings: QuantizeSettings, run_options: RunOptions, path: Path) -> None:
-    require(settings.method in METHODS, path, "quantize.method", f"must be one of {', '.join(METHODS)}")
-    require(settings.bits in BITS, path, "quantize.bits", f"must be {bits_text()}")
-    require(valid_group_size(settings.group_size), path, "quantize.group_size",
-            "must be -1 or positive")
-    require(0 < settings.damp < 1, path, "quantize.damp", "must be between 0 and 1")
+def check_run_options(run_options: RunOptions, path: Path) -> None:
     require(run_options.dtype in DTYPES, path, "quantize.dtype", f"must be one of {', '.join(DTYPES)}")
     try:
         parse_size(run_options.max_shard_size)

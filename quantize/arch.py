@@ -11,6 +11,7 @@ order; the modules of one group read the same input, so they share a Hessian
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lowbit.errors import UsageError
@@ -138,6 +139,11 @@ class Architecture:
     def linear_names(self) -> list[str]:
         """Names of the quantized Linears inside one decoder layer, in forward order."""
         return [name for group in self.groups for name in group]
+
+    def quantized_linears(self, is_skipped: Callable[[str], bool] = lambda name: False) -> list[str]:
+        """Full names of the Linears a checkpoint stores quantized: every decoder layer's, less the skipped."""
+        return [self.layer_prefix(i) + name for i in range(self.num_layers) for name in self.linear_names()
+                if not is_skipped(self.layer_prefix(i) + name)]
 
 
 def text_config(config: dict) -> dict:

@@ -72,8 +72,7 @@ def assemble(job: QuantizeJob) -> dict:
         if file.is_file() and file.name not in files and file.name != MANIFEST:
             files[file.name] = {"sha256": sha256_file(file), "size": file.stat().st_size}
 
-    quantized_modules = {arch.layer_prefix(i) + n for i in range(arch.num_layers) for n in arch.linear_names()
-                         if not settings.is_skipped(arch.layer_prefix(i) + n)}
+    quantized_modules = set(arch.quantized_linears(settings.is_skipped))
     quantized_weights = sum(_numel(reader.info(m + ".weight").shape) for m in quantized_modules)
     quantized_bytes = sum(layer_files.info(n).nbytes for n in layer_names
                           if _module_of(n) in quantized_modules and not n.endswith(".bias"))
@@ -119,8 +118,8 @@ def _numel(shape) -> int:
 def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
     if settings.gptq_format:
         return gptq_quantization_config(settings, arch)
-    skipped = sorted({arch.loaded_name(arch.layer_prefix(i) + n) for i in range(arch.num_layers)
-                      for n in arch.linear_names() if settings.is_skipped(arch.layer_prefix(i) + n)})
+    skipped = sorted(set(map(arch.loaded_name, arch.quantized_linears())) -
+                     set(map(arch.loaded_name, arch.quantized_linears(settings.is_skipped))))
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]

@@ -31,18 +31,17 @@ from lowbit.quantize.checkpoint import (
     resolve_model,
 )
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
-from lowbit.quantize.fit import should_offload_calibration
+from lowbit.quantize.fit import should_offload
 from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
-from lowbit.quantize.settings import METHODS, QuantizeSettings
+from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator, make_solver, relative_output_error
 from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
+    each_layer,
     embed_windows,
-    free_weights,
     load_config,
-    load_weights,
     pick_device,
     pick_dtype,
     release_free_heap,
@@ -84,8 +83,6 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
                            on_progress: ProgressFn | None) -> QuantizeResult:
     started = time.time()
     report = on_progress or (lambda stage, done, total: None)
-    if settings.method not in METHODS:
-        raise UsageError(f"unknown method {settings.method!r} (use {', '.join(METHODS)})")
     if settings.method == "gptq" and calibration is None:
         raise UsageError("gptq needs calibration data (--calibration)")
     check_output_free(output, options.force)
@@ -198,7 +195,11 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
     windows, device, dtype, progress_dir, progress, report = (job.windows, job.device, job.dtype, job.progress_dir,
                                                              job.progress, job.report)
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
-    offload = options.offload if options.offload is not None else _should_offload(windows, config, dtype, device, settings)
+    offload = options.offload
+    if offload is None:
+        plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
+                                          compute_bytes=dtype.itemsize)
+        offload = should_offload(config, plan, device, "quantize")
     start = progress["layers_done"]
     embed = reader.read(arch.embed_name)
     if start == 0:
@@ -208,32 +209,15 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
-    report("quantize", start, arch.num_layers)
     stepwise = None
-    for i in range(start, arch.num_layers):
-        prefix = arch.layer_prefix(i)
-        layer = skeleton.model.layers[i]
-        source_tensors = reader.read_prefix(prefix)
-        load_weights(layer, source_tensors, device, dtype)
+    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start, report,
+                                               "quantize"):
         if stepwise is None:  # once a run
             stepwise = _stepwise_possible(layer, arch, settings, acts, device)
-        out, stats = _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise)
-        free_weights(layer)
+        out, stats = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors, acts,
+                                     device, stepwise)
         save_layer(progress_dir, i, out, progress, stats, acts)
-        release_free_heap()
-        report("quantize", i + 1, arch.num_layers)
-
-
-def _should_offload(windows: torch.Tensor, config: dict, dtype: torch.dtype, device: torch.device,
-                    settings: QuantizeSettings = QuantizeSettings()) -> bool:
-    """Activations to host memory when quantize/plan.py predicts that keeping them on the GPU would not fit."""
-    if device.type != "cuda":
-        return False
-
-    plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1], device="cuda",
-                                      compute_bytes=torch.empty((), dtype=dtype).element_size())
-    free, _ = torch.cuda.mem_get_info(device)
-    return should_offload_calibration(config, plan, free)
+        del out
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import ModelShape, model_shape
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
@@ -137,16 +139,17 @@ def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_
 
 # ---- the engine's automatic decisions ----
 
-def should_offload_calibration(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
-    """Offload the activations when quantizing with them on the GPU would not fit its free memory, and
-    offloading helps. free_gpu_bytes is after the CUDA context, so only the allocator's slack is added."""
+def should_offload(config: dict, s: PlanSettings, device: torch.device, part: str) -> bool:
+    """Whether PART ("quantize": the calibration activations; "evaluate": the final hidden states) goes to host
+    memory: on a GPU, when running it with them on the device would not fit its free memory. The free memory is
+    after the CUDA context, so only the allocator's slack is added."""
+    if device.type != "cuda":
+        return False
     shape = model_shape(config)
-    on_device, _ = peaks(quantize_phases(shape, replace(s, offload=False)), s)
-    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
-
-
-def should_offload_eval(config: dict, s: PlanSettings, free_gpu_bytes: int) -> bool:
-    """The same for evaluation's final hidden states."""
-    shape = model_shape(config)
-    on_device, _ = peaks(eval_phases(shape, replace(s, eval_offload=False)), s)
-    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free_gpu_bytes
+    if part == "quantize":
+        phases = quantize_phases(shape, replace(s, device="cuda", offload=False))
+    else:
+        phases = eval_phases(shape, replace(s, device="cuda", eval_offload=False))
+    on_device, _ = peaks(phases, s)
+    free, _ = torch.cuda.mem_get_info(device)
+    return on_device.bytes * (1 + ALLOCATOR_SLACK) > free

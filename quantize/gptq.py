@@ -19,7 +19,7 @@ from torch import Tensor
 from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.grid import dequantize_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
-from lowbit.quantize.settings import BITS, QuantizeSettings, bits_text, valid_group_size
+from lowbit.quantize.settings import QuantizeSettings, check_bits, check_damp, check_group_size
 
 log = logging.getLogger("lowbit")
 
@@ -42,12 +42,11 @@ class GPTQConfig:
                    static_groups=settings.static_groups, scale_search=settings.scale_search, damp=settings.damp)
 
     def __post_init__(self) -> None:
-        if self.bits not in BITS:
-            raise UsageError(f"bits must be {bits_text()}, not {self.bits}")
-        if not valid_group_size(self.group_size):
-            raise UsageError(f"group size must be -1 or positive, not {self.group_size}")
-        if self.damp < 0 or self.block_size < 1:
-            raise UsageError("damping must be >= 0 and block size >= 1")
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        check_damp(self.damp)
+        if self.block_size < 1:
+            raise UsageError(f"block size must be at least 1, not {self.block_size}")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.hessian_factor import damped_inverse_factor_
-from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings
+from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings, check_damp
 
 log = logging.getLogger("lowbit")
 
@@ -72,7 +72,7 @@ class BnbConfig:
 
     @classmethod
     def from_settings(cls, settings: QuantizeSettings) -> "BnbConfig":
-        return cls(quant_type=settings.method, double_quant=settings.double_quant, damp=settings.damp,
+        return cls(quant_type=settings.method.value, double_quant=settings.double_quant, damp=settings.damp,
                    scale_search=settings.scale_search)
 
     def __post_init__(self) -> None:
@@ -80,8 +80,7 @@ class BnbConfig:
             raise UsageError(f"quant type must be nf4 or fp4, not {self.quant_type!r}")
         if self.blocksize not in VALID_BLOCKSIZES:
             raise UsageError(f"block size must be one of {VALID_BLOCKSIZES}, not {self.blocksize}")
-        if self.damp < 0:
-            raise UsageError(f"damping must be >= 0, not {self.damp}")
+        check_damp(self.damp)
 
 
 def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = None,

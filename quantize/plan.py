@@ -23,7 +23,7 @@ from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
-from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, QuantizeSettings, uses_activations
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -36,10 +36,9 @@ PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (i
 
 @dataclass(frozen=True)
 class PlanSettings:
-    method: str = "gptq"  # gptq | rtn | nf4 | fp4
-    bits: int = 4
-    group_size: int = 128
-    true_sequential: bool = True
+    """QUANTIZE's settings (what the output depends on) and the run's: windows, device, evaluation."""
+
+    quantize: QuantizeSettings = QuantizeSettings()
     calibrated: bool = True  # nf4/fp4 with calibration data; gptq always, rtn never
     nsamples: int = 128
     seqlen: int = 2048
@@ -53,6 +52,22 @@ class PlanSettings:
     eval_base: bool = True  # score against the base model: two sets of final hidden states
 
     @property
+    def method(self) -> Method:
+        return self.quantize.method
+
+    @property
+    def bits(self) -> int:
+        return self.quantize.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.quantize.group_size
+
+    @property
+    def true_sequential(self) -> bool:
+        return self.quantize.true_sequential
+
+    @property
     def c(self) -> int:
         if self.compute_bytes is not None:
             return self.compute_bytes
@@ -60,9 +75,8 @@ class PlanSettings:
 
     @classmethod
     def from_settings(cls, settings: QuantizeSettings, **run) -> PlanSettings:
-        """What the plan needs of QUANTIZE's settings, with the run's (windows, device, ...) as keywords."""
-        return cls(method=settings.method, bits=settings.bits, group_size=settings.group_size,
-                   true_sequential=settings.true_sequential, **run)
+        """QUANTIZE's settings with the run's (windows, device, ...) as keywords."""
+        return cls(quantize=settings, **run)
 
     @property
     def uses_activations(self) -> bool:
@@ -262,7 +276,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
                         host=host))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
-    phases.append(Phase("save the layer and its output activations", device={**acts_device, **quantized},
+    phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized},
                         host={**host, **copy, "quantized Linears copied to the host": packed}))
     phases.append(_writer_phase(shape, s))
     return phases

@@ -1,36 +1,83 @@
-"""What a quantized checkpoint depends on: the method and its parameters."""
+"""What a quantized checkpoint depends on: the method and its parameters, and the rules they must keep.
+
+Every rule is written here once: QuantizeSettings checks itself when it is made, and the solver and plan
+configs derived from it (GPTQConfig, BnbConfig, PlanSettings) apply the same functions.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
-METHODS = ("gptq", "rtn", "nf4", "fp4")
+from lowbit.errors import UsageError
+
+
+class Method(StrEnum):
+    GPTQ = "gptq"
+    RTN = "rtn"  # round to nearest on GPTQ's grid: the baseline
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+    @property
+    def gptq_format(self) -> bool:
+        """Written as GPTQ v1 (packed integer codes on a uniform grid); the others as bitsandbytes 4-bit."""
+        return self in (Method.GPTQ, Method.RTN)
+
+
+METHODS = tuple(m.value for m in Method)
 BITS = (2, 3, 4, 8)  # of the uniform grid (gptq, rtn); nf4/fp4 are 4-bit
-GPTQ_FORMAT_METHODS = ("gptq", "rtn")  # written as GPTQ v1: packed integer codes on a uniform grid
-BNB_METHODS = ("nf4", "fp4")  # written as bitsandbytes 4-bit
+GPTQ_FORMAT_METHODS = tuple(m.value for m in Method if m.gptq_format)
+BNB_METHODS = tuple(m.value for m in Method if not m.gptq_format)
+
+
+class InvalidSetting(UsageError):
+    """One setting breaks its rule; `name` is the field, so the CLI and the recipe can point at their own key."""
+
+    def __init__(self, name: str, rule: str):
+        self.name, self.rule = name, rule
+        super().__init__(f"{name} {rule}")
 
 
 def bits_text() -> str:
     return ", ".join(map(str, BITS[:-1])) + f" or {BITS[-1]}"
 
 
-def valid_group_size(group_size: int) -> bool:
+def check_method(method: str) -> Method:
+    try:
+        return Method(method)
+    except ValueError:
+        raise InvalidSetting("method", f"must be one of {', '.join(METHODS)}, not {method!r}") from None
+
+
+def check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise InvalidSetting("bits", f"must be {bits_text()}, not {bits}")
+
+
+def check_group_size(group_size: int) -> None:
     """-1 (one group over all input columns) or a positive number of columns."""
-    return group_size == -1 or group_size >= 1
+    if not (group_size == -1 or group_size >= 1):
+        raise InvalidSetting("group_size", f"must be -1 or positive, not {group_size}")
+
+
+def check_damp(damp: float) -> None:
+    """A fraction of the mean Hessian diagonal added to the diagonal."""
+    if not 0 <= damp < 1:
+        raise InvalidSetting("damp", f"must be at least 0 and below 1, not {damp}")
 
 
 def uses_activations(method: str, calibrated: bool) -> bool:
     """Whether a run of METHOD collects Hessians from calibration activations (GPTQ always; NF4/FP4 when
     calibrated; RTN only for its scale search, which QuantizeSettings.calibrated decides)."""
-    return method == "gptq" or (method in BNB_METHODS and calibrated)
+    return method == Method.GPTQ or (method in BNB_METHODS and calibrated)
 
 
 @dataclass(frozen=True)
 class QuantizeSettings:
     """What the output depends on: the method and its parameters."""
 
-    method: str = "gptq"
+    method: Method = Method.GPTQ
     bits: int = 4
     group_size: int = 128
     sym: bool = True
@@ -44,9 +91,20 @@ class QuantizeSettings:
     double_quant: bool = True  # nf4/fp4
     skip: str | None = None  # regex of module names kept in 16-bit (nf4/fp4)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", check_method(self.method))
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        check_damp(self.damp)
+        if self.skip is not None:
+            try:
+                re.compile(self.skip)
+            except re.error as e:
+                raise InvalidSetting("skip", f"is not a regular expression: {e}") from None
+
     @property
     def gptq_format(self) -> bool:
-        return self.method in GPTQ_FORMAT_METHODS
+        return self.method.gptq_format
 
     def is_skipped(self, module: str) -> bool:
         return self.skip is not None and re.search(self.skip, module) is not None
@@ -54,7 +112,7 @@ class QuantizeSettings:
     def calibrated(self, has_calibration: bool) -> bool:
         """Whether the run collects Hessians: always for gptq; nf4/fp4 when given calibration;
         rtn when given calibration for its scale search (plain RTN ignores calibration)."""
-        if self.method == "rtn":
+        if self.method == Method.RTN:
             return has_calibration and self.scale_search
         return uses_activations(self.method, has_calibration)
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lowbit.errors import UsageError
-from lowbit.quantize.arch import LayerNorms
+from lowbit.quantize.arch import Architecture, LayerNorms
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -129,6 +129,25 @@ def _glibc():
 
 
 _LIBC = _glibc()
+
+
+def each_layer(model: nn.Module, arch: Architecture, read_prefix: Callable[[str], dict[str, torch.Tensor]],
+               device: torch.device, dtype: torch.dtype, start: int = 0,
+               report: Callable[[str, int, int], None] | None = None, stage: str = "layers"):
+    """The one layer loop of quantize and eval: yields (index, layer, its tensors as read) for every decoder
+    layer from START, with only that layer's weights materialised; once the caller is done with it, the
+    weights go back to meta and the freed heap to the system, and REPORT hears (stage, done, total)."""
+    report = report or (lambda stage_, done, total: None)
+    report(stage, start, arch.num_layers)
+    for i in range(start, arch.num_layers):
+        layer = model.model.layers[i]
+        tensors = read_prefix(arch.layer_prefix(i))
+        load_weights(layer, tensors, device, dtype)
+        yield i, layer, tensors
+        free_weights(layer)
+        del tensors
+        release_free_heap()
+        report(stage, i + 1, arch.num_layers)
 
 
 class _CaughtInputs(Exception):

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from lowbit.cli import app
 from lowbit.quantize.arch import model_shape
-from lowbit.quantize.fit import plan, should_offload_calibration
+from lowbit.quantize.fit import plan, should_offload
+from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.plan import (
     GiB,
     PlanSettings,
@@ -122,7 +123,7 @@ def test_predictions_move_the_way_the_settings_do():
     host = peaks(quantize_phases(shape, base), base)[1].bytes
     offloaded = replace(base, offload=True)
     assert peaks(quantize_phases(shape, offloaded), offloaded)[1].bytes >= host  # the activations moved there
-    wider = replace(base, true_sequential=False)  # every group's Hessian at once
+    wider = replace(base, quantize=QuantizeSettings(true_sequential=False))  # every group's Hessian at once
     assert quantize_gpu_peak(PHI4, wider) >= gpu
     eval_gpu = peaks(eval_phases(shape, base), base)[0].bytes
     assert peaks(eval_phases(shape, replace(base, eval_chunk=128)), base)[0].bytes < eval_gpu
@@ -132,26 +133,22 @@ def test_predictions_move_the_way_the_settings_do():
 
 
 def test_rtn_needs_no_gpu_and_output_size_follows_bits():
-    rtn = PlanSettings(method="rtn", calibrated=False)
+    rtn = PlanSettings(QuantizeSettings(method="rtn"), calibrated=False)
     assert quantize_gpu_peak(PHI4, rtn) == 0
     four = plan(PHI4, PlanSettings())
-    eight = plan(PHI4, PlanSettings(bits=8))
+    eight = plan(PHI4, PlanSettings(QuantizeSettings(bits=8)))
     assert eight["output_bytes"] > four["output_bytes"]
     assert eight["bits_per_weight"] - four["bits_per_weight"] == pytest.approx(4, abs=0.1)
 
 
-def test_driver_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
-    from lowbit.quantize import driver
-
-    settings = driver.QuantizeSettings()
-    windows = torch.zeros(32, 512, dtype=torch.int64)
-    predicted = quantize_gpu_peak(PHI4, PlanSettings(nsamples=32, seqlen=512))
+def test_quantize_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
+    settings = PlanSettings(nsamples=32, seqlen=512)
+    predicted = quantize_gpu_peak(PHI4, settings)
     cuda = torch.device("cuda")
     for free, expected in ((int(predicted * 1.3), False), (int(predicted * 0.9), True)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 2 * free))
-        assert driver._should_offload(windows, PHI4, torch.bfloat16, cuda, settings) is expected
-        assert should_offload_calibration(PHI4, PlanSettings(nsamples=32, seqlen=512), free) is expected
-    assert driver._should_offload(windows, PHI4, torch.float32, torch.device("cpu"), settings) is False
+        assert should_offload(PHI4, settings, cuda, "quantize") is expected
+    assert should_offload(PHI4, settings, torch.device("cpu"), "quantize") is False
 
 
 def test_evaluator_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypatch):
@@ -234,8 +231,7 @@ def test_prediction_matches_the_engines_allocated_peak(tmp_path, arch, method, i
         pytest.skip("this torch's profiler does not expose memory events")
 
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
-    plan_settings = PlanSettings(method=method, device="cpu", nsamples=8, seqlen=256, group_size=64,
-                                 calibrated=method != "rtn")
+    plan_settings = PlanSettings(settings, device="cpu", nsamples=8, seqlen=256, calibrated=method != "rtn")
     phases = quantize_phases(model_shape(saved), plan_settings)
     predicted = max(sum(v for k, v in {**p.device, **p.host}.items() if k not in NOT_TORCH_ALLOCATED) for p in phases)
     assert 0.8 <= predicted / measured <= 1.25, (predicted, measured)
@@ -267,8 +263,8 @@ def test_eval_prediction_matches_the_evaluators_allocated_peak(tmp_path, shared_
         pytest.skip("this torch's profiler does not expose memory events")
 
     saved = json.loads((tmp_path / "model" / "config.json").read_text())
-    settings = PlanSettings(method="rtn", calibrated=False, device="cpu", group_size=64, eval_windows=8,
-                            eval_seqlen=256, eval_chunk=128)
+    settings = PlanSettings(QuantizeSettings(method="rtn", group_size=64), calibrated=False, device="cpu",
+                            eval_windows=8, eval_seqlen=256, eval_chunk=128)
     not_allocated = (*NOT_TORCH_ALLOCATED, "layer as read", "lm_head as read (both models)")
     predicted = max(sum(v for k, v in {**p.device, **p.host}.items() if k not in not_allocated)
                     for p in eval_phases(model_shape(saved), settings))
@@ -345,7 +341,8 @@ def test_freed_heap_goes_back_to_the_system_after_every_layer(tmp_path, monkeypa
     model = save_tiny_model(tmp_path / "model", layers=3)
     for method, calibration in (("rtn", None), ("gptq", CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))):
         calls = []
-        monkeypatch.setattr(driver, "release_free_heap", lambda: calls.append(1))
+        monkeypatch.setattr(driver, "release_free_heap", lambda: calls.append(1))  # weights-only loop
+        monkeypatch.setattr(stream, "release_free_heap", lambda: calls.append(1))  # stream.each_layer
         driver.quantize_model(str(model), tmp_path / method, driver.QuantizeSettings(method=method, group_size=32),
                               calibration)
         assert len(calls) == 3, method

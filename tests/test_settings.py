@@ -1,0 +1,50 @@
+"""Each setting's rule lives in quantize/settings.py: every config that carries the setting applies it (the
+plan's PlanSettings holds a QuantizeSettings), and the CLI and the recipe point at their own key."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+from lowbit.quantize.gptq import GPTQConfig
+from lowbit.quantize.nf4 import BnbConfig
+from lowbit.quantize.settings import InvalidSetting, Method, QuantizeSettings
+
+BAD = [("bits", 5), ("group_size", 0), ("damp", 1.5), ("damp", -0.1)]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD)
+def test_every_config_applies_the_same_rule(name, value):
+    configs = [QuantizeSettings, GPTQConfig] + ([BnbConfig] if name == "damp" else [])
+    for config in configs:
+        with pytest.raises(InvalidSetting) as caught:
+            config(**{name: value})
+        assert caught.value.name == name, config
+
+
+def test_methods_are_an_enum_and_strings_become_members():
+    settings = QuantizeSettings(method="nf4")
+    assert settings.method is Method.NF4 and not settings.gptq_format
+    assert QuantizeSettings(method="rtn").gptq_format
+    with pytest.raises(InvalidSetting, match="must be one of gptq, rtn, nf4, fp4"):
+        QuantizeSettings(method="awq")
+    with pytest.raises(InvalidSetting, match="not a regular expression"):
+        QuantizeSettings(method="nf4", skip="(")
+
+
+@pytest.mark.parametrize(("args", "option", "rule"), [
+    (["--bits", "5"], "--bits", "must be 2, 3, 4 or 8, not 5"),
+    (["--group-size", "0"], "--group-size", "must be -1 or positive"),
+    (["--damp", "2"], "--damp", "must be at least 0 and below 1"),
+    (["--method", "awq"], "--method", "awq"),
+])
+def test_cli_names_the_option_that_breaks_a_rule(tmp_path, args, option, rule):
+    for command in (["quantize", str(tmp_path), "-o", str(tmp_path / "out")], ["plan", str(tmp_path)]):
+        if command[0] == "plan" and option == "--damp":
+            continue  # plan has no --damp
+        result = CliRunner().invoke(app, command + args)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert option in text and rule in text, text
+        assert not (tmp_path / "out").exists()
