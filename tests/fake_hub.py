@@ -201,6 +201,14 @@ class FakeHub:
             return None, _error(404, f"Invalid rev id: {rev}", code="RevisionNotFound")
         return repo.branches[rev], None
 
+    def _files_at(self, repo_id: str, user: str | None, rev: str, write: bool = False):
+        """(repo, its files at `rev`, None) when `user` may read (or write) them, else (None, None, error)."""
+        found, error = (self._writable if write else self._readable)(repo_id, user)
+        if error:
+            return None, None, error
+        files, error = self._branch(found, rev)
+        return found, files, error
+
     # --- endpoints -------------------------------------------------------------
 
     def _whoami(self, user, **_):
@@ -228,10 +236,7 @@ class FakeHub:
         return _json({"errors": [], "warnings": []})
 
     def _repo_info(self, user, repo, query, rev="main", **_):
-        found, error = self._readable(repo, user)
-        if error:
-            return error
-        files, error = self._branch(found, rev)
+        found, files, error = self._files_at(repo, user, rev)
         if error:
             return error
         with_blobs = query.get("blobs", ["false"])[0].lower() in ("1", "true")
@@ -253,20 +258,14 @@ class FakeHub:
         return _json({})
 
     def _paths_info(self, user, repo, rev, body, **_):
-        found, error = self._readable(repo, user)
-        if error:
-            return error
-        files, error = self._branch(found, rev)
+        found, files, error = self._files_at(repo, user, rev)
         if error:
             return error
         wanted = parse_qs(body.decode()).get("paths", [])
         return _json([_file_entry(path, files[path]) for path in wanted if path in files])
 
     def _preupload(self, user, repo, rev, body, **_):
-        found, error = self._writable(repo, user)
-        if error:
-            return error
-        files, error = self._branch(found, rev)
+        found, files, error = self._files_at(repo, user, rev, write=True)
         if error:
             return error
         answers = []
@@ -316,10 +315,7 @@ class FakeHub:
         return _json({})
 
     def _commit(self, user, repo, rev, body, query, **_):
-        found, error = self._writable(repo, user)
-        if error:
-            return error
-        files, error = self._branch(found, rev)
+        found, files, error = self._files_at(repo, user, rev, write=True)
         if error:
             return error
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -350,10 +346,7 @@ class FakeHub:
         return _json({"commitUrl": commit_url, "commitOid": oid, "pullRequestUrl": pr_url, "success": True})
 
     def _resolve(self, user, repo, rev, file, **_):
-        found, error = self._readable(repo, user)
-        if error:
-            return error
-        files, error = self._branch(found, rev)
+        found, files, error = self._files_at(repo, user, rev)
         if error:
             return error
         if file not in files:

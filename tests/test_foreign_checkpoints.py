@@ -79,16 +79,22 @@ def test_transformers_bitsandbytes_saves_read_as_bitsandbytes_computes_them(tiny
     assert dense["input_layernorm.weight"].dtype.is_floating_point
 
 
-def test_eval_of_a_transformers_nf4_save_leaves_it_alone_and_says_where_the_report_went(tiny, tmp_path, monkeypatch):
-    folder = tmp_path / "nf4"
-    transformers_bnb_save(tiny, folder, "nf4-double-quant")  # no tokenizer: the base model's serves
+def eval_untouched(folder, tiny, tmp_path, monkeypatch, windows: int):
+    """`lowbit eval FOLDER --base TINY` from tmp_path: it must succeed and leave FOLDER as it was.
+    Returns the result and the report it wrote beside the folder."""
     before = folder_digest(folder)
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, ["eval", str(folder), "--base", str(tiny), "--dataset", str(eval_text(tmp_path)),
-                                      "--seqlen", "64", "--max-windows", "3"])
+                                      "--seqlen", "64", "--max-windows", str(windows)])
     assert result.exit_code == 0, result.output
     assert folder_digest(folder) == before
-    report = json.loads((tmp_path / "nf4.lowbit-eval.json").read_text())
+    return result, json.loads((tmp_path / f"{folder.name}.lowbit-eval.json").read_text())
+
+
+def test_eval_of_a_transformers_nf4_save_leaves_it_alone_and_says_where_the_report_went(tiny, tmp_path, monkeypatch):
+    folder = tmp_path / "nf4"
+    transformers_bnb_save(tiny, folder, "nf4-double-quant")  # no tokenizer: the base model's serves
+    result, report = eval_untouched(folder, tiny, tmp_path, monkeypatch, windows=3)
     assert report["windows"] == 3 and 1.0 <= report["ppl_ratio"] < 2.0 and report["kld"]["mean"] > 0
     assert "not a lowbit checkpoint" in result.output and "nf4.lowbit-eval.json" in result.output
 
@@ -190,13 +196,7 @@ def test_eval_of_an_act_order_asym_gptq_folder_with_only_quantize_config(tiny, t
     folder = tmp_path / "other-tool"
     foreign_gptq(tiny, folder, variant)
     shutil.copy(tiny / "tokenizer.json", folder)
-    before = folder_digest(folder)
-    monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, ["eval", str(folder), "--base", str(tiny), "--dataset", str(eval_text(tmp_path)),
-                                      "--seqlen", "64", "--max-windows", "2"])
-    assert result.exit_code == 0, result.output
-    assert folder_digest(folder) == before
-    report = json.loads((tmp_path / "other-tool.lowbit-eval.json").read_text())
+    result, report = eval_untouched(folder, tiny, tmp_path, monkeypatch, windows=2)
     assert report["kld"]["mean"] > 0.01  # random codes: far from the base, and scored as such
 
 
