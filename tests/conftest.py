@@ -62,6 +62,28 @@ def save_tiny_model(folder: Path, arch: str = "llama", layers: int = 3, hidden: 
     return folder
 
 
+GEMMA3_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                     patch_size=14)
+
+
+def save_tiny_gemma3_multimodal(folder: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """A random Gemma3ForConditionalGeneration (how Gemma 3 4B-27B ship: a vision tower, a projector and the
+    language model under `language_model.`), saved as sharded safetensors with a byte-level tokenizer."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(text_config=gemma3_text_config().to_dict(), vision_config=GEMMA3_VISION,
+                          mm_tokens_per_image=4, architectures=["Gemma3ForConditionalGeneration"])
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, max_shard_size="50KB")
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def byte_tokenizer():
     """A 256-token byte-level tokenizer: every text maps to tokens without any training."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

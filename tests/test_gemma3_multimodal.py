@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+from transformers import Gemma3ForConditionalGeneration
 
 from lowbit.calibration.windows import CalibrationConfig
 from lowbit.evals.evaluate import EvalOptions, final_hidden_states, perplexity
@@ -18,29 +18,14 @@ from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.loader import DenseWeights, load_dequantized_model
 from lowbit.quantize.arch import model_shape
 from lowbit.quantize.settings import QuantizeSettings
-from tests.conftest import byte_tokenizer, gemma3_text_config
+from tests.conftest import save_tiny_gemma3_multimodal
 from tests.test_gemma3 import reference_loss
 
 SEQLEN = 32
 CPU = EvalOptions(seqlen=SEQLEN, device="cpu", dtype="float32")
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
-              patch_size=14)
-
-
 @pytest.fixture(scope="module")
 def multimodal(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gemma3-mm") / "base"
-    config = Gemma3Config(text_config=gemma3_text_config().to_dict(), vision_config=VISION, mm_tokens_per_image=4,
-                          architectures=["Gemma3ForConditionalGeneration"])
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    model.save_pretrained(folder, max_shard_size="50KB")
-    byte_tokenizer().save_pretrained(folder)
-    return folder
+    return save_tiny_gemma3_multimodal(tmp_path_factory.mktemp("gemma3-mm") / "base")
 
 
 @pytest.fixture(scope="module")

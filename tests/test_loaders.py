@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from lowbit.calibration.windows import CalibrationConfig
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import load_config_dict
 from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.loader import load_dequantized_model
 from lowbit.quantize.settings import QuantizeSettings
-from tests.conftest import CACHE, REPO, save_tiny_model
+from tests.conftest import CACHE, REPO, save_tiny_gemma3_multimodal, save_tiny_model
 
 pytestmark = pytest.mark.loaders
 
@@ -32,6 +34,8 @@ VARIANTS = [
     ("llama-4bit-asym", "llama", dict(bits=4, group_size=32, sym=False)),
     ("phi3-4bit-fused", "phi3", dict(bits=4, group_size=32)),
     ("qwen2-4bit-biases", "qwen2", dict(bits=4, group_size=32)),
+    ("gemma3-4bit", "gemma3", dict(bits=4, group_size=32)),
+    ("gemma3-multimodal-4bit", "gemma3-multimodal", dict(bits=4, group_size=32)),  # vision tower copied as it is
 ]
 # Largest |logit difference| allowed, as a fraction of the largest |logit|. gptqmodel picks TorchAtenLinear for
 # 4 bits, which computes in bfloat16 (8 significant bits: measured 0.6-0.9 %), and TorchLinear for 3 bits, in
@@ -54,7 +58,10 @@ def loaded(loader_python, tmp_path_factory):
     work = tmp_path_factory.mktemp("loaders")
     folders = {}
     for name, arch, settings in VARIANTS:
-        source = save_tiny_model(work / f"{name}-source", arch, layers=2, dtype=torch.float16)
+        if arch == "gemma3-multimodal":
+            source = save_tiny_gemma3_multimodal(work / f"{name}-source", dtype=torch.float16)
+        else:
+            source = save_tiny_model(work / f"{name}-source", arch, layers=2, dtype=torch.float16)
         folders[name] = work / name
         quantize_model(str(source), folders[name], QuantizeSettings(method="gptq", **settings),
                        CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
@@ -69,7 +76,9 @@ def loaded(loader_python, tmp_path_factory):
 @pytest.mark.parametrize("variant", [name for name, _, _ in VARIANTS])
 def test_transformers_with_gptqmodel_gives_lowbits_logits(loaded, variant):
     folder, result = loaded[variant]
-    assert sum(result["kernels"].values()) == 2 * (7 if not variant.startswith("phi3") else 4)  # every Linear quantized
+    arch = architecture_of(load_config_dict(folder))
+    assert sum(result["kernels"].values()) == len(arch.quantized_linears())  # every decoder Linear, nothing else
+    assert result["missing_keys"] == [] and result["unexpected_keys"] == []
     ours = load_dequantized_model(folder, dtype=torch.float32)(torch.tensor(IDS)).logits.detach()
     theirs = torch.tensor(result["logits"])
     (kernel,) = result["kernels"]  # one kernel for all the model's Linears
