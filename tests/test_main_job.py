@@ -45,5 +45,6 @@ def test_main_job_calibrates_on_the_shared_c4_and_its_baseline_on_the_same_windo
     assert (gptq.settings.bits, gptq.settings.group_size) == (rtn.settings.bits, rtn.settings.group_size)
     assert gptq.eval.options == rtn.eval.options
     assert gptq.eval.dataset == rtn.eval.dataset
-    # gates that a result no better than round-to-nearest (ratio 1.46, KLD 0.48 on these windows) nearly fails
-    assert gptq.eval.gates.max_ppl_ratio < 1.6 and gptq.eval.gates.max_kld <= 0.5
+    # gates that round-to-nearest's result on these windows (ratio 1.46, KLD 0.48) fails, both of them
+    assert gptq.eval.gates.max_ppl_ratio < 1.46 and gptq.eval.gates.max_kld < 0.48
+    assert gptq.settings.act_order and gptq.settings.static_groups and gptq.settings.scale_search  # the defaults
