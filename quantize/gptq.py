@@ -86,8 +86,22 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
     consume_hessian: work in the Hessian's own buffer (when it is float32 on that device) and leave
     garbage there; the solver then holds no second K x K matrix. Otherwise a copy is worked on.
     """
-    n_rows, n_cols = weight.shape
-    group_size = _group_size(config, n_cols)
+    (result,) = gptq_quantize_each(weight, hessian, [config], consume_hessian)
+    return result
+
+
+def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig],
+                       consume_hessian: bool = False) -> list[tuple[QuantizedWeight, GPTQStats]]:
+    """One sweep of GPTQ per config (bits, group size) against ONE factor of the Hessian.
+
+    Act-order's permutation depends on diag(H) alone and the damped inverse factor on H alone, so
+    configs that share act_order and damp share both: the K x K factorisation is paid once, each
+    extra config costs one sweep. This is how a size budget scores its candidates (quantize/mixed.py).
+    """
+    first = configs[0]
+    if any(c.act_order != first.act_order or c.damp != first.damp for c in configs):
+        raise ValueError("configs swept against one factor must share act_order and damp")
+    n_cols = weight.shape[1]
     W = weight.detach().to(torch.float32)
     if W.data_ptr() == weight.data_ptr():  # the sweep works in place: never in the caller's weight
         W = W.clone()
@@ -96,21 +110,43 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
     dead = drop_dead_inputs(W, H)
-    importance = H.diagonal().clone() if config.scale_search else None  # mean squared activation of each input
+    searched = any(c.scale_search for c in configs)
+    importance = H.diagonal().clone() if searched else None  # mean squared activation of each input
+    perm = torch.argsort(H.diagonal(), descending=True) if first.act_order else torch.arange(n_cols, device=W.device)
+    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    if first.act_order:
+        permute_symmetric_(H, perm)
+    damp = damped_inverse_factor_(H, first.damp)
+
+    results = []
+    for index, config in enumerate(configs):
+        last = index == len(configs) - 1
+        quantized, loss = _sweep_one(W, H, perm, importance if config.scale_search else None, config,
+                                     in_place=last)
+        error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
+        results.append((quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)))
+    return results
+
+
+def _sweep_one(W0: Tensor, Hinv: Tensor, perm: Tensor, importance: Tensor | None, config: GPTQConfig,
+               in_place: bool) -> tuple[QuantizedWeight, float]:
+    """GPTQ's sweep of W0 [N, K] (original column order, dead inputs zeroed) for one config, against the
+    factor Hinv of the permuted Hessian. in_place: W0 may be overwritten (the last config)."""
+    n_rows, n_cols = W0.shape
+    group_size = _group_size(config, n_cols)
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
-        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym, importance)
+        scales, zeros = grid_params_per_group(W0, group_size, config.bits, config.sym, importance)
     else:  # groups of consecutive columns in the sweep, params filled in as each group starts
-        scales = torch.zeros(n_groups, n_rows, device=W.device)
-        zeros = torch.zeros(n_groups, n_rows, device=W.device)
-
-    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
-    if config.act_order:
+        scales = torch.zeros(n_groups, n_rows, device=W0.device)
+        zeros = torch.zeros(n_groups, n_rows, device=W0.device)
+    if not config.act_order:
+        W = W0 if in_place else W0.clone()
+    elif in_place:
+        W = W0
         permute_along_(W, perm.tolist(), dim=1)
-        permute_symmetric_(H, perm)
-    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
-    damp = damped_inverse_factor_(H, config.damp)
-    Hinv = H
+    else:
+        W = W0[:, perm]
 
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
     original_group = (perm // group_size).tolist()
@@ -146,8 +182,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
         g_idx=(g_idx // group_size).to(torch.int32),
         bits=config.bits,
     )
-    error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
-    return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)
+    return quantized, loss
 
 
 def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None = None) -> QuantizedWeight:
