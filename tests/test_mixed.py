@@ -259,3 +259,20 @@ def test_settings_hold_the_target_rule():
         QuantizeSettings(bits=8, target_bpw=8.1)  # 8-bit at group 128 costs 8.19
     with pytest.raises(InvalidSetting, match="skip"):
         QuantizeSettings(target_bpw=5, skip="down_proj")
+
+
+def test_an_interrupted_mixed_run_resumes_to_the_same_bytes(tmp_path, calibration, monkeypatch):
+    """The candidates' tensors are kept per layer in the progress folder, so the choice after a resume is
+    made from the same scores as an uninterrupted run's."""
+    from tests.test_resume import EPOCH, assert_same_files, interrupt_after_layers
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=3, hidden=64, dtype=torch.bfloat16)
+    args = ["-q", "quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", "6"]
+    with monkeypatch.context() as patch:
+        interrupt_after_layers(patch, 2)
+        assert run(*args, "-o", tmp_path / "resumed").exit_code == 130
+    assert list((tmp_path / "resumed.partial" / ".lowbit-progress" / "candidates").glob("*/layer-00001.safetensors"))
+    assert run(*args, "-o", tmp_path / "resumed").exit_code == 0
+    assert run(*args, "-o", tmp_path / "uninterrupted").exit_code == 0
+    assert_same_files(tmp_path / "resumed", tmp_path / "uninterrupted")
