@@ -276,3 +276,16 @@ def test_an_interrupted_mixed_run_resumes_to_the_same_bytes(tmp_path, calibratio
     assert run(*args, "-o", tmp_path / "resumed").exit_code == 0
     assert run(*args, "-o", tmp_path / "uninterrupted").exit_code == 0
     assert_same_files(tmp_path / "resumed", tmp_path / "uninterrupted")
+
+
+def test_a_recipe_takes_the_target_and_points_at_its_key(tmp_path):
+    from lowbit.errors import UsageError
+    from lowbit.recipe_file import load_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    table = '[model]\nsource = "model"\n[output]\ndir = "out"\n[quantize]\nmethod = "gptq"\ntarget_bpw = {}\n'
+    recipe.write_text(table.format(4.75))
+    assert load_recipe(recipe).settings.target_bpw == 4.75
+    recipe.write_text(table.format(4))
+    with pytest.raises(UsageError, match="quantize.target_bpw must be above"):
+        load_recipe(recipe)
