@@ -114,7 +114,11 @@ def dynamic_format(dynamic: dict | None, names: Iterable[str], base: LinearForma
     for key, override in (dynamic or {}).items():
         negative = key.startswith("-:")
         pattern = key[2:] if negative or key.startswith("+:") else key
-        if any(re.match(pattern, name) for name in names):
+        try:
+            matched = any(re.match(pattern, name) for name in names)
+        except re.error as e:
+            raise CorruptInputError(f"quantization_config.dynamic key {key!r} is not a regular expression: {e}") from None
+        if matched:
             if negative:
                 return UNQUANTIZED
             return LinearFormat(override.get("bits", base.bits), override.get("group_size", base.group_size))

@@ -289,3 +289,12 @@ def test_a_recipe_takes_the_target_and_points_at_its_key(tmp_path):
     recipe.write_text(table.format(4))
     with pytest.raises(UsageError, match="quantize.target_bpw must be above"):
         load_recipe(recipe)
+
+
+def test_a_dynamic_key_that_is_no_regex_is_a_corrupt_config():
+    from lowbit.errors import CorruptInputError
+
+    with pytest.raises(CorruptInputError, match="not a regular expression"):
+        dynamic_format({"+:model.layers.(0": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE)
+    # gptqmodel's own spelling without "+:" is a positive key
+    assert dynamic_format({r"model\.layers\.0\.": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE) == LinearFormat(8, 64)
