@@ -22,6 +22,7 @@ from lowbit.files import sha256_file
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
 from lowbit.manifest import MANIFEST, read_manifest
 from lowbit.quantize.nf4 import expected_tensors as bnb_expected
+from lowbit.quantize.pack import LinearFormat, dynamic_format
 from lowbit.quantize.pack import expected_tensors as gptq_expected
 
 # name -> (dtype, shape); shape None: any 1-D length (bitsandbytes' serialized quant state)
@@ -41,6 +42,8 @@ class CheckpointSummary:
     calibration: dict | None
     eval: dict | None
     created: str | None
+    # a GPTQ checkpoint with a `dynamic` map (lowbit quantize --target-bpw): layer -> module -> its format tag
+    formats: dict[str, dict[str, str]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +79,24 @@ def summarize(folder: Path) -> CheckpointSummary:
         calibration=manifest.get("calibration"),
         eval=manifest.get("eval"),
         created=manifest.get("created"),
+        formats=layer_formats(config, quant) if quant.get("dynamic") else None,
     )
+
+
+def layer_formats(config: dict, quant: dict) -> dict[str, dict[str, str]]:
+    """Each decoder layer's Linears and the format the dynamic map gives them ("4g128", "8g128", "16")."""
+    from lowbit.quantize.arch import architecture_of
+
+    arch = architecture_of(config)
+    formats = gptq_formats(arch, quant)
+    return {str(i): {name: formats[arch.layer_prefix(i) + name].tag for name in arch.linear_names()}
+            for i in range(arch.num_layers)}
+
+
+def gptq_formats(arch, quant: dict) -> dict[str, LinearFormat]:
+    """Every decoder Linear's GPTQ format: the config's bits and group size, or its dynamic override."""
+    base = LinearFormat(quant.get("bits", 4), quant.get("group_size", 128))
+    return {m: dynamic_format(quant.get("dynamic"), [m, arch.loaded_name(m)], base) for m in arch.quantized_linears()}
 
 
 def _method_of(quant: dict) -> str:
@@ -165,6 +185,7 @@ def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
     dense_dtype = dense_dtype if isinstance(dense_dtype, torch.dtype) else None  # unknown: any dtype
     quant = config.get("quantization_config") or {}
     quantized = quantized_modules(arch, quant)
+    formats = gptq_formats(arch, quant) if quant.get("quant_method") == "gptq" else None
 
     expected: Expected = {}
     for name, param in skeleton.named_parameters():
@@ -175,7 +196,7 @@ def expected_tensors(folder: Path, config: dict) -> tuple[Expected, set[str]]:
             expected[name] = (dense_dtype, tuple(param.shape))
         elif kind == "weight":
             n, k = param.shape
-            stored = gptq_tensors(n, k, quant) if quant.get("quant_method") == "gptq" else bnb_tensors(n, k, quant)
+            stored = gptq_tensors(n, k, formats[module]) if formats else bnb_tensors(n, k, quant)
             expected.update({f"{module}.{key}": value for key, value in stored.items()})
         else:  # a quantized Linear's bias: float16 in GPTQ, the model's dtype in bitsandbytes
             bias_dtype = torch.float16 if quant.get("quant_method") == "gptq" else dense_dtype
@@ -195,14 +216,16 @@ def quantized_modules(arch, quant: dict) -> set[str]:
         return set()
     if method not in ("gptq", "bitsandbytes"):
         raise UsageError(f"cannot verify a {method} checkpoint (lowbit writes gptq and bitsandbytes)")
-    skip = (quant.get("llm_int8_skip_modules") or []) if method == "bitsandbytes" else []
+    if method == "gptq":  # all of them, less those a dynamic map leaves unquantized
+        return {m for m, fmt in gptq_formats(arch, quant).items() if fmt.quantized}
+    skip = quant.get("llm_int8_skip_modules") or []
     return set(arch.quantized_linears(lambda n: any(m == s or m.startswith(s + ".")
                                                     for s in skip for m in (n, arch.loaded_name(n)))))
 
 
-def gptq_tensors(n: int, k: int, quant: dict) -> Expected:
-    """GPTQ v1 tensors of a Linear [N, K], from the checkpoint's quantization_config."""
-    return gptq_expected(n, k, quant.get("bits", 4), quant.get("group_size", 128))
+def gptq_tensors(n: int, k: int, fmt: LinearFormat) -> Expected:
+    """GPTQ v1 tensors of a Linear [N, K] in its format (from the checkpoint's quantization_config)."""
+    return gptq_expected(n, k, fmt.bits, fmt.group_size)
 
 
 def bnb_tensors(n: int, k: int, quant: dict) -> Expected:

@@ -54,6 +54,9 @@ def quantize(
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="gptq/rtn: a size budget in bits per weight "
+                                               "(scales, zeros, g_idx included), above the uniform setting's: each Linear "
+                                               "group gets 4-bit finer groups, 8-bit or 16-bit where that cuts the most error."),
     calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: c4 (pydoc, with a warning, when c4 cannot be had). nf4/fp4: calibrated when given."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -84,7 +87,8 @@ def quantize(
     try:
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
-                                    true_sequential=true_sequential, double_quant=double_quant, skip=skip)
+                                    true_sequential=true_sequential, double_quant=double_quant, skip=skip,
+                                    target_bpw=target_bpw)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
@@ -158,6 +162,19 @@ def print_summary(summary) -> None:
     for key, value in rows:
         if value is not None:  # soft_wrap: a long path stays on its line
             stdout.print(f"{key:<{width}}  {redact(str(value))}", soft_wrap=True, markup=False, highlight=False)
+    if summary.formats:
+        for line in format_table(summary.formats):
+            stdout.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def format_table(formats: dict[str, dict[str, str]]) -> list[str]:
+    """Layers x Linears, each cell its format (4g128: 4-bit codes in groups of 128; 16: unquantized)."""
+    modules = list(next(iter(formats.values())))
+    header = ["layer", *(m.rsplit(".", 1)[-1] for m in modules)]
+    rows = [[layer, *(formats[layer][m] for m in modules)] for layer in formats]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    return ["formats by layer:"] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                                    for row in [header, *rows]]
 
 
 @app.command("eval")

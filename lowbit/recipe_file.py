@@ -28,6 +28,7 @@ SCHEMA: dict[str, dict] = {
     "quantize": {
         "method": str, "bits": int, "group_size": int, "act_order": bool, "sym": bool, "damp": float,
         "static_groups": bool, "scale_search": bool, "true_sequential": bool, "double_quant": bool, "skip": str,
+        "target_bpw": float,
         "device": str, "dtype": str, "max_shard_size": str,
     },
     "calibration": {"source": str, "nsamples": int, "seqlen": int, "seed": int, "chat_template": bool},

@@ -16,8 +16,11 @@ from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.job import QuantizeJob
+from lowbit.quantize.mixed import budget_bytes, choose, score_of, unit_of
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
+from lowbit.quantize.pack import LinearFormat, dynamic_map
 from lowbit.quantize.pack import quantization_config as gptq_quantization_config
+from lowbit.quantize.progress import candidates_dir
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.writer import PendingTensor, parse_size, write_sharded
 
@@ -44,14 +47,27 @@ def assemble(job: QuantizeJob) -> dict:
         check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
         return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
 
+    base = LinearFormat(settings.bits, settings.group_size)
+    formats = mixed_formats(job) if settings.target_bpw is not None else {}
+    candidate_files = {fmt.tag: SafetensorsCheckpoint(candidates_dir(progress_dir, fmt.tag))
+                       for fmt in set(formats.values()) if fmt.quantized and fmt != base}
+
+    def module_tensors(module: str, stored: list[str]) -> list[PendingTensor]:
+        """The tensors of the format chosen for module: the layer file's (the base), a candidate's, the source's."""
+        fmt = formats.get(module, base)
+        if fmt == base:
+            return [pending(layer_files, n) for n in stored]
+        files = candidate_files[fmt.tag] if fmt.quantized else reader
+        return [pending(files, n) for n in sorted(files.names()) if _module_of(n) == module]
+
     head = [n for n in reader.names() if not n.startswith(arch.layers_prefix)]  # and a vision tower, as it is
     units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n == arch.embed_name]
     for i in range(arch.num_layers):
         prefix = arch.layer_prefix(i)
-        by_module: dict[str, list[PendingTensor]] = {}
+        by_module: dict[str, list[str]] = {}
         for name in sorted(n for n in layer_names if n.startswith(prefix)):
-            by_module.setdefault(_module_of(name), []).append(pending(layer_files, name))
-        units.extend(by_module.values())
+            by_module.setdefault(_module_of(name), []).append(name)
+        units.extend(module_tensors(module, stored) for module, stored in by_module.items())
     units.extend([pending(reader, n)] for n in head if n != arch.embed_name)
 
     total = sum(len(u) for u in units)
@@ -59,7 +75,7 @@ def assemble(job: QuantizeJob) -> dict:
     files = write_sharded(work, units, parse_size(job.options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
-    quantization_config = _quantization_config(settings, config, arch)
+    quantization_config = _quantization_config(settings, config, arch, dynamic_map(formats, base, arch))
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
     if settings.gptq_format:
         write_json(work / "quantize_config.json", quantization_config)
@@ -74,8 +90,12 @@ def assemble(job: QuantizeJob) -> dict:
 
     quantized_modules = set(arch.quantized_linears(settings.is_skipped))
     quantized_weights = sum(_numel(reader.info(m + ".weight").shape) for m in quantized_modules)
-    quantized_bytes = sum(layer_files.info(n).nbytes for n in layer_names
-                          if _module_of(n) in quantized_modules and not n.endswith(".bias"))
+    quantized_bytes = sum(t.nbytes for unit in units for t in unit  # the decoder Linears' as written, bias aside
+                          if _module_of(t.name) in quantized_modules and not t.name.endswith(".bias"))
+    layers = progress["layers"]
+    if formats:  # what the budget chose, Linear by Linear
+        layers = {m: {**stats, "bits": formats[m].bits, "group_size": formats[m].group_size}
+                  for m, stats in layers.items()}
     manifest = {
         **manifest_header(),
         "created": progress["created"],
@@ -90,7 +110,7 @@ def assemble(job: QuantizeJob) -> dict:
             "size_bytes": reader.total_bytes(),
         },
         "calibration": calibration_info and {**calibration_info, "tokens_file": CALIBRATION_FILE},
-        "layers": progress["layers"],
+        "layers": layers,
         "files": files,
         "output_bytes": sum(f["size"] for f in files.values()),
         "bits_per_weight": round(8 * quantized_bytes / max(quantized_weights, 1), 4),
@@ -115,9 +135,27 @@ def _numel(shape) -> int:
     return n
 
 
-def _quantization_config(settings: QuantizeSettings, config: dict, arch) -> dict:
+def mixed_formats(job: QuantizeJob) -> dict[str, LinearFormat]:
+    """Under a size budget: the format of every decoder Linear, chosen over the whole model at once from
+    the errors the layer loop measured (quantize/mixed.py); one format per projection group."""
+    arch, reader, settings, stats = job.arch, job.reader, job.settings, job.progress["layers"]
+    base = LinearFormat(settings.bits, settings.group_size)
+    units = []
+    for i in range(arch.num_layers):
+        for group in arch.groups:
+            modules = tuple(arch.layer_prefix(i) + name for name in group)
+            infos = [reader.info(m + ".weight") for m in modules]
+            scores = [score_of(*info.shape, info.dtype.itemsize, settings.bits, settings.group_size, stats[m])
+                      for m, info in zip(modules, infos)]
+            units.append(unit_of(modules, scores, base))
+    weights = sum(_numel(reader.info(m + ".weight").shape) for unit in units for m in unit.modules)
+    chosen = choose(units, budget_bytes(settings.target_bpw, weights))
+    return {m: option.fmt for unit, option in zip(units, chosen) for m in unit.modules}
+
+
+def _quantization_config(settings: QuantizeSettings, config: dict, arch, dynamic: dict) -> dict:
     if settings.gptq_format:
-        return gptq_quantization_config(settings, arch)
+        return gptq_quantization_config(settings, arch, dynamic)
     skipped = sorted(set(map(arch.loaded_name, arch.quantized_linears())) -
                      set(map(arch.loaded_name, arch.quantized_linears(settings.is_skipped))))
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"

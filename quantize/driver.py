@@ -32,10 +32,11 @@ from lowbit.quantize.checkpoint import (
 )
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
 from lowbit.quantize.fit import should_offload
+from lowbit.quantize.mixed import check_target
 from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
-from lowbit.quantize.solve import HessianAccumulator, make_solver, relative_output_error
+from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
 from lowbit.quantize.stream import (
     Activations,
     build_skeleton,
@@ -135,13 +136,15 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
 
 
 def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
-    """Every Linear must exist, and its shape must fit the packing and the group size."""
+    """Every Linear must exist, and its shape must fit the packing and the group size (and the budget)."""
+    shapes = []
     for i in range(arch.num_layers):
         for name in arch.linear_names():
             full = arch.layer_prefix(i) + name + ".weight"
             if full not in reader:
                 raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
             n, k = reader.info(full).shape
+            shapes.append((n, k))
             if not settings.gptq_format:
                 continue
             if settings.group_size > 0 and k % settings.group_size:
@@ -150,6 +153,8 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
             if (k * settings.bits) % 32 or (n * settings.bits) % 32:
                 raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
                                  f"dimensions to fill whole 32-bit words")
+    if settings.target_bpw is not None:
+        check_target(shapes, settings.bits, settings.group_size, settings.target_bpw)
 
 
 def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
@@ -171,6 +176,7 @@ def _quantize_weights_only(job: QuantizeJob, solve) -> None:
         prefix = arch.layer_prefix(i)
         out: dict[str, torch.Tensor] = {}
         stats: dict[str, dict] = {}
+        candidates: dict[str, dict[str, torch.Tensor]] = {}
         for name in [n for n in reader.names() if n.startswith(prefix)]:
             module, _, kind = name[len(prefix):].rpartition(".")
             if module in linears and kind == "bias" and not settings.is_skipped(prefix + module):
@@ -184,7 +190,8 @@ def _quantize_weights_only(job: QuantizeJob, solve) -> None:
             solved = solve(weight, None, bias)  # in its own dtype: bitsandbytes records it
             out.update({f"{prefix}{module}.{k}": v for k, v in solved.tensors.items()})
             stats[prefix + module] = {"error": relative_output_error(weight.float(), solved.dequantized, None), **solved.stats}
-        save_layer(progress_dir, i, out, progress, stats, None)
+            keep_candidates(candidates, stats[prefix + module], prefix + module, solved)
+        save_layer(progress_dir, i, out, progress, stats, None, candidates)
         release_free_heap()
         report("quantize", i + 1, arch.num_layers)
 
@@ -214,10 +221,10 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
                                                "quantize"):
         if stepwise is None:  # once a run
             stepwise = _stepwise_possible(layer, arch, settings, acts, device)
-        out, stats = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors, acts,
-                                     device, stepwise)
-        save_layer(progress_dir, i, out, progress, stats, acts)
-        del out
+        out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
+                                                 acts, device, stepwise)
+        save_layer(progress_dir, i, out, progress, stats, acts, candidates)
+        del out, candidates
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:
@@ -233,9 +240,11 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
-    to the next layer (the quantized layer's outputs). Returns (tensors to write, stats)."""
+    to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
+    each other candidate format under a size budget, by format tag)."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
+    candidates: dict[str, dict[str, torch.Tensor]] = {}
 
     def wanted(group) -> bool:
         return not all(settings.is_skipped(prefix + m) for m in group)
@@ -248,15 +257,16 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             # the solver consumes the Hessian: the group's last Linear gets it, the others a copy
             shared = hessian if name == names[-1] else hessian.clone()
             try:
-                tensors, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, shared,
-                                                              consume_hessian=True)
+                solved, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, shared,
+                                                             consume_hessian=True)
             except LowbitError as e:
                 raise type(e)(f"{prefix}{name}: {e}") from None
-            out.update({f"{prefix}{name}.{k}": v for k, v in tensors.items()})
+            out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
+            keep_candidates(candidates, stats[prefix + name], prefix + name, solved)
 
     if stepwise:
         _sequential_steps(layer, arch, acts, device, wanted, solve_group)
-        return out, stats
+        return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
@@ -266,7 +276,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             solve_group(group, hessian.hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
     run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
-    return out, stats
+    return out, stats, candidates
 
 
 def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group) -> None:
@@ -326,8 +336,11 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     run_mlp_residual(layer, arch.norms, acts, device)
 
 
-def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Quantize one Linear and put its dequantized weight in the layer; returns (its tensors, its stats).
+def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:
+    """Quantize one Linear and put its dequantized weight in the layer; returns (the solve, its stats).
+
+    Under a size budget the layer goes on with the base format's weight: the activations that reach the
+    next group and layer are the base's (quantize/mixed.py).
 
     A function of its own so that the float32 weight and dequantized copies die with it.
     """
@@ -339,7 +352,18 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
     stats = dict(solved.stats)
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
-    return solved.tensors, stats
+    return solved, stats
+
+
+def keep_candidates(candidates: dict[str, dict[str, torch.Tensor]], stats: dict, module: str,
+                    solved: SolvedLinear) -> None:
+    """File a Linear's other candidate formats: tensors by format tag, errors in its stats."""
+    if not solved.candidates:
+        return
+    stats["candidates"] = {}
+    for fmt, (tensors, error) in solved.candidates.items():
+        candidates.setdefault(fmt.tag, {}).update({f"{module}.{k}": v for k, v in tensors.items()})
+        stats["candidates"][fmt.tag] = error
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

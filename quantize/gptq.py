@@ -86,8 +86,22 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
     consume_hessian: work in the Hessian's own buffer (when it is float32 on that device) and leave
     garbage there; the solver then holds no second K x K matrix. Otherwise a copy is worked on.
     """
-    n_rows, n_cols = weight.shape
-    group_size = _group_size(config, n_cols)
+    (result,) = gptq_quantize_each(weight, hessian, [config], consume_hessian)
+    return result
+
+
+def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig],
+                       consume_hessian: bool = False) -> list[tuple[QuantizedWeight, GPTQStats]]:
+    """One sweep of GPTQ per config (bits, group size) against ONE factor of the Hessian.
+
+    Act-order's permutation depends on diag(H) alone and the damped inverse factor on H alone, so
+    configs that share act_order and damp share both: the K x K factorisation is paid once, each
+    extra config costs one sweep. This is how a size budget scores its candidates (quantize/mixed.py).
+    """
+    first = configs[0]
+    if any(c.act_order != first.act_order or c.damp != first.damp for c in configs):
+        raise ValueError("configs swept against one factor must share act_order and damp")
+    n_cols = weight.shape[1]
     W = weight.detach().to(torch.float32)
     if W.data_ptr() == weight.data_ptr():  # the sweep works in place: never in the caller's weight
         W = W.clone()
@@ -96,58 +110,122 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
         raise CorruptInputError("weight or Hessian contains NaN or inf")
 
     dead = drop_dead_inputs(W, H)
-    importance = H.diagonal().clone() if config.scale_search else None  # mean squared activation of each input
+    searched = any(c.scale_search for c in configs)
+    importance = H.diagonal().clone() if searched else None  # mean squared activation of each input
+    perm = torch.argsort(H.diagonal(), descending=True) if first.act_order else torch.arange(n_cols, device=W.device)
+    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    if first.act_order:
+        permute_symmetric_(H, perm)
+    damp = damped_inverse_factor_(H, first.damp)
+
+    # configs whose groups fit the same sweep blocks are swept together, their rows stacked (see _sweep_stacked)
+    batches: dict[int, list[int]] = {}
+    for index, config in enumerate(configs):
+        batches.setdefault(_block_size(config.block_size, _group_size(config, n_cols), n_cols), []).append(index)
+    swept: dict[int, tuple[QuantizedWeight, float]] = {}
+    for number, (block, indices) in enumerate(batches.items()):
+        in_place = number == len(batches) - 1  # W may be overwritten by the last sweep
+        batch = [configs[i] for i in indices]
+        importances = [importance if c.scale_search else None for c in batch]
+        swept.update(zip(indices, _sweep_stacked(W, H, perm, importances, batch, block, in_place)))
+    results = []
+    for index in range(len(configs)):
+        quantized, loss = swept[index]
+        error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
+        results.append((quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)))
+    return results
+
+
+@dataclass
+class _Grid:
+    """One config's codes and group params while a sweep runs over its rows W of the (stacked) weights."""
+
+    config: GPTQConfig
+    group_size: int
+    scales: Tensor
+    zeros: Tensor
+    codes: Tensor
+    original_group: list[int]
+    sweep_importance: Tensor | None
+    W: Tensor | None = None  # its rows of the swept matrix, in sweep order
+
+
+def _new_grid(W0: Tensor, perm: Tensor, importance: Tensor | None, config: GPTQConfig) -> _Grid:
+    n_rows, n_cols = W0.shape
+    group_size = _group_size(config, n_cols)
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
-        scales, zeros = grid_params_per_group(W, group_size, config.bits, config.sym, importance)
+        scales, zeros = grid_params_per_group(W0, group_size, config.bits, config.sym, importance)
     else:  # groups of consecutive columns in the sweep, params filled in as each group starts
-        scales = torch.zeros(n_groups, n_rows, device=W.device)
-        zeros = torch.zeros(n_groups, n_rows, device=W.device)
+        scales = torch.zeros(n_groups, n_rows, device=W0.device)
+        zeros = torch.zeros(n_groups, n_rows, device=W0.device)
+    return _Grid(config, group_size, scales, zeros, torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W0.device),
+                 (perm // group_size).tolist(), None if importance is None else importance[perm])
 
-    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(n_cols, device=W.device)
-    if config.act_order:
-        permute_along_(W, perm.tolist(), dim=1)
-        permute_symmetric_(H, perm)
-    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
-    damp = damped_inverse_factor_(H, config.damp)
-    Hinv = H
 
-    codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
-    original_group = (perm // group_size).tolist()
-    sweep_importance = None if importance is None else importance[perm]
+def _quantize_column(grid: _Grid, col: int, w: Tensor) -> Tensor:
+    """Round column col (sweep order) of the grid's rows; returns its dequantized value."""
+    config, group_size = grid.config, grid.group_size
+    if config.static_groups:
+        g = grid.original_group[col]
+    else:
+        g = col // group_size
+        if col % group_size == 0:  # params from the weights as updated so far (see _block_size)
+            w_group = grid.W[:, col : col + group_size]
+            if grid.sweep_importance is None:
+                grid.scales[g], grid.zeros[g] = grid_params(w_group, config.bits, config.sym)
+            else:
+                grid.scales[g], grid.zeros[g] = searched_grid_params(
+                    w_group, grid.sweep_importance[col : col + group_size], config.bits, config.sym)
+    q = quantize_to_codes(w[:, None], grid.scales[g], grid.zeros[g], config.bits)  # the grid works on [N, columns]
+    grid.codes[:, col] = q[:, 0].to(torch.uint8)
+    return dequantize_codes(q, grid.scales[g], grid.zeros[g])[:, 0]
 
-    def group_params(col: int) -> tuple[Tensor, Tensor]:
-        """Params of the group starting at sweep position col, from the weights as updated so far (see _block_size)."""
-        w = W[:, col : col + group_size]
-        if sweep_importance is None:
-            return grid_params(w, config.bits, config.sym)
-        return searched_grid_params(w, sweep_importance[col : col + group_size], config.bits, config.sym)
 
-    def quantize_column(col: int, w: Tensor) -> Tensor:
-        if config.static_groups:
-            g = original_group[col]
-        else:
-            g = col // group_size
-            if col % group_size == 0:
-                scales[g], zeros[g] = group_params(col)
-        q = quantize_to_codes(w[:, None], scales[g], zeros[g], config.bits)  # the grid works on [N, columns]
-        codes[:, col] = q[:, 0].to(torch.uint8)
-        return dequantize_codes(q, scales[g], zeros[g])[:, 0]
-
-    loss = gptq_sweep(W, Hinv, quantize_column, _block_size(config.block_size, group_size, n_cols))
-
+def _quantized(grid: _Grid, perm: Tensor) -> QuantizedWeight:
+    n_cols = grid.codes.shape[1]
     inverse_perm = torch.argsort(perm)
     # The group of original column k: k // G with static groups, else its position in the sweep // G.
-    g_idx = torch.arange(n_cols, device=W.device) if config.static_groups else inverse_perm
-    quantized = QuantizedWeight(
-        codes=codes[:, inverse_perm].contiguous(),
-        scales=scales,
-        zeros=zeros.round().to(torch.int32),
-        g_idx=(g_idx // group_size).to(torch.int32),
-        bits=config.bits,
+    g_idx = torch.arange(n_cols, device=grid.codes.device) if grid.config.static_groups else inverse_perm
+    return QuantizedWeight(
+        codes=grid.codes[:, inverse_perm].contiguous(),
+        scales=grid.scales,
+        zeros=grid.zeros.round().to(torch.int32),
+        g_idx=(g_idx // grid.group_size).to(torch.int32),
+        bits=grid.config.bits,
     )
-    error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
-    return quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)
+
+
+def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Tensor | None],
+                   configs: list[GPTQConfig], block_size: int, in_place: bool) -> list[tuple[QuantizedWeight, float]]:
+    """GPTQ's sweep of W0 [N, K] (original column order, dead inputs zeroed) for each config at once, against
+    the factor Hinv of the permuted Hessian: each config gets its own copy of the rows, stacked [C*N, K].
+
+    The sweep's updates act row by row, so stacked rows never mix; one pass over the K columns then costs
+    about what one config's costs wherever the sweep is bound by its many small steps (a GPU, one CPU
+    thread), for C x N x K float32 more memory. in_place: one config may overwrite W0.
+    """
+    n_rows = W0.shape[0]
+    grids = [_new_grid(W0, perm, importance, config) for importance, config in zip(importances, configs)]
+    act_order = configs[0].act_order
+    if len(configs) == 1 and in_place:
+        W = W0
+        if act_order:
+            permute_along_(W, perm.tolist(), dim=1)
+    else:
+        W = (W0[:, perm] if act_order else W0).repeat(len(configs), 1)
+    for c, grid in enumerate(grids):
+        grid.W = W[c * n_rows : (c + 1) * n_rows]
+
+    def quantize_column(col: int, w: Tensor) -> Tensor:
+        if len(grids) == 1:
+            return _quantize_column(grids[0], col, w)
+        return torch.cat([_quantize_column(g, col, w[c * n_rows : (c + 1) * n_rows]) for c, g in enumerate(grids)])
+
+    row_loss = torch.zeros(W.shape[0], device=W.device)
+    gptq_sweep(W, Hinv, quantize_column, block_size, row_loss)
+    return [(_quantized(grid, perm), float(row_loss[c * n_rows : (c + 1) * n_rows].sum()))
+            for c, grid in enumerate(grids)]
 
 
 def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None = None) -> QuantizedWeight:
@@ -177,13 +255,14 @@ def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None =
     )
 
 
-def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor], Tensor], block_size: int) -> float:
+def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor], Tensor], block_size: int,
+               row_loss: Tensor | None = None) -> float:
     """The heart of GPTQ, for any grid: quantize W [N, K] column by column, in place.
 
     quantize_column(col, w) rounds the current column w [N] and returns its dequantized
     value. Its error, scaled by the inverse Hessian's diagonal, is subtracted from the
     columns not yet quantized: at once inside the block, in one matmul past it.
-    Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2).
+    Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2); row_loss [N], when given, gets it row by row.
     """
     n_cols = W.shape[1]
     loss = torch.zeros((), device=W.device)
@@ -196,11 +275,14 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
             for i in range(end - start):
                 w = W1[:, i]
                 err = (w - quantize_column(start + i, w)) / Hinv1[i, i]
-                loss += err.square().sum() / 2
+                if row_loss is None:
+                    loss += err.square().sum() / 2
+                else:
+                    row_loss += err.square() / 2
                 W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
                 errors[:, i] = err
         W[:, end:] -= errors @ Hinv[start:end, end:]
-    return float(loss)
+    return float(loss) if row_loss is None else float(row_loss.sum())
 
 
 @contextmanager

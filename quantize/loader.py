@@ -10,7 +10,8 @@ Checkpoints of other tools read the same way:
   `quantization_config` or, for older saves, `quantize_config.json`; act-order
   (a permuted `g_idx`), asymmetric zero points, `checkpoint_format` "gptq"
   (zeros stored minus one) or "gptq_v2" (stored as they are); a missing
-  `g_idx` means `k // group_size`.
+  `g_idx` means `k // group_size`; a `dynamic` map (per-module bits and group size, modules left
+  unquantized) is read as gptqmodel and vLLM read it (pack.dynamic_format).
 - transformers' bitsandbytes saves: 4-bit (NF4/FP4, with or without double
   quantization) and 8-bit (`weight` int8 with its row scales `SCB`).
 """
@@ -28,7 +29,7 @@ from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.arch import architecture_of, tied_embeddings
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from lowbit.quantize.nf4 import STATE_KEY, dequantize_bnb
-from lowbit.quantize.pack import TENSOR_SUFFIXES, unpack_gptq_v1
+from lowbit.quantize.pack import TENSOR_SUFFIXES, LinearFormat, dynamic_format, unpack_gptq_v1
 from lowbit.quantize.stream import build_skeleton, load_config, load_weights
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -111,7 +112,7 @@ class DenseWeights:
         dense: dict[str, torch.Tensor] = {}
         for module in sorted({name[: -len(".qweight")] for name in raw if name.endswith(".qweight")}):
             parts = {key: raw.pop(f"{module}.{key}") for key in TENSOR_SUFFIXES if f"{module}.{key}" in raw}
-            dense[f"{module}.weight"] = dequantize_gptq(parts, self.gptq)
+            dense[f"{module}.weight"] = dequantize_gptq(parts, self.module_format(module))
         for state_key in [name for name in raw if STATE_KEY in name]:
             module = state_key.split(".weight.quant_state.")[0]
             parts = {name[len(module) + 1 :]: raw.pop(name) for name in list(raw) if name.startswith(module + ".weight")}
@@ -123,6 +124,16 @@ class DenseWeights:
             dense[f"{module}.weight"] = dequantize_int8(parts)
         dense.update(raw)
         return dense
+
+    def module_format(self, module: str) -> GPTQFormat:
+        """The GPTQ format of one module: the checkpoint's, or what its `dynamic` map says for it."""
+        base = LinearFormat(self.gptq.bits, self.gptq.group_size)
+        fmt = dynamic_format(self.quantization.get("dynamic"), [module], base)
+        if fmt == base:
+            return self.gptq
+        if not fmt.quantized:
+            raise CorruptInputError(f"{module} has GPTQ tensors, but the dynamic map leaves it unquantized")
+        return gptq_format({**self.quantization, "bits": fmt.bits, "group_size": fmt.group_size})
 
     def read(self, name: str) -> torch.Tensor:
         module = name.rsplit(".", 1)[0] + "."

@@ -14,6 +14,9 @@ plan ask it.
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,7 +49,83 @@ def linear_bytes(n: int, k: int, bits: int, group_size: int) -> int:
     return n * k * bits // 8 + groups * n * bits // 8 + groups * n * 2 + k * 4  # qweight qzeros scales g_idx
 
 
-def quantization_config(settings: QuantizeSettings, arch: Architecture) -> dict:
+@dataclass(frozen=True)
+class LinearFormat:
+    """How one Linear is stored: GPTQ codes of `bits` in groups of `group_size`, or bits 16: left unquantized
+    (its `weight` in the model's dtype, as a plain Linear)."""
+
+    bits: int
+    group_size: int | None = None  # None when unquantized
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def tag(self) -> str:
+        """A short name ("4g128", "8g-1", "16"): the manifest's and the progress folder's."""
+        return f"{self.bits}g{self.group_size}" if self.quantized else "16"
+
+
+UNQUANTIZED = LinearFormat(16)
+
+# vLLM loads these groups as one fused Linear under this name and matches `dynamic` keys against it;
+# it refuses a fused layer whose shards disagree, so a group always gets one format.
+VLLM_FUSED_NAMES = {
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "self_attn.qkv_proj",
+    ("mlp.gate_proj", "mlp.up_proj"): "mlp.gate_up_proj",
+}
+
+
+def dynamic_map(formats: dict[str, LinearFormat], base: LinearFormat, arch: Architecture) -> dict[str, dict]:
+    """quantization_config's "dynamic": per-module formats as gptqmodel and vLLM read them.
+
+    Keys are regular expressions matched (re.match) against a module's full name, first match wins:
+    "+:REGEX" overrides bits / group_size, "-:REGEX" leaves the module unquantized. One key per group
+    (q/k/v, o, gate/up, down) and format, naming the layers that take it; modules not named keep `base`.
+    formats: full checkpoint module name -> its format (all members of a group alike).
+    """
+    layers: dict[tuple[tuple[str, ...], LinearFormat], list[int]] = {}
+    for i in range(arch.num_layers):
+        for group in arch.groups:
+            chosen = {formats.get(arch.layer_prefix(i) + name, base) for name in group}
+            if len(chosen) != 1:
+                raise ValueError(f"layer {i}: the modules of {', '.join(group)} must share one format")
+            (fmt,) = chosen
+            if fmt != base:
+                layers.setdefault((group, fmt), []).append(i)
+    prefixes = "|".join(re.escape(p) for p in sorted({arch.text_prefix, arch.loaded_text_prefix}))
+    dynamic = {}
+    for (group, fmt), indices in layers.items():
+        names = [*group, *([VLLM_FUSED_NAMES[group]] if group in VLLM_FUSED_NAMES else [])]
+        pattern = (rf"(?:{prefixes})layers\.(?:{'|'.join(map(str, indices))})\."
+                   rf"(?:{'|'.join(map(re.escape, names))})$")
+        if fmt.quantized:
+            dynamic["+:" + pattern] = {"bits": fmt.bits, "group_size": fmt.group_size}
+        else:
+            dynamic["-:" + pattern] = {}
+    return dynamic
+
+
+def dynamic_format(dynamic: dict | None, names: Iterable[str], base: LinearFormat) -> LinearFormat:
+    """The format "dynamic" gives a module (any of its names: checkpoint's, loaded), as gptqmodel and vLLM
+    read it: the first key that matches decides; a key without "+:" or "-:" is a positive one."""
+    names = list(names)
+    for key, override in (dynamic or {}).items():
+        negative = key.startswith("-:")
+        pattern = key[2:] if negative or key.startswith("+:") else key
+        try:
+            matched = any(re.match(pattern, name) for name in names)
+        except re.error as e:
+            raise CorruptInputError(f"quantization_config.dynamic key {key!r} is not a regular expression: {e}") from None
+        if matched:
+            if negative:
+                return UNQUANTIZED
+            return LinearFormat(override.get("bits", base.bits), override.get("group_size", base.group_size))
+    return base
+
+
+def quantization_config(settings: QuantizeSettings, arch: Architecture, dynamic: dict | None = None) -> dict:
     """config.json's "quantization_config" (also written as quantize_config.json), as AutoGPTQ spells it."""
     quantization = {
         "quant_method": "gptq",
@@ -62,6 +141,8 @@ def quantization_config(settings: QuantizeSettings, arch: Architecture) -> dict:
         "lm_head": False,
         "meta": {"quantizer": [f"lowbit:{__version__}"], "method": settings.method},
     }
+    if dynamic:
+        quantization["dynamic"] = dynamic
     if arch.multimodal:  # only the language model's decoder layers: the vision tower stays dense
         quantization["block_name_to_quantize"] = arch.loaded_text_prefix + "layers"
         quantization["modules_in_block_to_quantize"] = [list(group) for group in arch.groups]

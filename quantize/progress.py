@@ -77,12 +77,23 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
         raise
 
 
+def candidates_dir(progress_dir: Path, tag: str) -> Path:
+    """Where a size budget's other candidate format (pack.LinearFormat.tag) keeps its layer files."""
+    return progress_dir / "candidates" / tag
+
+
 def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
-                layer_stats: dict, acts: Activations | None) -> None:
-    """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state."""
-    tmp = progress_dir / f"layer-{index:05d}.safetensors.tmp"
-    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-    tmp.replace(progress_dir / f"layer-{index:05d}.safetensors")
+                layer_stats: dict, acts: Activations | None,
+                candidates: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state.
+
+    candidates: under a size budget, each other format's tensors of this layer, by format tag: kept in a
+    folder per format, under the same names as the layer file's, until assemble chooses."""
+    for tag, tensors_of_tag in (candidates or {}).items():
+        folder = candidates_dir(progress_dir, tag)
+        folder.mkdir(parents=True, exist_ok=True)
+        _save_layer_file(folder, index, tensors_of_tag)
+    _save_layer_file(progress_dir, index, tensors)
     if acts is not None:
         tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
         save_tensors({"hidden": acts.hidden.detach().to("cpu").contiguous()}, tmp)
@@ -96,3 +107,9 @@ def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
 
 def read_activations(path: Path) -> torch.Tensor:
     return load_file(str(path))["hidden"]
+
+
+def _save_layer_file(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    tmp = folder / f"layer-{index:05d}.safetensors.tmp"
+    save_tensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    tmp.replace(folder / f"layer-{index:05d}.safetensors")

@@ -67,6 +67,24 @@ def check_damp(damp: float) -> None:
         raise InvalidSetting("damp", f"must be at least 0 and below 1, not {damp}")
 
 
+def nominal_bits_per_weight(bits: int, group_size: int) -> float:
+    """Bits per weight of a uniform GPTQ Linear, shape aside: codes, plus each group's zero point (bits) and
+    float16 scale. The exact figure (quantize/pack.py: linear_bytes) adds g_idx, 32 bits per input column."""
+    return bits + (0 if group_size == -1 else (bits + 16) / group_size)
+
+
+def check_target_bpw(target_bpw: float | None, method: Method, bits: int, group_size: int) -> None:
+    """A size budget (quantize/mixed.py) is spent on GPTQ-format choices, above what the uniform setting costs."""
+    if target_bpw is None:
+        return
+    if not method.gptq_format:
+        raise InvalidSetting("target_bpw", f"needs a GPTQ-format method ({', '.join(GPTQ_FORMAT_METHODS)}), not {method}")
+    uniform = nominal_bits_per_weight(bits, group_size)
+    if not uniform < target_bpw <= 16:
+        raise InvalidSetting("target_bpw", f"must be above {uniform:.4g} (what {bits}-bit, group size {group_size} "
+                                           f"costs) and at most 16, not {target_bpw:g}")
+
+
 def uses_activations(method: str, calibrated: bool) -> bool:
     """Whether a run of METHOD collects Hessians from calibration activations (GPTQ always; NF4/FP4 when
     calibrated; RTN only for its scale search, which QuantizeSettings.calibrated decides)."""
@@ -90,12 +108,16 @@ class QuantizeSettings:
     true_sequential: bool = True
     double_quant: bool = True  # nf4/fp4
     skip: str | None = None  # regex of module names kept in 16-bit (nf4/fp4)
+    target_bpw: float | None = None  # a size budget: bits per decoder-Linear weight, spent where it helps most
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
         check_bits(self.bits)
         check_group_size(self.group_size)
         check_damp(self.damp)
+        check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size)
+        if self.target_bpw is not None and self.skip is not None:
+            raise InvalidSetting("skip", "cannot be combined with target_bpw, which chooses the 16-bit modules itself")
         if self.skip is not None:
             try:
                 re.compile(self.skip)

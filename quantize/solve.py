@@ -7,13 +7,14 @@ writes the tensors it returns; the format's own module makes them (pack.py: GPTQ
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize_each, rtn_quantize
+from lowbit.quantize.mixed import candidate_formats
 from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
-from lowbit.quantize.pack import pack_gptq_v1
+from lowbit.quantize.pack import LinearFormat, pack_gptq_v1
 from lowbit.quantize.settings import QuantizeSettings
 
 
@@ -22,6 +23,9 @@ class SolvedLinear:
     tensors: dict[str, torch.Tensor]  # names relative to the module, as written to disk
     dequantized: torch.Tensor  # [N, K] float32, what a loader will compute
     stats: dict = field(default_factory=dict)
+    # under a size budget: the other quantized formats this Linear may get, each with its tensors and its
+    # relative output error (the unquantized one needs neither: the source has it, its error is 0)
+    candidates: dict[LinearFormat, tuple[dict[str, torch.Tensor], float]] = field(default_factory=dict)
 
 
 def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
@@ -34,12 +38,23 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
         config = GPTQConfig.from_settings(settings)
 
         def solve_uniform(weight, hessian, bias, consume_hessian=False):
+            configs = [config]
+            if settings.target_bpw is not None:
+                formats = candidate_formats(settings.bits, settings.group_size, *weight.shape)
+                configs += [replace(config, bits=f.bits, group_size=f.group_size) for f in formats[1:] if f.quantized]
             if settings.method == "rtn" or hessian is None:  # RTN leaves the Hessian as it is
-                q, stats = rtn_quantize(weight, config, None if hessian is None else hessian.diagonal()), {}
-            else:
-                q, gptq_stats = gptq_quantize(weight, hessian, config, consume_hessian)
-                stats = {"error": gptq_stats.error, "damp": gptq_stats.damp, "dead_inputs": gptq_stats.dead_inputs}
-            return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats)
+                importance = None if hessian is None else hessian.diagonal()
+                results = [(rtn_quantize(weight, c, importance), None) for c in configs]
+            else:  # one factor of H, one sweep per format
+                results = gptq_quantize_each(weight, hessian, configs, consume_hessian)
+            (q, base_stats), others = results[0], results[1:]
+            stats = {} if base_stats is None else {"error": base_stats.error, "damp": base_stats.damp,
+                                                   "dead_inputs": base_stats.dead_inputs}
+            candidates = {}
+            for c, (cq, cstats) in zip(configs[1:], others):
+                error = cstats.error if cstats is not None else relative_output_error(weight, cq.dequantize(), hessian)
+                candidates[LinearFormat(c.bits, c.group_size)] = (pack_gptq_v1(cq, bias), error)
+            return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats, candidates)
 
         return solve_uniform
 

@@ -1,0 +1,165 @@
+"""A size budget instead of one bit width: which format each decoder Linear gets under `--target-bpw`.
+
+Each Linear is solved once per candidate format inside the ordinary layer loop (solve.py asks
+`candidate_formats`; gptq.gptq_quantize_each sweeps them all against one factor of the Hessian), and
+each candidate's output error ||(W - Q) X||^2 / ||W X||^2 is kept with its tensors in the progress
+folder. Once every layer is scored, `choose` spends the budget over the whole model at once.
+
+The activations that move on to the next group and layer are those of the base format (the uniform
+setting): the scores of later Linears assume their inputs carry the base's error, which a richer choice
+only lowers.
+
+A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down): its Linears share an
+input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+from lowbit.errors import UsageError
+from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, linear_bytes
+
+MARLIN_BITS = (4, 8)  # vLLM's fast GPTQ kernel: symmetric 4- and 8-bit codes
+FINER_GROUP = 32  # the 4-bit candidate's group size when the base's is coarser
+
+
+def candidate_formats(bits: int, group_size: int, n: int, k: int) -> list[LinearFormat]:
+    """The formats a Linear [N, K] may get, the base (the uniform setting) first: 4-bit at a finer group
+    size, 8-bit at the base group size, and unquantized. Only those that cost more than the base and
+    that pack (whole 32-bit words, a group size dividing K); all inside what Marlin runs when the base is."""
+    base = LinearFormat(bits, group_size)
+    finer = FINER_GROUP if group_size == -1 or group_size > FINER_GROUP else group_size
+    options = [base, LinearFormat(4, finer), LinearFormat(8, group_size), UNQUANTIZED]
+    base_bytes = format_bytes(base, n, k, 2)
+    chosen = [base]
+    for fmt in options[1:]:
+        if fmt not in chosen and packs(fmt, n, k) and format_bytes(fmt, n, k, 2) > base_bytes:
+            chosen.append(fmt)
+    return chosen
+
+
+def packs(fmt: LinearFormat, n: int, k: int) -> bool:
+    if not fmt.quantized:
+        return True
+    group_ok = fmt.group_size == -1 or k % fmt.group_size == 0
+    return group_ok and (k * fmt.bits) % 32 == 0 and (n * fmt.bits) % 32 == 0
+
+
+def format_bytes(fmt: LinearFormat, n: int, k: int, dense_bytes: int) -> int:
+    """Bytes on disk of a Linear [N, K] in fmt (bias aside, as bits_per_weight counts): qweight, qzeros,
+    scales and g_idx (pack.py), or the weight itself at dense_bytes a value."""
+    return linear_bytes(n, k, fmt.bits, fmt.group_size) if fmt.quantized else n * k * dense_bytes
+
+
+@dataclass(frozen=True)
+class Option:
+    fmt: LinearFormat
+    bytes: int  # of the whole unit
+    error: float  # of the whole unit: the sum of its Linears' relative output errors
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One choice: the Linears of one projection group of one layer, and what each format costs and loses."""
+
+    modules: tuple[str, ...]  # full names
+    options: tuple[Option, ...]  # the base first
+
+
+def budget_bytes(target_bpw: float, weights: int) -> int:
+    return int(target_bpw * weights // 8)
+
+
+def choose(units: list[Unit], budget: int) -> list[Option]:
+    """Per unit, the option that minimises the total error with the total bytes at most `budget`.
+
+    Greedy on each unit's lower convex hull of (bytes, error): every step is the upgrade that removes the
+    most error per extra byte, over all units, while it fits. Why that is good enough: hull steps come in
+    decreasing error-per-byte within a unit, so the greedy's steps before the first that does not fit are
+    exactly the optimum of the linear relaxation of this multiple-choice knapsack, less a fraction of that
+    one step. The exact optimum is never better than the relaxation, so the greedy is within one step's
+    gain of it (tests/test_mixed.py checks this bound against an exact solution), and the gain of one step
+    is one Linear group's error out of hundreds. After a step that does not fit, the greedy goes on with
+    smaller ones, which only narrows the gap.
+    """
+    chosen = [0] * len(units)
+    left = budget - sum(unit.options[0].bytes for unit in units)
+    if left < 0:
+        raise ValueError("the base options do not fit the budget")
+    heap = []
+    for index, unit in enumerate(units):
+        _push_step(heap, index, unit, 0, left)
+    while heap:
+        _, index, target = heapq.heappop(heap)
+        unit, current = units[index], chosen[index]
+        extra = unit.options[target].bytes - unit.options[current].bytes
+        if extra > left:  # the budget shrank since this step was queued: the best step that fits now
+            _push_step(heap, index, unit, current, left)
+            continue
+        chosen[index], left = target, left - extra
+        _push_step(heap, index, unit, target, left)
+    return [unit.options[i] for unit, i in zip(units, chosen)]
+
+
+def _push_step(heap: list, index: int, unit: Unit, current: int, left: int) -> None:
+    """Queue the unit's best upgrade from option `current` that fits in `left` bytes: the steepest error
+    drop per byte (ties: the larger step, so that hull vertices are not skipped one at a time)."""
+    here = unit.options[current]
+    best = None
+    for target, option in enumerate(unit.options):
+        extra = option.bytes - here.bytes
+        if extra <= 0 or extra > left or option.error >= here.error:
+            continue
+        key = ((here.error - option.error) / extra, extra)
+        if best is None or key > best[0]:
+            best = (key, target)
+    if best is not None:
+        heapq.heappush(heap, (-best[0][0], index, best[1]))
+
+
+def total(options: list[Option]) -> tuple[int, float]:
+    """(bytes, error) of a choice."""
+    return sum(o.bytes for o in options), sum(o.error for o in options)
+
+
+@dataclass(frozen=True)
+class LinearScore:
+    """What the layer loop measured of one Linear: its shape, dtype size, and each format's error."""
+
+    n: int
+    k: int
+    dense_bytes: int  # bytes a value in the source dtype
+    errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
+
+
+def score_of(n: int, k: int, dense_bytes: int, bits: int, group_size: int, stats: dict) -> LinearScore:
+    """A Linear's score from its entry in progress.json ("error", "candidates": {tag: error})."""
+    errors = {LinearFormat(bits, group_size): stats["error"], UNQUANTIZED: 0.0}
+    for fmt in candidate_formats(bits, group_size, n, k)[1:]:
+        if fmt.quantized:
+            errors[fmt] = stats["candidates"][fmt.tag]
+    return LinearScore(n, k, dense_bytes, errors)
+
+
+def unit_of(modules: tuple[str, ...], scores: list[LinearScore], base: LinearFormat) -> Unit:
+    """One unit's options: the formats all its Linears can take (the base first), bytes and errors summed."""
+    common = [fmt for fmt in scores[0].errors if all(fmt in s.errors for s in scores)]
+    common.sort(key=lambda fmt: fmt != base)
+    options = tuple(Option(fmt, sum(format_bytes(fmt, s.n, s.k, s.dense_bytes) for s in scores),
+                           sum(s.errors[fmt] for s in scores)) for fmt in common)
+    return Unit(modules, options)
+
+
+def uniform_bytes(shapes: list[tuple[int, int]], bits: int, group_size: int) -> int:
+    return sum(linear_bytes(n, k, bits, group_size) for n, k in shapes)
+
+
+def check_target(shapes: list[tuple[int, int]], bits: int, group_size: int, target_bpw: float) -> None:
+    """Before a run: the uniform setting must fit the budget (g_idx makes it cost a little over nominal)."""
+    weights = sum(n * k for n, k in shapes)
+    base = uniform_bytes(shapes, bits, group_size)
+    if base > budget_bytes(target_bpw, weights):
+        raise UsageError(f"--target-bpw {target_bpw:g} is below what {bits}-bit, group size {group_size} costs on "
+                         f"this model ({8 * base / weights:.4f} bits per weight, g_idx included): ask for more")

@@ -1,0 +1,300 @@
+"""A size budget (`--target-bpw`): candidates scored in the layer loop, chosen over the model, written as `dynamic`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+from lowbit.quantize import driver
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, gptq_quantize_each
+from lowbit.quantize.loader import DenseWeights
+from lowbit.quantize.mixed import Option, Unit, candidate_formats, choose, total
+from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, dequantize_gptq_v1, dynamic_format, dynamic_map
+from lowbit.quantize.settings import InvalidSetting, QuantizeSettings
+from tests.conftest import save_tiny_model
+
+GPTQ = ["--method", "gptq", "--nsamples", "4", "--seqlen", "32", "--group-size", "64"]
+BASE = LinearFormat(4, 64)
+
+
+def run(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---- the choice ----
+
+def random_units(rng: random.Random, count: int) -> list[Unit]:
+    units = []
+    for u in range(count):
+        base_bytes, base_error = rng.randint(5, 20), rng.uniform(0.5, 2)
+        options = [Option(BASE, base_bytes, base_error)]
+        for tag in ("4g32", "8g64", "16"):
+            options.append(Option(LinearFormat(16) if tag == "16" else LinearFormat(int(tag[0]), int(tag[2:])),
+                                  options[-1].bytes + rng.randint(1, 12), rng.uniform(0, options[0].error)))
+        units.append(Unit((f"unit{u}",), tuple(options)))
+    return units
+
+
+def exact(units: list[Unit], budget: int) -> float:
+    """The least total error within budget, by trying every combination (small instances only)."""
+    best = float("inf")
+    for combo in itertools.product(*(unit.options for unit in units)):
+        size, error = total(list(combo))
+        if size <= budget:
+            best = min(best, error)
+    return best
+
+
+def test_greedy_keeps_the_budget_and_is_within_one_step_of_the_exact_knapsack():
+    rng = random.Random(0)
+    gaps = []
+    for _ in range(60):
+        units = random_units(rng, 5)
+        base = sum(unit.options[0].bytes for unit in units)
+        budget = base + rng.randint(0, 40)
+        chosen = choose(units, budget)
+        size, error = total(chosen)
+        assert size <= budget
+        best = exact(units, budget)
+        assert error >= best - 1e-9
+        # the docstring's bound: within the largest single gain of one unit
+        assert error <= best + max(u.options[0].error - min(o.error for o in u.options) for u in units) + 1e-9
+        gaps.append(error - best)
+    assert sum(g < 1e-9 for g in gaps) >= len(gaps) // 2  # and mostly exactly optimal
+
+
+def test_a_budget_with_room_for_everything_leaves_no_error():
+    units = random_units(random.Random(1), 4)
+    chosen = choose(units, sum(max(o.bytes for o in u.options) for u in units))
+    assert total(chosen)[1] == pytest.approx(sum(min(o.error for o in u.options) for u in units))
+
+
+def test_candidates_stay_on_marlin_formats_and_cost_more_than_the_base():
+    assert candidate_formats(4, 128, 4096, 4096) == [LinearFormat(4, 128), LinearFormat(4, 32), LinearFormat(8, 128),
+                                                     UNQUANTIZED]
+    assert candidate_formats(4, 32, 64, 64) == [LinearFormat(4, 32), LinearFormat(8, 32), UNQUANTIZED]
+    assert candidate_formats(4, -1, 64, 96) == [LinearFormat(4, -1), LinearFormat(4, 32), LinearFormat(8, -1),
+                                                UNQUANTIZED]
+    assert LinearFormat(4, 32) not in candidate_formats(4, 128, 64, 128 + 16)[1:]  # 32 does not divide K
+
+
+# ---- scoring: one factor, one sweep per candidate ----
+
+def test_candidates_swept_against_one_factor_equal_separate_solves():
+    torch.manual_seed(0)
+    x = torch.randn(256, 64) * torch.linspace(0.2, 3, 64)
+    hessian, weight = 2 / 256 * x.T @ x, torch.randn(48, 64)
+    configs = [GPTQConfig(bits=4, group_size=64, act_order=True, static_groups=True, scale_search=True),
+               GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True, scale_search=True),
+               GPTQConfig(bits=8, group_size=64, act_order=True, static_groups=True, scale_search=True)]
+    together = gptq_quantize_each(weight, hessian.clone(), configs, consume_hessian=True)
+    for config, (q, stats) in zip(configs, together):
+        alone, alone_stats = gptq_quantize(weight, hessian, config)
+        assert torch.equal(q.codes, alone.codes) and torch.equal(q.scales, alone.scales)
+        assert stats.error == pytest.approx(alone_stats.error, rel=1e-5)
+    errors = [stats.error for _, stats in together]
+    assert errors[1] < errors[0] and errors[2] < errors[1]  # finer groups, then more bits, lose less
+
+
+# ---- the dynamic map ----
+
+def test_dynamic_map_round_trips_through_config_json():
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 4}
+    arch = architecture_of(config)
+    rng = random.Random(2)
+    formats = {}
+    for i in range(arch.num_layers):
+        for group in arch.groups:
+            fmt = rng.choice([BASE, LinearFormat(4, 32), LinearFormat(8, 64), UNQUANTIZED])
+            formats.update({arch.layer_prefix(i) + name: fmt for name in group})
+    dynamic = json.loads(json.dumps(dynamic_map(formats, BASE, arch)))
+    assert all(key[:2] in ("+:", "-:") for key in dynamic)
+    for module, fmt in formats.items():
+        assert dynamic_format(dynamic, [module], BASE) == fmt
+    for i in range(arch.num_layers):  # vLLM's fused names get the group's format
+        prefix = arch.layer_prefix(i)
+        assert dynamic_format(dynamic, [prefix + "self_attn.qkv_proj"], BASE) == formats[prefix + "self_attn.q_proj"]
+        assert dynamic_format(dynamic, [prefix + "mlp.gate_up_proj"], BASE) == formats[prefix + "mlp.up_proj"]
+    assert dynamic_format(dynamic, ["model.layers.10.self_attn.q_proj"], BASE) == BASE  # no prefix confusion
+
+
+def test_a_group_split_between_formats_is_refused():
+    arch = architecture_of({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1})
+    with pytest.raises(ValueError, match="share one format"):
+        dynamic_map({"model.layers.0.self_attn.q_proj": UNQUANTIZED}, BASE, arch)
+
+
+# ---- end to end ----
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
+    path.write_text("The budget goes where the error drops the most for each extra byte it costs. " * 40)
+    return path
+
+
+def quantize_mixed(model: Path, out: Path, calibration: Path, target: float, monkeypatch) -> dict:
+    """Quantize under a budget; returns what the solver produced, Linear by Linear and format by format."""
+    produced: dict[str, dict[LinearFormat, torch.Tensor]] = {}
+    keep = driver.keep_candidates
+
+    def record(candidates, stats, module, solved):
+        produced[module] = {BASE: solved.dequantized.clone()}
+        for fmt, (tensors, _) in solved.candidates.items():
+            produced[module][fmt] = dequantize_gptq_v1(tensors, fmt.bits)
+        keep(candidates, stats, module, solved)
+
+    monkeypatch.setattr(driver, "keep_candidates", record)
+    result = run("-q", "quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", target, "-o", out)
+    assert result.exit_code == 0, result.output
+    return produced
+
+
+def formats_of(manifest: dict) -> dict[str, LinearFormat]:
+    return {m: LinearFormat(e["bits"], e["group_size"]) for m, e in manifest["layers"].items()}
+
+
+@pytest.mark.parametrize("target", [5.5, 7.0])
+def test_a_mixed_checkpoint_keeps_its_budget_and_loads_as_the_solver_made_it(tmp_path, calibration, monkeypatch, target):
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=2, hidden=64, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    produced = quantize_mixed(model, out, calibration, target, monkeypatch)
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert manifest["settings"]["target_bpw"] == target
+    assert manifest["bits_per_weight"] <= target
+    formats = formats_of(manifest)
+    assert set(formats.values()) - {BASE}, "the budget bought nothing"
+    arch = architecture_of(config)
+    for i in range(arch.num_layers):  # one format per group: vLLM fuses q/k/v and gate/up
+        for group in arch.groups:
+            assert len({formats[arch.layer_prefix(i) + name] for name in group}) == 1
+    dynamic = config["quantization_config"]["dynamic"]
+    assert {m: dynamic_format(dynamic, [m], BASE) for m in formats} == formats
+
+    weights, source = DenseWeights(out), SafetensorsCheckpoint(model)
+    for module, fmt in formats.items():
+        dense = weights.read(module + ".weight")
+        if fmt.quantized:
+            assert torch.equal(dense, produced[module][fmt]), module
+        else:
+            assert torch.equal(dense, source.read(module + ".weight")), module
+
+    result = run("inspect", out, "--verify")
+    assert result.exit_code == 0, result.output
+    assert "formats by layer" in result.output and "q_proj" in result.output
+
+
+def test_more_budget_means_less_error(tmp_path, calibration, monkeypatch):
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=2, hidden=64, dtype=torch.bfloat16)
+    errors = []
+    for target in (5.2, 6.5, 9.0):
+        out = tmp_path / f"out-{target}"
+        quantize_mixed(model, out, calibration, target, monkeypatch)
+        manifest = json.loads((out / "lowbit_manifest.json").read_text())
+        chosen = formats_of(manifest)
+        errors.append(sum(0.0 if not fmt.quantized else
+                          (e["error"] if fmt == BASE else e["candidates"][fmt.tag])
+                          for (m, e), fmt in ((item, chosen[item[0]]) for item in manifest["layers"].items())))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_a_fused_phi3_layer_gets_one_format_for_its_fused_module(tmp_path, calibration, monkeypatch):
+    model = save_tiny_model(tmp_path / "phi3", "phi3", layers=2, hidden=64, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    produced = quantize_mixed(model, out, calibration, 6.0, monkeypatch)
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    formats = formats_of(manifest)
+    assert {m.rsplit(".", 1)[-1] for m in formats} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+    weights = DenseWeights(out)
+    for module, fmt in formats.items():
+        assert dynamic_format(dynamic, [module], BASE) == fmt
+        if fmt.quantized:
+            assert torch.equal(weights.read(module + ".weight"), produced[module][fmt])
+    assert run("inspect", out, "--verify").exit_code == 0
+
+
+# ---- refusals ----
+
+@pytest.mark.parametrize("options, says", [
+    (["--target-bpw", "4"], "--target-bpw"),  # not above the uniform 4-bit's 4.31
+    (["--target-bpw", "17"], "at most 16"),
+    (["--method", "nf4", "--target-bpw", "5"], "GPTQ-format"),
+])
+def test_the_cli_refuses_a_bad_target_in_one_line(tmp_path, options, says):
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=1, hidden=64)
+    result = run("quantize", model, "--group-size", "64", *options, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert says in one_line(result.output)
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_target_under_what_g_idx_costs_on_this_model_is_refused(tmp_path, calibration):
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=1, hidden=64)
+    # nominal 4.3125 bits at group size 64, but g_idx adds 32 bits per input column: ~0.5 per weight here
+    result = run("quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", "4.4", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert "below what 4-bit, group size 64 costs" in one_line(result.output)
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_settings_hold_the_target_rule():
+    assert QuantizeSettings(target_bpw=4.5).target_bpw == 4.5
+    with pytest.raises(InvalidSetting, match="target_bpw"):
+        QuantizeSettings(bits=8, target_bpw=8.1)  # 8-bit at group 128 costs 8.19
+    with pytest.raises(InvalidSetting, match="skip"):
+        QuantizeSettings(target_bpw=5, skip="down_proj")
+
+
+def test_an_interrupted_mixed_run_resumes_to_the_same_bytes(tmp_path, calibration, monkeypatch):
+    """The candidates' tensors are kept per layer in the progress folder, so the choice after a resume is
+    made from the same scores as an uninterrupted run's."""
+    from tests.test_resume import EPOCH, assert_same_files, interrupt_after_layers
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", EPOCH)
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=3, hidden=64, dtype=torch.bfloat16)
+    args = ["-q", "quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", "6"]
+    with monkeypatch.context() as patch:
+        interrupt_after_layers(patch, 2)
+        assert run(*args, "-o", tmp_path / "resumed").exit_code == 130
+    assert list((tmp_path / "resumed.partial" / ".lowbit-progress" / "candidates").glob("*/layer-00001.safetensors"))
+    assert run(*args, "-o", tmp_path / "resumed").exit_code == 0
+    assert run(*args, "-o", tmp_path / "uninterrupted").exit_code == 0
+    assert_same_files(tmp_path / "resumed", tmp_path / "uninterrupted")
+
+
+def test_a_recipe_takes_the_target_and_points_at_its_key(tmp_path):
+    from lowbit.errors import UsageError
+    from lowbit.recipe_file import load_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    table = '[model]\nsource = "model"\n[output]\ndir = "out"\n[quantize]\nmethod = "gptq"\ntarget_bpw = {}\n'
+    recipe.write_text(table.format(4.75))
+    assert load_recipe(recipe).settings.target_bpw == 4.75
+    recipe.write_text(table.format(4))
+    with pytest.raises(UsageError, match="quantize.target_bpw must be above"):
+        load_recipe(recipe)
+
+
+def test_a_dynamic_key_that_is_no_regex_is_a_corrupt_config():
+    from lowbit.errors import CorruptInputError
+
+    with pytest.raises(CorruptInputError, match="not a regular expression"):
+        dynamic_format({"+:model.layers.(0": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE)
+    # gptqmodel's own spelling without "+:" is a positive key
+    assert dynamic_format({r"model\.layers\.0\.": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE) == LinearFormat(8, 64)
