@@ -9,13 +9,14 @@ import pytest
 
 from lowbit.quantize.fit import plan
 from lowbit.quantize.plan import GiB, PlanSettings
+from lowbit.quantize.settings import QuantizeSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 
 def quantize_gpu_needed(model: str, offload: bool) -> int:
     config = json.loads((CONFIGS / f"{model}.json").read_text())
-    return plan(config, PlanSettings(method="gptq", bits=4, group_size=128, offload=offload))["quantize"]["gpu_needed_bytes"]
+    return plan(config, PlanSettings(QuantizeSettings(method="gptq", bits=4, group_size=128), offload=offload))["quantize"]["gpu_needed_bytes"]
 
 
 @pytest.mark.parametrize("model, offload, limit_gib", [
