@@ -126,10 +126,10 @@ def lever_variants(bits: int, group_size: int) -> dict[str, tuple[str, GPTQConfi
     default = GPTQConfig.from_settings(QuantizeSettings(bits=bits, group_size=group_size))
     return {
         "default": ("gptq", default),
-        "scale search weighted by diag(H)": ("gptq", replace(default, search_weights="diag")),
+        "scale search weighted by the sweep's 1 / U_kk^2": ("gptq", replace(default, search_weights="sweep")),
         "no scale search (llm-compressor's default)": ("gptq", replace(default, scale_search=False)),
         "asymmetric grid": ("gptq", replace(default, sym=False)),
-        "asymmetric grid, diag(H) weights": ("gptq", replace(default, sym=False, search_weights="diag")),
+        "asymmetric grid, sweep weights": ("gptq", replace(default, sym=False, search_weights="sweep")),
         "damp 0.003": ("gptq", replace(default, damp=0.003)),
         "damp 0.03": ("gptq", replace(default, damp=0.03)),
         "damp 0.1": ("gptq", replace(default, damp=0.1)),

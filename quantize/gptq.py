@@ -34,10 +34,11 @@ class GPTQConfig:
     act_order: bool = False  # quantize columns in order of decreasing Hessian diagonal
     static_groups: bool = False  # groups of original columns, params from the original weights
     scale_search: bool = False  # each group's clipping chosen by its rounding error, weighted per column
-    # The search's column weights. "sweep": what the sweep's objective charges for a rounding error in each
-    # column, 1 / U_kk^2 (the part of that input no later column can compensate). "diag": diag(H), the
-    # mean squared activation (held-out layer error about 10 % higher on Gemma-3, BENCHMARKS.md).
-    search_weights: str = "sweep"
+    # The search's column weights. "diag": diag(H), the mean squared activation. "sweep": what the sweep's
+    # objective charges for a rounding error in each column, 1 / U_kk^2 (the part of that input no later
+    # column can compensate): 10 % less held-out layer error on Gemma-3, yet a worse whole-model
+    # perplexity (BENCHMARKS.md, "GPTQ's levers"), so not the default.
+    search_weights: str = "diag"
     damp: float = 0.01  # fraction of mean(diag(H)) added to the diagonal
     block_size: int = 128
 

@@ -141,7 +141,8 @@ def test_gptq_search_weighs_each_column_by_what_the_sweep_cannot_compensate(act_
     seen = []
     real = gptq.searched_grid_params
     monkeypatch.setattr(gptq, "searched_grid_params", lambda w, weights, *a: (seen.append(weights), real(w, weights, *a))[1])
-    config = GPTQConfig(bits=4, group_size=32, act_order=act_order, static_groups=static_groups, scale_search=True)
+    config = GPTQConfig(bits=4, group_size=32, act_order=act_order, static_groups=static_groups, scale_search=True,
+                        search_weights="sweep")
     gptq_quantize(w, H, config)
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(128)
     damped = H[perm][:, perm].double() + config.damp * H.diagonal().double().mean() * torch.eye(128, dtype=torch.float64)
@@ -154,7 +155,8 @@ def test_gptq_search_weighs_each_column_by_what_the_sweep_cannot_compensate(act_
     # not the plain diagonal: early columns lean on later ones
     assert not torch.allclose(seen[0], H[perm][:, perm].diagonal()[groups[0]], rtol=0.05)
     seen.clear()
-    gptq_quantize(w, H, GPTQConfig(**{**config.__dict__, "search_weights": "diag"}))
+    gptq_quantize(w, H, GPTQConfig(**{**config.__dict__, "search_weights": "diag"}))  # the default
+    assert GPTQConfig().search_weights == "diag"
     for weights, columns in zip(seen, groups):
         assert torch.equal(weights, H[perm][:, perm].diagonal()[columns])
 
