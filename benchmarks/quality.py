@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
         key = args.section or ("quality" + models + ("-reduced" if reduced else "")
                                + ("" if args.eval_seqlen == 512 else f"-{args.eval_seqlen}"))
         title = (f"Quality per bit{' (REDUCED grid)' if reduced else ''}: lowbit vs llm-compressor, "
-                 f"{args.eval_windows} x {args.eval_seqlen} wikitext-2 windows")
+                 f"{args.eval_windows} x {args.eval_seqlen} wikitext-2 windows"
+                 + (f" ({args.section})" if args.section else ""))
         replace_section(REPO / "BENCHMARKS.md", key, title, text)
 
 
