@@ -10,6 +10,10 @@ relative output error on the held-out inputs:
 
     PYTHONPATH=. python benchmarks/layer_errors.py ~/.cache/lowbit-tests/smollm2-135m-bf16 --layers 0,1
     PYTHONPATH=. python benchmarks/layer_errors.py ... --record   # writes its section of BENCHMARKS.md
+    PYTHONPATH=. python benchmarks/layer_errors.py ... --levers   # the solver's levers against its defaults
+
+--inputs FILE keeps the recorded weights and Hessians (collecting them is most of a run on 2 cores) and
+reuses them when the model, layers and windows match.
 
 tests/test_layer_errors.py uses the same functions on fewer, shorter windows.
 """
@@ -25,6 +29,7 @@ import torch
 
 from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, rtn_quantize
 from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
+from lowbit.quantize.settings import QuantizeSettings
 
 C4 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "c4" / "c4-sample.jsonl"
 
@@ -80,6 +85,20 @@ def collect_linear_inputs(model_dir: Path, layers: list[int], nsamples: int, seq
             for name, m in linears.items()]
 
 
+def cached_linear_inputs(cache: Path | None, model_dir: Path, layers: list[int], nsamples: int,
+                         seqlen: int) -> list[LinearInputs]:
+    """collect_linear_inputs, kept in (and reused from) cache when it was made with the same arguments."""
+    key = {"model": str(model_dir), "layers": layers, "nsamples": nsamples, "seqlen": seqlen}
+    if cache is not None and cache.exists():
+        saved = torch.load(cache)
+        if saved["key"] == key:
+            return [LinearInputs(**fields) for fields in saved["linears"]]
+    linears = collect_linear_inputs(model_dir, layers, nsamples, seqlen)
+    if cache is not None:
+        torch.save({"key": key, "linears": [vars(linear) for linear in linears]}, cache)
+    return linears
+
+
 def output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessian: torch.Tensor) -> float:
     d = weight - dequantized
     return float(((d @ hessian) * d).sum() / ((weight @ hessian) * weight).sum())
@@ -99,6 +118,22 @@ def uniform_variants(bits: int, group_size: int) -> dict[str, tuple[str, GPTQCon
         "gptq+act(in place)+ss": ("gptq", in_place),
         "gptq+act(desc_act)+ss": ("gptq", replace(search, act_order=True)),
         "gptq+act(in place)+ss damp 0.1": ("gptq", replace(in_place, damp=0.1)),
+    }
+
+
+def lever_variants(bits: int, group_size: int) -> dict[str, tuple[str, GPTQConfig]]:
+    """Name -> (solver, config): GPTQ with lowbit's defaults, and with one lever moved at a time."""
+    default = GPTQConfig.from_settings(QuantizeSettings(bits=bits, group_size=group_size))
+    return {
+        "default": ("gptq", default),
+        "scale search weighted by the sweep's 1 / U_kk^2": ("gptq", replace(default, search_weights="sweep")),
+        "no scale search (llm-compressor's default)": ("gptq", replace(default, scale_search=False)),
+        "asymmetric grid": ("gptq", replace(default, sym=False)),
+        "asymmetric grid, sweep weights": ("gptq", replace(default, sym=False, search_weights="sweep")),
+        "damp 0.003": ("gptq", replace(default, damp=0.003)),
+        "damp 0.03": ("gptq", replace(default, damp=0.03)),
+        "damp 0.1": ("gptq", replace(default, damp=0.1)),
+        "groups in solving order (desc_act)": ("gptq", replace(default, static_groups=False)),
     }
 
 
@@ -147,24 +182,30 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="windows in each of the two sets")
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--configs", default="4:64,4:128,3:64", help="bits:group_size, comma-separated")
+    parser.add_argument("--levers", action="store_true",
+                        help="GPTQ's defaults against one lever moved at a time (instead of every method)")
+    parser.add_argument("--inputs", type=Path, help="keep the collected weights and Hessians here, and reuse them")
     parser.add_argument("--record", action="store_true", help="write the tables into BENCHMARKS.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     layers = [int(x) for x in args.layers.split(",")]
-    linears = collect_linear_inputs(args.model.expanduser(), layers, args.nsamples, args.seqlen)
+    linears = cached_linear_inputs(args.inputs, args.model.expanduser(), layers, args.nsamples, args.seqlen)
     header = ["| variant | median error | median ratio to the reference | Linears below it |", "|---|---|---|---|"]
+    variants, reference = (lever_variants, "default") if args.levers else (uniform_variants, "rtn")
     body = []
     for spec in args.configs.split(","):
         bits, group_size = (int(x) for x in spec.split(":"))
         fitting = [l for l in linears if l.weight.shape[1] % group_size == 0]
-        errors = error_table(fitting, uniform_variants(bits, group_size), solve_uniform)
+        errors = error_table(fitting, variants(bits, group_size), solve_uniform)
         body += [f"**{bits}-bit, group {group_size}** ({len(fitting)} Linears whose inputs it divides; "
-                 f"reference: rtn)", "", *header, *summary_rows(errors, "rtn"), ""]
+                 f"reference: {reference})", "", *header, *summary_rows(errors, reference), ""]
         print("\n".join(body[-len(errors) - 5 :]), flush=True)  # a long run shows each table as it ends
-    errors = error_table(linears, nf4_variants(), solve_nf4)
-    body += ["**NF4, block 64, double quant** (reference: nf4)", "", *header, *summary_rows(errors, "nf4"), ""]
+    if not args.levers:
+        errors = error_table(linears, nf4_variants(), solve_nf4)
+        body += ["**NF4, block 64, double quant** (reference: nf4)", "", *header, *summary_rows(errors, "nf4"), ""]
     command = (f"PYTHONPATH=. python benchmarks/layer_errors.py {args.model} --layers {args.layers} "
-               f"--nsamples {args.nsamples} --seqlen {args.seqlen} --configs {args.configs}")
+               f"--nsamples {args.nsamples} --seqlen {args.seqlen} --configs {args.configs}"
+               + (" --levers" if args.levers else ""))
     text = (f"{len(linears)} Linears of decoder layers {args.layers}; {args.nsamples} x {args.seqlen} c4 windows "
             f"to solve with, {args.nsamples} x {args.seqlen} other c4 windows (the other half of the sample) "
             f"to score with. Error: relative output error on the held-out inputs.\n\n"
@@ -174,8 +215,9 @@ def main() -> None:
         from benchmarks.markdown import replace_section
 
         model = args.model.name
-        replace_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", f"layer-errors-{model}",
-                        f"Per-Linear output error on held-out windows: {model}", text)
+        key, title = (f"layer-levers-{model}", f"GPTQ's levers, per-Linear output error on held-out windows: {model}") \
+            if args.levers else (f"layer-errors-{model}", f"Per-Linear output error on held-out windows: {model}")
+        replace_section(Path(__file__).resolve().parents[1] / "BENCHMARKS.md", key, title, text)
 
 
 if __name__ == "__main__":

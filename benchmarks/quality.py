@@ -63,6 +63,7 @@ LOWBIT_METHODS = {
     "gptq-ss": (["--method", "gptq", "--no-act-order", "--scale-search"], True, True),
     "gptq-ss-ao": (["--method", "gptq", "--scale-search", "--act-order", "--static-groups"], True, True),
     "gptq-default": (["--method", "gptq"], True, True),
+    "gptq-asym": (["--method", "gptq", "--asym"], True, True),
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),
     "nf4-cal": (["--method", "nf4", "?--no-scale-search"], True, False),
     "nf4-cal-ss": (["--method", "nf4", "--scale-search"], True, False),
@@ -329,6 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="list what would be quantized and scored, run nothing")
     parser.add_argument("--note", help="a line written at the top of the section (how the run was taken)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--section", help="the BENCHMARKS.md section to write (default: named after the model set)")
     args = parser.parse_args(argv)
     args.models, args.configs, args.methods = (value.split(",") for value in (args.models, args.configs, args.methods))
     for value, known, what in ((args.models, MODELS, "model"), (args.methods, METHODS, "method")):
@@ -364,9 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_write:
         reduced = args.nsamples < 64 or args.seqlen < 512 or args.eval_windows < 40
         models = "" if args.models == list(MODELS) else "-" + "-".join(args.models)  # one section per model set
-        key = "quality" + models + ("-reduced" if reduced else "") + ("" if args.eval_seqlen == 512 else f"-{args.eval_seqlen}")
+        key = args.section or ("quality" + models + ("-reduced" if reduced else "")
+                               + ("" if args.eval_seqlen == 512 else f"-{args.eval_seqlen}"))
         title = (f"Quality per bit{' (REDUCED grid)' if reduced else ''}: lowbit vs llm-compressor, "
-                 f"{args.eval_windows} x {args.eval_seqlen} wikitext-2 windows")
+                 f"{args.eval_windows} x {args.eval_seqlen} wikitext-2 windows"
+                 + (f" ({args.section})" if args.section else ""))
         replace_section(REPO / "BENCHMARKS.md", key, title, text)
 
 

@@ -7,8 +7,9 @@ the grid a loader reconstructs.
 
 Scale search (searched_grid_params): instead of the range of a row, try the range
 shrunk by each of CLIP_RATIOS and keep, per row, the candidate whose rounding error
-weighted by the importance of each column (the Hessian diagonal: the mean squared
-activation of that input) is least. Ratio 1.0 is a candidate, and it is exactly
+weighted by the importance of each column is least (RTN and NF4: the Hessian diagonal,
+the mean squared activation of that input; GPTQ: what its sweep charges for an error in
+that column, see gptq.py). Ratio 1.0 is a candidate, and it is exactly
 grid_params, so the search never does worse on the error it minimises.
 """
 

@@ -55,10 +55,12 @@ def dense_weight(weights: DenseWeights, module: str) -> torch.Tensor:
     return weights.read_prefix(prefix)[module[len(prefix):] + ".weight"]
 
 
-def test_act_order_in_place_writes_desc_act_false_trivial_g_idx_and_loads_back(tmp_path, monkeypatch):
-    output, produced = quantize_tiny(tmp_path, monkeypatch, act_order=True, static_groups=True)
+@pytest.mark.parametrize("sym", [True, False])
+def test_act_order_in_place_writes_desc_act_false_trivial_g_idx_and_loads_back(sym, tmp_path, monkeypatch):
+    output, produced = quantize_tiny(tmp_path, monkeypatch, act_order=True, static_groups=True, sym=sym)
     config = json.loads((output / "config.json").read_text())
     assert config["quantization_config"]["desc_act"] is False
+    assert config["quantization_config"]["sym"] is sym
     assert json.loads((output / "quantize_config.json").read_text())["desc_act"] is False
     checkpoint = SafetensorsCheckpoint(output)
     weights = DenseWeights(output)

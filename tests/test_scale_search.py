@@ -131,6 +131,46 @@ def test_gptq_with_search_keeps_float16_scales_and_lowers_the_error(act_order, s
     assert errors[True] < errors[False]
 
 
+@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, True), (True, False)])
+def test_gptq_search_weighs_each_column_by_what_the_sweep_cannot_compensate(act_order, static_groups, monkeypatch):
+    """The weight of column k is 1 / [(H_{>=k, >=k})^-1]_kk in solving order (damped H): the precision of input
+    k given the inputs solved after it, which is what the sweep's objective charges per squared rounding error."""
+    import lowbit.quantize.gptq as gptq
+    import lowbit.quantize.grid as grid
+
+    w, H = random_problem(3, rows=8, columns=128)
+    seen = []
+    real = grid.searched_grid_params
+    for module in (gptq, grid):  # groups in sweep order search in gptq.py, static groups in grid.grid_params_per_group
+        monkeypatch.setattr(module, "searched_grid_params",
+                            lambda w, weights, *a: (seen.append(weights), real(w, weights, *a))[1])
+    config = GPTQConfig(bits=4, group_size=32, act_order=act_order, static_groups=static_groups, scale_search=True,
+                        search_weights="sweep")
+    gptq_quantize(w, H, config)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(128)
+    damped = H[perm][:, perm].double() + config.damp * H.diagonal().double().mean() * torch.eye(128, dtype=torch.float64)
+    conditional = torch.tensor([1 / torch.linalg.inv(damped[k:, k:])[0, 0] for k in range(128)])
+    position = torch.argsort(perm)
+    groups = [position[g * 32 : (g + 1) * 32] if static_groups else torch.arange(g * 32, (g + 1) * 32) for g in range(4)]
+    assert len(seen) == 4
+    for weights, columns in zip(seen, groups):
+        torch.testing.assert_close(weights.double(), conditional[columns].double(), rtol=1e-3, atol=0)
+    # not the plain diagonal: early columns lean on later ones
+    assert not torch.allclose(seen[0], H[perm][:, perm].diagonal()[groups[0]], rtol=0.05)
+    seen.clear()
+    gptq_quantize(w, H, GPTQConfig(**{**config.__dict__, "search_weights": "diag"}))  # the default
+    assert GPTQConfig().search_weights == "diag"
+    for weights, columns in zip(seen, groups):
+        assert torch.equal(weights, H[perm][:, perm].diagonal()[columns])
+
+
+def test_unknown_search_weights_is_a_usage_error():
+    from lowbit.errors import UsageError
+
+    with pytest.raises(UsageError, match="scale search weights"):
+        GPTQConfig(search_weights="plain")
+
+
 def test_rtn_with_search_needs_the_hessian_diagonal_and_uses_it():
     from lowbit.errors import UsageError
 
