@@ -259,6 +259,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
                 weight_copy = ({} if c == FLOAT32 or s.method == "gptq" else
                                {"weight in float32": linear.weights * FLOAT32})
+                if c != src:  # driver._solve_linear hands the solver the weight cast back to the source dtype
+                    weight_copy["weight in the source dtype"] = linear.weights * src
                 # the solver consumes the Hessian: every Linear of the group but the last gets a copy
                 hessian_copy = ({} if linear is group[-1] else
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
