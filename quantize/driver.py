@@ -345,8 +345,10 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
     A function of its own so that the float32 weight and dequantized copies die with it.
     """
     linear = layer.get_submodule(name)
-    # the source dtype (bitsandbytes records it); the CPU computes in float32, a lossless cast back
-    weight = linear.weight.detach().to(source_tensors[name + ".weight"].dtype)
+    # in the source dtype (bitsandbytes records it): where the layer computes in a copy of the tensor as read
+    # (the CPU, float32), that tensor itself; elsewhere the layer's weight cast back, lossless
+    source = source_tensors[name + ".weight"]
+    weight = source if source.device == linear.weight.device else linear.weight.detach().to(source.dtype)
     solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian)
     linear.weight.data = solved.dequantized.to(linear.weight.dtype)
     stats = dict(solved.stats)

@@ -121,9 +121,8 @@ def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
 # ---- what one step holds ----
 
 def gptq_solver_bytes(linear: Linear, group_size: int = 128) -> int:
-    """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian.
-
-    The Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
+    """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian:
+    the Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
     K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
     place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
     codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
@@ -202,8 +201,7 @@ def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ..
 
 
 def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
-    """HessianAccumulator.add for one window: the input in float32 (a copy unless it is already); x^T x is
-    added in place."""
+    """HessianAccumulator.add for one window: its input in float32 (a copy unless it is); x^T x adds in place."""
     return 0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32
 
 
@@ -259,7 +257,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
                 weight_copy = ({} if c == FLOAT32 or s.method == "gptq" else
                                {"weight in float32": linear.weights * FLOAT32})
-                if c != src:  # driver._solve_linear hands the solver the weight cast back to the source dtype
+                if on_gpu and c != src:  # driver._solve_linear casts the weight back to the source dtype
                     weight_copy["weight in the source dtype"] = linear.weights * src
                 # the solver consumes the Hessian: every Linear of the group but the last gets a copy
                 hessian_copy = ({} if linear is group[-1] else
