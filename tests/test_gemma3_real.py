@@ -75,7 +75,8 @@ def kld_and_same_top(model, windows, base: torch.Tensor) -> tuple[float, float]:
     return kld, float((base.argmax(-1) == quantized.argmax(-1)).float().mean())
 
 
-@pytest.mark.parametrize("bits", [4, 3])
+# 3 bits is opt-in (-m long, 68 s here): its packing is covered by tests/test_pack.py and the loader check
+@pytest.mark.parametrize("bits", [4, pytest.param(3, marks=pytest.mark.long)])
 def test_gptq_checkpoint_loads_back_through_lowbits_loader(gemma3_6_layers_dir, texts, eval_ids, base_log_probs,
                                                            tmp_path, bits):
     calibration_text, _ = texts

@@ -45,7 +45,7 @@ MAX_RELATIVE_DIFF = {"TorchAtenLinear": 0.02, "TorchLinear": 0.005}
 
 @pytest.fixture(scope="session")
 def loader_python():
-    build = subprocess.run(["bash", str(REPO / "scripts" / "loader-venv.sh"), str(VENV)], capture_output=True,
+    build = subprocess.run(["bash", str(REPO / "scripts" / "loader-venv.sh"), str(VENV), "gptqmodel"], capture_output=True,
                            text=True)
     if build.returncode != 0:
         pytest.fail(f"building the loader venv failed: {build.stderr.strip().splitlines()[-1:]}")

@@ -1,4 +1,4 @@
-"""lowbit's GPTQ checkpoint served by vLLM's CPU build, in a venv of its own (scripts/vllm-venv.sh).
+"""lowbit's GPTQ checkpoint served by vLLM's CPU build, in a venv of its own (scripts/loader-venv.sh VENV vllm).
 
 vLLM's CPU GPTQ kernel takes 4-bit symmetric checkpoints (lowbit's default; act-order in place writes
 desc_act false, as vLLM's fast kernels want). The next token's top 5 and their log-probabilities must be those
@@ -28,7 +28,7 @@ IDS = [1, 5, 9, 200, 3, 77]
 
 @pytest.fixture(scope="session")
 def vllm_python():
-    build = subprocess.run(["bash", str(REPO / "scripts" / "vllm-venv.sh"), str(VENV)], capture_output=True, text=True)
+    build = subprocess.run(["bash", str(REPO / "scripts" / "loader-venv.sh"), str(VENV), "vllm"], capture_output=True, text=True)
     if build.returncode != 0:
         pytest.fail(f"building the vLLM venv failed: {build.stderr.strip().splitlines()[-1:]}")
     return VENV / "bin" / "python"
