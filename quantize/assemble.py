@@ -156,8 +156,7 @@ def mixed_formats(job: QuantizeJob) -> dict[str, LinearFormat]:
 def _quantization_config(settings: QuantizeSettings, config: dict, arch, dynamic: dict) -> dict:
     if settings.gptq_format:
         return gptq_quantization_config(settings, arch, dynamic)
-    skipped = sorted(set(map(arch.loaded_name, arch.quantized_linears())) -
-                     set(map(arch.loaded_name, arch.quantized_linears(settings.is_skipped))))
+    skipped = sorted({arch.loaded_name(m) for m in arch.quantized_linears() if settings.is_skipped(m)})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]
