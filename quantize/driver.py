@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +84,24 @@ def quantize_model(
 def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings, calibration, options: RunOptions,
                            on_progress: ProgressFn | None) -> QuantizeResult:
     started = time.time()
+    job = open_job(model, output, settings, calibration, options, on_progress)
+    layers_done = job.progress["layers_done"]
+    if layers_done:
+        log.info("resuming %s from layer %d of %d", output, layers_done, job.arch.num_layers)
+    with cleanup_on_bad_input(job):
+        solve_layers(job)
+        manifest = assemble(job)
+    publish_folder(job.work, output)
+    return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
+
+
+def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=None,
+             options: RunOptions = RunOptions(), on_progress: ProgressFn | None = None) -> QuantizeJob:
+    """Resolve the source, check it, draw the calibration windows and open (or resume) OUTPUT.partial's progress."""
     report = on_progress or (lambda stage, done, total: None)
     if settings.method == "gptq" and calibration is None:
         raise UsageError("gptq needs calibration data (--calibration)")
     check_output_free(output, options.force)
-
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
     architecture_of(config)  # refuse an unsupported model before opening its weights
@@ -104,35 +118,36 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
         windows, calibration_info = _calibration_windows(source, calibration, options)
 
     work = output.with_name(output.name + ".partial")
-    progress_dir = work / ".lowbit-progress"
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
-    progress = open_progress(work, progress_dir, fingerprint, options.force)
-    job = QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
-                      work, progress, report)
-    layers_done = progress["layers_done"]
-    if layers_done:
-        log.info("resuming %s from layer %d of %d", output, layers_done, arch.num_layers)
+    progress = open_progress(work, work / ".lowbit-progress", fingerprint, options.force)
+    return QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
+                       work, progress, report)
 
+
+def solve_layers(job: QuantizeJob) -> None:
+    """Every decoder layer not yet in the progress folder, quantized and saved there (with its candidates)."""
+    solve = make_solver(job.settings)
+    if job.windows is not None:
+        _quantize_calibrated(job, solve)
+    else:
+        _quantize_weights_only(job, solve)
+
+
+@contextmanager
+def cleanup_on_bad_input(job: QuantizeJob):
+    """A full disk, or bad input found part-way (a NaN weight, say), removes OUTPUT.partial: fixing the input
+    makes this progress stale anyway. A crash or a kill keeps it for the next run to resume."""
     try:
-        solve = make_solver(settings)
-        if windows is not None:
-            _quantize_calibrated(job, solve)
-        else:
-            _quantize_weights_only(job, solve)
-        manifest = assemble(job)
+        yield
     except OSError as e:
-        error = disk_full_error(e, work, reader.total_bytes())
+        error = disk_full_error(e, job.work, job.reader.total_bytes())
         if error is None:
             raise
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(job.work, ignore_errors=True)
         raise error from None
     except LowbitError:
-        # Bad input found part-way (a NaN weight, say): fixing the input makes this progress stale anyway.
-        # A crash or a kill keeps OUTPUT.partial for the next run to resume.
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(job.work, ignore_errors=True)
         raise
-    publish_folder(work, output)
-    return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
 
 def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
@@ -221,10 +236,20 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
                                                "quantize"):
         if stepwise is None:  # once a run
             stepwise = _stepwise_possible(layer, arch, settings, acts, device)
+        residual = residual_energy(acts.hidden)  # before the layer moves it on
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
                                                  acts, device, stepwise)
+        for entry in stats.values():
+            entry["residual_energy"] = residual
         save_layer(progress_dir, i, out, progress, stats, acts, candidates)
         del out, candidates
+
+
+def residual_energy(hidden: torch.Tensor) -> float:
+    """Mean ||h||^2 over the tokens entering a layer: the scale its Linears' output errors are set against
+    when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy of them all."""
+    total = sum(float(window.float().square().sum()) for window in hidden)
+    return total / max(hidden.shape[0] * hidden.shape[1], 1)
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:

@@ -134,12 +134,33 @@ class LinearScore:
     errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
 
 
-def score_of(n: int, k: int, dense_bytes: int, bits: int, group_size: int, stats: dict) -> LinearScore:
-    """A Linear's score from its entry in progress.json ("error", "candidates": {tag: error})."""
-    errors = {LinearFormat(bits, group_size): stats["error"], UNQUANTIZED: 0.0}
+WEIGHTINGS = ("relative", "residual")
+DEFAULT_WEIGHTING = "relative"  # benchmarks/mixed.py measured both: see the module docstring
+
+
+def error_weight(stats: dict, weighting: str) -> float:
+    """What one unit of a Linear's relative output error counts for in the total (see the module's docstring).
+
+    relative: 1, every Linear alike. residual: ||W X||^2 / ||h||^2, the Linear's output energy over the
+    residual stream's entering its layer, so that the weighted error is the absolute ||(W - Q) X||^2 set
+    against the stream it perturbs. Both figures come from the layer loop (gptq: output_energy;
+    driver: residual_energy); a run without a Hessian has neither, and counts every Linear alike."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if weighting == "relative" or "output_energy" not in stats or "residual_energy" not in stats:
+        return 1.0
+    return stats["output_energy"] / max(stats["residual_energy"], 1e-30)
+
+
+def score_of(n: int, k: int, dense_bytes: int, bits: int, group_size: int, stats: dict,
+             weighting: str = "relative") -> LinearScore:
+    """A Linear's score from its entry in progress.json ("error", "candidates": {tag: error}), each error
+    weighted by error_weight."""
+    weight = error_weight(stats, weighting)
+    errors = {LinearFormat(bits, group_size): weight * stats["error"], UNQUANTIZED: 0.0}
     for fmt in candidate_formats(bits, group_size, n, k)[1:]:
         if fmt.quantized:
-            errors[fmt] = stats["candidates"][fmt.tag]
+            errors[fmt] = weight * stats["candidates"][fmt.tag]
     return LinearScore(n, k, dense_bytes, errors)
 
 
