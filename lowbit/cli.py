@@ -54,9 +54,10 @@ def quantize(
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="gptq/rtn: a size budget in bits per weight "
-                                               "(scales, zeros, g_idx included), above the uniform setting's: each Linear "
-                                               "group gets 4-bit finer groups, 8-bit or 16-bit where that cuts the most error."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget in bits per weight "
+                                               "(scales, zeros, g_idx, absmax included), above the uniform setting's: each "
+                                               "Linear group gets (gptq/rtn) 4-bit finer groups, 8-bit or 16-bit, (nf4/fp4) "
+                                               "16-bit, where that cuts the most error."),
     calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: c4 (pydoc, with a warning, when c4 cannot be had). nf4/fp4: calibrated when given."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),

@@ -17,7 +17,7 @@ from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.job import QuantizeJob
-from lowbit.quantize.mixed import DEFAULT_WEIGHTING, Unit, budget_bytes, choose, score_of, unit_of
+from lowbit.quantize.mixed import DEFAULT_WEIGHTING, Unit, base_format, budget_bytes, choose, score_of, unit_of
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
 from lowbit.quantize.pack import LinearFormat, dynamic_map
 from lowbit.quantize.pack import quantization_config as gptq_quantization_config
@@ -61,7 +61,7 @@ def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: P
         check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
         return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
 
-    base = LinearFormat(settings.bits, settings.group_size)
+    base = base_format(settings)
     candidate_files = {fmt.tag: SafetensorsCheckpoint(candidates_dir(progress_dir, fmt.tag))
                        for fmt in set(formats.values()) if fmt.quantized and fmt != base}
 
@@ -88,7 +88,11 @@ def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: P
     files = write_sharded(work, units, parse_size(job.options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
-    quantization_config = _quantization_config(settings, config, arch, dynamic_map(formats, base, arch, allow_split))
+    if settings.gptq_format:
+        quantization_config = gptq_quantization_config(settings, arch, dynamic_map(formats, base, arch, allow_split))
+    else:
+        dense = {m for m, fmt in formats.items() if not fmt.quantized}
+        quantization_config = _bnb_config(settings, config, arch, dense)
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
     if settings.gptq_format:
         write_json(work / "quantize_config.json", quantization_config)
@@ -162,22 +166,22 @@ def mixed_formats(job: QuantizeJob, budget: int | None = None, weighting: str = 
 def mixed_units(job: QuantizeJob, weighting: str = DEFAULT_WEIGHTING) -> list[Unit]:
     """The units of choice of a solved job (one per projection group and layer), scored from its progress."""
     arch, reader, settings, stats = job.arch, job.reader, job.settings, job.progress["layers"]
-    base = LinearFormat(settings.bits, settings.group_size)
+    base = base_format(settings)
     units = []
     for i in range(arch.num_layers):
         for group in arch.groups:
             modules = tuple(arch.layer_prefix(i) + name for name in group)
             infos = [reader.info(m + ".weight") for m in modules]
-            scores = [score_of(*info.shape, info.dtype.itemsize, settings.bits, settings.group_size, stats[m],
-                               weighting) for m, info in zip(modules, infos)]
+            scores = [score_of(settings, *info.shape, info.dtype.itemsize, stats[m], weighting)
+                      for m, info in zip(modules, infos)]
             units.append(unit_of(modules, scores, base))
     return units
 
 
-def _quantization_config(settings: QuantizeSettings, config: dict, arch, dynamic: dict) -> dict:
-    if settings.gptq_format:
-        return gptq_quantization_config(settings, arch, dynamic)
-    skipped = sorted({arch.loaded_name(m) for m in arch.quantized_linears() if settings.is_skipped(m)})
+def _bnb_config(settings: QuantizeSettings, config: dict, arch, dense: set[str]) -> dict:
+    """bitsandbytes' quantization_config; its skip list names every decoder Linear left dense (by --skip or
+    by the budget) as transformers and vLLM load it."""
+    skipped = sorted({arch.loaded_name(m) for m in arch.quantized_linears() if settings.is_skipped(m) or m in dense})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]

@@ -169,7 +169,7 @@ def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: Qu
                 raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
                                  f"dimensions to fill whole 32-bit words")
     if settings.target_bpw is not None:
-        check_target(shapes, settings.bits, settings.group_size, settings.target_bpw)
+        check_target(shapes, settings)
 
 
 def _calibration_windows(source: ModelSource, calibration, options: RunOptions):

@@ -19,7 +19,10 @@ import heapq
 from dataclasses import dataclass
 
 from lowbit.errors import UsageError
+from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE
+from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, linear_bytes
+from lowbit.quantize.settings import QuantizeSettings
 
 MARLIN_BITS = (4, 8)  # vLLM's fast GPTQ kernel: symmetric 4- and 8-bit codes
 FINER_GROUP = 32  # the 4-bit candidate's group size when the base's is coarser
@@ -126,11 +129,9 @@ def total(options: list[Option]) -> tuple[int, float]:
 
 @dataclass(frozen=True)
 class LinearScore:
-    """What the layer loop measured of one Linear: its shape, dtype size, and each format's error."""
+    """What the layer loop measured of one Linear: each format's bytes on disk and (weighted) error."""
 
-    n: int
-    k: int
-    dense_bytes: int  # bytes a value in the source dtype
+    bytes: dict[LinearFormat, int]
     errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
 
 
@@ -152,35 +153,56 @@ def error_weight(stats: dict, weighting: str) -> float:
     return stats["output_energy"] / max(stats["residual_energy"], 1e-30)
 
 
-def score_of(n: int, k: int, dense_bytes: int, bits: int, group_size: int, stats: dict,
-             weighting: str = "relative") -> LinearScore:
-    """A Linear's score from its entry in progress.json ("error", "candidates": {tag: error}), each error
-    weighted by error_weight."""
+def base_format(settings: QuantizeSettings) -> LinearFormat:
+    """The uniform setting's format: GPTQ's bits and group size, or bitsandbytes 4-bit in its blocks."""
+    return LinearFormat(settings.bits, settings.group_size) if settings.gptq_format else LinearFormat(4, BNB_BLOCKSIZE)
+
+
+def unit_formats(settings: QuantizeSettings, n: int, k: int) -> list[LinearFormat]:
+    """The formats a Linear [N, K] may get under a budget, the base first. GPTQ: candidate_formats;
+    bitsandbytes (NF4/FP4): 4-bit or left unquantized (llm_int8_skip_modules)."""
+    if settings.gptq_format:
+        return candidate_formats(settings.bits, settings.group_size, n, k)
+    return [base_format(settings), UNQUANTIZED]
+
+
+def linear_cost(settings: QuantizeSettings, fmt: LinearFormat, n: int, k: int, dense_bytes: int) -> int:
+    """Bytes on disk of a Linear [N, K] in fmt under these settings (bias aside, as bits_per_weight counts)."""
+    if fmt.quantized and not settings.gptq_format:
+        return bnb_linear_bytes(n, k, settings.double_quant)
+    return format_bytes(fmt, n, k, dense_bytes)
+
+
+def score_of(settings: QuantizeSettings, n: int, k: int, dense_bytes: int, stats: dict,
+             weighting: str = DEFAULT_WEIGHTING) -> LinearScore:
+    """A Linear's score from its entry in progress.json ("error", and "candidates": {tag: error} for the
+    other quantized formats), each error weighted by error_weight."""
     weight = error_weight(stats, weighting)
-    errors = {LinearFormat(bits, group_size): weight * stats["error"], UNQUANTIZED: 0.0}
-    for fmt in candidate_formats(bits, group_size, n, k)[1:]:
+    formats = unit_formats(settings, n, k)
+    errors = {formats[0]: weight * stats["error"], UNQUANTIZED: 0.0}
+    for fmt in formats[1:]:
         if fmt.quantized:
             errors[fmt] = weight * stats["candidates"][fmt.tag]
-    return LinearScore(n, k, dense_bytes, errors)
+    return LinearScore({fmt: linear_cost(settings, fmt, n, k, dense_bytes) for fmt in errors}, errors)
 
 
 def unit_of(modules: tuple[str, ...], scores: list[LinearScore], base: LinearFormat) -> Unit:
     """One unit's options: the formats all its Linears can take (the base first), bytes and errors summed."""
     common = [fmt for fmt in scores[0].errors if all(fmt in s.errors for s in scores)]
     common.sort(key=lambda fmt: fmt != base)
-    options = tuple(Option(fmt, sum(format_bytes(fmt, s.n, s.k, s.dense_bytes) for s in scores),
-                           sum(s.errors[fmt] for s in scores)) for fmt in common)
+    options = tuple(Option(fmt, sum(s.bytes[fmt] for s in scores), sum(s.errors[fmt] for s in scores))
+                    for fmt in common)
     return Unit(modules, options)
 
 
-def uniform_bytes(shapes: list[tuple[int, int]], bits: int, group_size: int) -> int:
-    return sum(linear_bytes(n, k, bits, group_size) for n, k in shapes)
-
-
-def check_target(shapes: list[tuple[int, int]], bits: int, group_size: int, target_bpw: float) -> None:
-    """Before a run: the uniform setting must fit the budget (g_idx makes it cost a little over nominal)."""
+def check_target(shapes: list[tuple[int, int]], settings: QuantizeSettings) -> None:
+    """Before a run: the uniform setting must fit the budget (g_idx, or bitsandbytes' absmax, make it cost
+    a little over nominal)."""
     weights = sum(n * k for n, k in shapes)
-    base = uniform_bytes(shapes, bits, group_size)
-    if base > budget_bytes(target_bpw, weights):
-        raise UsageError(f"--target-bpw {target_bpw:g} is below what {bits}-bit, group size {group_size} costs on "
-                         f"this model ({8 * base / weights:.4f} bits per weight, g_idx included): ask for more")
+    base = sum(linear_cost(settings, base_format(settings), n, k, 2) for n, k in shapes)
+    if base > budget_bytes(settings.target_bpw, weights):
+        what = (f"{settings.bits}-bit, group size {settings.group_size}" if settings.gptq_format
+                else settings.method.value)
+        extra = "g_idx" if settings.gptq_format else "absmax"
+        raise UsageError(f"--target-bpw {settings.target_bpw:g} is below what {what} costs on this model "
+                         f"({8 * base / weights:.4f} bits per weight, {extra} included): ask for more")

@@ -106,7 +106,7 @@ def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
     n, k = linear.out_features, linear.in_features
     if s.method in GPTQ_FORMAT_METHODS:
         return gptq_linear_bytes(n, k, s.bits, s.group_size)
-    return bnb_linear_bytes(n, k)
+    return bnb_linear_bytes(n, k, s.quantize.double_quant)
 
 
 def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
