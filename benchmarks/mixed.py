@@ -127,19 +127,31 @@ def evaluate_variants(model: Path, folders: dict[str, Path], args) -> dict[str, 
 
 
 def run_model(name: str, args) -> dict:
+    """One model's figures: from its record when this script already scored it with these settings."""
+    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{'-ss' if args.scale_search else ''}-"
+                                f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
+    if record.exists() and not args.fresh:
+        return json.loads(record.read_text())
+    result = score_model(name, args)
+    record.write_text(json.dumps(result))
+    return result
+
+
+def score_model(name: str, args) -> dict:
     job = solved_job(name, args)
     weightings = args.weightings.split(",")
     chosen = variants(job, weightings)
     folders = {}
     for label, (formats, size) in chosen.items():
-        folder = args.out / name / "variants" / slug(label)
-        if not (folder / "lowbit_manifest.json").exists():
+        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}" / slug(label)
+        if args.fresh or not (folder / "lowbit_manifest.json").exists():
             write_checkpoint(job, formats, folder, allow_split=True)
         folders[label] = folder
     scores = evaluate_variants(MODELS[name][0], folders, args)
     for label, (formats, size) in chosen.items():
         manifest = json.loads((folders[label] / "lowbit_manifest.json").read_text())
-        scores[label].update(bytes=size, bits_per_weight=manifest["bits_per_weight"], formats=formats)
+        counts = {tag: sum(1 for f in formats.values() if f.tag.startswith(tag)) for tag in ("8g", "4g32", "16")}
+        scores[label].update(bytes=size, bits_per_weight=manifest["bits_per_weight"], counts=counts)
     return {"scores": scores, "layers": job.arch.num_layers, "group_size": job.settings.group_size}
 
 
@@ -171,7 +183,7 @@ def markdown(results: dict, args, command: str) -> str:
                   "| variant | bits/weight | decoder-Linear bytes | PPL | delta | delta ratio | KLD mean | KLD ratio | same top | 8-bit / 4g32 / 16-bit Linears |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, s in scores.items():
-            counts = {tag: sum(1 for f in s["formats"].values() if f.tag.startswith(tag)) for tag in ("8g", "4g32", "16")}
+            counts = s["counts"]
             lines.append(
                 f"| {label} | {s['bits_per_weight']:.3f} | {s['bytes']:,} | {s['ppl_quantized']:.3f} | "
                 f"{s['ppl_delta']:+.3f} | {s['ppl_delta'] / uniform['ppl_delta']:.2f} | {s['kld']['mean']:.4f} | "
@@ -195,6 +207,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "mixed")
     parser.add_argument("--solve-only", action="store_true", help="only the one GPTQ pass per model")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--fresh", action="store_true", help="score again even when a model's record exists")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.solve_only:

@@ -329,6 +329,8 @@ def plan(
     eval_windows: int = typer.Option(40, help="Evaluation windows (lowbit eval --max-windows)."),
     eval_seqlen: int = typer.Option(2048, help="Tokens per evaluation window."),
     eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget, as lowbit quantize takes it: "
+                                               "its candidate solves' memory and its size."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -348,7 +350,7 @@ def plan(
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
     try:
         quantize_settings = QuantizeSettings(method=method, bits=bits, group_size=group_size,
-                                             true_sequential=true_sequential)
+                                             true_sequential=true_sequential, target_bpw=target_bpw)
     except InvalidSetting as e:
         raise bad_option(e) from None
     settings = PlanSettings.from_settings(quantize_settings, calibrated=method == Method.GPTQ or calibrated,
