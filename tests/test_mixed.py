@@ -334,5 +334,6 @@ def test_nf4_under_a_budget_keeps_it_and_transformers_loads_the_skipped_modules_
             assert (type(module).__name__ == "Linear4bit") == (name not in dense), name
             if name in dense:
                 assert torch.equal(module.weight.to(torch.bfloat16), source.read(name + ".weight")), name
-    assert run("inspect", out, "--verify").exit_code == 0
+    shown = run("inspect", out, "--verify")
+    assert shown.exit_code == 0 and "formats by layer" in shown.output and " 16 " in f" {shown.output} ".replace("\n", " ")
 
