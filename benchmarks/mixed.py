@@ -159,6 +159,39 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label).strip("-")
 
 
+def verdicts(scores: dict) -> list[str]:
+    """The issue's targets read off one model's rows: +0.25 bpw at most 0.75x uniform's delta and KLD, the
+    budget against each rule at the rule's size, and the two weightings against each other."""
+    uniform = scores["uniform 4-bit"]
+
+    def ratios(row):
+        return row["ppl_delta"] / uniform["ppl_delta"], row["kld"]["mean"] / uniform["kld"]["mean"]
+
+    out = []
+    weightings = [label.rsplit("(", 1)[1][:-1] for label in scores if label.startswith("budget +0.25")]
+    for w in weightings:
+        delta, kld = ratios(scores[f"budget +0.25 bpw ({w})"])
+        met = "met" if delta <= 0.75 and kld <= 0.75 else "NOT met"
+        out.append(f"- +0.25 bpw ({w}): delta {delta:.2f}x, KLD {kld:.2f}x uniform's: target (both <= 0.75x) {met}.")
+    for rule in ("rule a", "rule b"):
+        (rule_label,) = [label for label in scores if label.startswith(rule + ":")]
+        r = scores[rule_label]
+        for w in weightings:
+            b = scores[f"budget at {rule}'s size ({w})"]
+            beats = [what for what, ours, theirs in (("delta", b["ppl_delta"], r["ppl_delta"]),
+                                                     ("KLD", b["kld"]["mean"], r["kld"]["mean"]),
+                                                     ("same top", -b["same_top"], -r["same_top"])) if ours < theirs]
+            out.append(f"- at {rule}'s size ({w}): delta {b['ppl_delta']:+.3f} vs {r['ppl_delta']:+.3f}, KLD "
+                       f"{b['kld']['mean']:.4f} vs {r['kld']['mean']:.4f}: the budget is better on "
+                       f"{', '.join(beats) if beats else 'nothing'}.")
+    if len(weightings) == 2:
+        pairs = [label for label in scores if label.startswith("budget") and label.endswith(f"({weightings[0]})")]
+        wins = sum(scores[label]["kld"]["mean"] < scores[label.replace(weightings[0], weightings[1])]["kld"]["mean"]
+                   for label in pairs)
+        out.append(f"- weighting: {weightings[0]} has the lower KLD in {wins} of {len(pairs)} budget pairs.")
+    return out
+
+
 def markdown(results: dict, args, command: str) -> str:
     lines = [
         f"One GPTQ pass per model (4-bit, act-order with static groups, damping 0.01, true-sequential"
@@ -189,7 +222,7 @@ def markdown(results: dict, args, command: str) -> str:
                 f"{s['ppl_delta']:+.3f} | {s['ppl_delta'] / uniform['ppl_delta']:.2f} | {s['kld']['mean']:.4f} | "
                 f"{s['kld']['mean'] / uniform['kld']['mean']:.2f} | {100 * s['same_top']:.1f}% | "
                 f"{counts['8g']} / {counts['4g32']} / {counts['16']} |")
-        lines.append("")
+        lines += ["", *verdicts(scores), ""]
     lines += [f"Produced by: `{command}`"]
     return "\n".join(lines)
 
