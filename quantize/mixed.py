@@ -11,6 +11,15 @@ only lowers.
 
 A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down): its Linears share an
 input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
+
+How errors are weighed (`error_weight`): "relative", the default, sums each Linear's relative output
+error as it is; "residual" weighs each by its output energy over the residual stream's at its layer,
+i.e. sums the absolute errors ||(W - Q) X||^2 / ||h||^2. Both come from the layer loop (no second pass).
+benchmarks/mixed.py measured both on the same candidates (BENCHMARKS.md, "A size budget"): relative
+had the lower KLD and perplexity delta in 4 of 4 budget pairs on SmolLM2. Why residual loses there:
+the residual stream's energy grows with depth (massive activations: 7.6 entering layer 0, 1e4 at layer 3,
+1e6 from layer 12 on), so the weight falls by five orders of magnitude and at +0.25 bpw the budget went
+to layers 0-11 and 28-29 only, where relative spread it over all 30.
 """
 
 from __future__ import annotations
