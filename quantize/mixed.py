@@ -52,6 +52,19 @@ def candidate_formats(bits: int, group_size: int, n: int, k: int) -> list[Linear
     return chosen
 
 
+def swept_formats(settings: QuantizeSettings, n: int, k: int) -> list[LinearFormat]:
+    """The quantized formats the solver sweeps a Linear [N, K] for: the base, and under a size budget its
+    other quantized candidates (GPTQ format only; the unquantized one needs no sweep)."""
+    if settings.target_bpw is None or not settings.gptq_format:
+        return [base_format(settings)]
+    return [f for f in candidate_formats(settings.bits, settings.group_size, n, k) if f.quantized]
+
+
+def kept_candidate_bytes(settings: QuantizeSettings, n: int, k: int) -> int:
+    """The packed tensors of a Linear's other candidates, kept until its layer is saved (the plan's term)."""
+    return sum(format_bytes(f, n, k, 2) for f in swept_formats(settings, n, k)[1:])
+
+
 def packs(fmt: LinearFormat, n: int, k: int) -> bool:
     if not fmt.quantized:
         return True

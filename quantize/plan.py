@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
-from lowbit.quantize.mixed import budget_bytes, candidate_formats
-from lowbit.quantize.pack import LinearFormat
+from lowbit.quantize.mixed import budget_bytes, kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
 
@@ -112,12 +111,10 @@ def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
 
 
 def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
-    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them; under a size
-    budget, the most the budget allows (the choice may leave a little of it unspent)."""
+    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them (a budget's: at most)."""
     quantized = shape.layers * sum(linear_output_bytes(linear, s) for linear in shape.linears)
     weights = shape.layers * sum(linear.weights for linear in shape.linears)
-    if s.quantize.target_bpw is not None:
-        quantized = max(quantized, budget_bytes(s.quantize.target_bpw, weights))
+    quantized = max(quantized, budget_bytes(s.quantize.target_bpw or 0, weights))
     rest = (shape.layers * shape.layer_other_params + shape.hidden
             + shape.embedding_params * (1 if shape.tied else 2)) * shape.source_bytes
     return quantized + rest, 8 * quantized / weights
@@ -125,34 +122,17 @@ def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
 
 # ---- what one step holds ----
 
-def candidate_sweeps(linear: Linear, s: PlanSettings) -> list[LinearFormat]:
-    """The quantized formats one Linear is swept for: the base, and under a size budget its candidates
-    (quantize/mixed.py; the unquantized one costs no sweep)."""
-    if s.quantize.target_bpw is None or s.method not in GPTQ_FORMAT_METHODS:
-        return [LinearFormat(s.bits, s.group_size)]
-    return [f for f in candidate_formats(s.bits, s.group_size, linear.out_features, linear.in_features) if f.quantized]
-
-
-def candidates_bytes(linear: Linear, s: PlanSettings) -> int:
-    """The packed tensors of a Linear's other candidate formats, kept until its layer is saved."""
-    return sum(gptq_linear_bytes(linear.out_features, linear.in_features, f.bits, f.group_size)
-               for f in candidate_sweeps(linear, s)[1:])
-
-
 def gptq_solver_bytes(linear: Linear, group_size: int = 128, sweeps: int = 1) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian:
     the Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
     K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
     place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
     codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
-    sweeps: formats swept at once under a size budget (gptq._sweep_stacked): W's rows stacked once per
-    format beside the original, and per format its codes and one block's errors.
+    sweeps > 1 (a size budget, gptq._sweep_stacked): W's rows stacked per format, codes and block errors per format.
     """
     nk = linear.weights * FLOAT32
-    stacked = sweeps * nk if sweeps > 1 else 0
-    solving = nk + stacked + sweeps * linear.weights + max(2 * sweeps * linear.out_features * 128 * FLOAT32,
-                                                           _factor_panel_bytes(linear),
-                                                           scale_search_bytes(linear, group_size))
+    solving = nk + (sweeps * nk if sweeps > 1 else 0) + sweeps * linear.weights + max(
+        2 * sweeps * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear), scale_search_bytes(linear, group_size))
     packing = linear.weights + _pack_bytes(linear)
     dequantize = linear.weights + nk + _row_chunk_bytes(linear)
     return max(solving, packing, dequantize)
@@ -254,9 +234,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     layer = {} if shares_source else {"decoder layer (compute dtype)": shape.layer_params * c}
     packed = _packed_layer_bytes(shape, s)
     quantized = ({"quantized Linears (this layer and the last)": 2 * packed} if s.method == "gptq" else {})
-    kept_candidates = sum(candidates_bytes(linear, s) for linear in shape.linears)
-    # under a size budget: the layer's other candidate formats, until it is saved
-    candidates = {"candidate formats' tensors (this layer)": kept_candidates} if kept_candidates else {}
+    kept_candidates = sum(kept_candidate_bytes(s.quantize, l.out_features, l.in_features) for l in shape.linears)
+    candidates = {"candidate formats' tensors (this layer)": kept_candidates} if kept_candidates else {}  # a budget's
     if s.method != "gptq":
         host["quantized Linears (this layer and the last)"] = 2 * packed  # quantize_bnb returns host tensors
     embedding_check = {"its NaN check": finite_check_bytes(shape.embedding_params, src)}
@@ -290,8 +269,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
                 resident = {**layer, **acts_device, **quantized, **candidates, **hessians, **weight_copy,
                             **hessian_copy, **(kept if index == 1 else {})}
-                solver = (gptq_solver_bytes(linear, s.group_size, len(candidate_sweeps(linear, s)))
-                          if s.method == "gptq" else nf4_solver_bytes(linear))
+                sweeps = len(swept_formats(s.quantize, linear.out_features, linear.in_features))
+                solver = gptq_solver_bytes(linear, s.group_size, sweeps) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
                                     host={**host, **(kept_host if index == 1 else {})}))
@@ -303,9 +282,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
                         host=host))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
-    phases.append(Phase("save the layer and its output activations",
-                        device={**layer, **acts_device, **quantized, **candidates},
-                        host={**host, **copy, "quantized Linears copied to the host": packed + kept_candidates}))
+    phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized,
+                        **candidates}, host={**host, **copy, "quantized Linears copied to the host": packed + kept_candidates}))
     phases.append(_writer_phase(shape, s))
     return phases
 
