@@ -33,7 +33,7 @@ from lowbit.quantize.checkpoint import (
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
 from lowbit.quantize.fit import should_offload
 from lowbit.quantize.mixed import check_target
-from lowbit.quantize.plan import PlanSettings
+from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
@@ -47,6 +47,7 @@ from lowbit.quantize.stream import (
     pick_dtype,
     release_free_heap,
     run_attention_residual,
+    run_down_residual,
     run_layer,
     run_layer_until,
     run_mlp_residual,
@@ -204,7 +205,7 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
     offload = options.offload
     if offload is None:
-        plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
+        plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
                                           compute_bytes=dtype.itemsize)
         offload = should_offload(config, plan, device, "quantize")
     start = progress["layers_done"]
@@ -216,29 +217,37 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
-    stepwise = None
+    steps = None
     for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start, report,
                                                "quantize"):
-        if stepwise is None:  # once a run
-            stepwise = _stepwise_possible(layer, arch, settings, acts, device)
+        if steps is None:  # once a run
+            steps = _stepwise_possible(layer, arch, settings, acts, device)
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, stepwise)
+                                                 acts, device, *steps)
         save_layer(progress_dir, i, out, progress, stats, acts, candidates)
         del out, candidates
 
 
-def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:
-    """Whether true-sequential can take the stepwise passes (_sequential_steps): the architecture's
-    layout is described, and computing a layer from its steps gives what its forward gives."""
+def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
+                       device) -> tuple[bool, bool]:
+    """(Whether true-sequential can take the stepwise passes (_sequential_steps), whether they keep down_proj's
+    inputs): the architecture's layout is described, computing a layer from its steps gives what its forward
+    gives, and down_proj's inputs are small enough to keep (plan.down_inputs_kept)."""
     if not settings.true_sequential or arch.norms is None or len(arch.groups) != 4:
-        return False
-    if steps_match_layer(layer, arch.norms, layer.get_submodule(arch.groups[1][0]), acts, device):
-        return True
+        return False, False
+    o_proj, down = layer.get_submodule(arch.groups[1][0]), layer.get_submodule(arch.groups[3][0])
+    windows, seqlen = acts.hidden.shape[:2]
+    if down_inputs_kept(windows, seqlen, down.in_features, acts.hidden.element_size()):
+        if steps_match_layer(layer, arch.norms, o_proj, acts, device, down):
+            return True, True
+    if steps_match_layer(layer, arch.norms, o_proj, acts, device):
+        return True, False
     log.warning("%s layers do not compute as their layout describes; re-running each layer per group", arch.name)
-    return False
+    return False, False
 
 
-def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False):
+def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
+                    keep_down_inputs: bool = False):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
     each other candidate format under a size budget, by format tag)."""
@@ -265,7 +274,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             keep_candidates(candidates, stats[prefix + name], prefix + name, solved)
 
     if stepwise:
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group)
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs)
         return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
@@ -279,7 +288,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     return out, stats, candidates
 
 
-def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group) -> None:
+def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
+                      keep_down_inputs: bool = False) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -287,9 +297,10 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     2. o_proj: one pass through attention, keeping o_proj's input for every window.
     3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
        attention, which replaces the layer input in place; the MLP's input comes from it.
-    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time
-       (its [seqlen, intermediate] input is never kept).
-    5. the MLP's second half again, with down_proj quantized: the layer's outputs.
+    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time.
+       Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
+       at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
+    5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
     """
     attention_in, o_group, mlp_in, down_group = arch.groups
     module = layer.get_submodule
@@ -305,8 +316,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
-    # in host memory: as large as the activations, it would otherwise set the GPU's peak (Phi-4: 2.5 GiB)
-    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device="cpu")
+    kept = acts.input_buffer(o_proj.in_features)
     hessian = hessian_of(o_group)
 
     def keep(i, x):
@@ -329,11 +339,23 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
     down = module(down_group[0])
     hessian = hessian_of(down_group)
-    if hessian is not None:
-        run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: lambda i, x: hessian.add(x)})
-        solve_group(down_group, hessian.hessian)
-    del hessian
-    run_mlp_residual(layer, arch.norms, acts, device)
+    if hessian is None:  # down_proj skipped: the layer's second half as it is
+        run_mlp_residual(layer, arch.norms, acts, device)
+        return
+    kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
+
+    def measure(i, x):
+        hessian.add(x)
+        if kept is not None:
+            kept[i] = x.to(kept.device)
+
+    run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
+    solve_group(down_group, hessian.hessian)
+    del hessian, measure
+    if kept is not None:
+        run_down_residual(layer, arch.norms, acts, down, kept, device)
+    else:
+        run_mlp_residual(layer, arch.norms, acts, device)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:
