@@ -12,30 +12,19 @@ The final shards, config and manifest are written by quantize/assemble.py.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowbit.errors import LowbitError, UsageError
-from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.errors import LowbitError
+from lowbit.quantize.arch import Architecture
 from lowbit.quantize.assemble import assemble
-from lowbit.quantize.checkpoint import (
-    ModelSource,
-    SafetensorsCheckpoint,
-    check_remote_code,
-    load_config_dict,
-    open_checkpoint,
-    resolve_model,
-)
-from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
+from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
-from lowbit.quantize.mixed import check_target
-from lowbit.quantize.plan import PlanSettings
-from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
+from lowbit.quantize.plan import PlanSettings, down_inputs_kept
+from lowbit.quantize.progress import read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
 from lowbit.quantize.stream import (
@@ -44,16 +33,15 @@ from lowbit.quantize.stream import (
     each_layer,
     embed_windows,
     load_config,
-    pick_device,
-    pick_dtype,
     release_free_heap,
     run_attention_residual,
+    run_down_residual,
     run_layer,
     run_layer_until,
     run_mlp_residual,
     steps_match_layer,
 )
-from lowbit.quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
+from lowbit.quantize.writer import output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
 
@@ -95,35 +83,6 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
 
-def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=None,
-             options: RunOptions = RunOptions(), on_progress: ProgressFn | None = None) -> QuantizeJob:
-    """Resolve the source, check it, draw the calibration windows and open (or resume) OUTPUT.partial's progress."""
-    report = on_progress or (lambda stage, done, total: None)
-    if settings.method == "gptq" and calibration is None:
-        raise UsageError("gptq needs calibration data (--calibration)")
-    check_output_free(output, options.force)
-    source = resolve_model(model, options.revision, options.token)
-    config = load_config_dict(source.folder)
-    architecture_of(config)  # refuse an unsupported model before opening its weights
-    check_remote_code(config, source.name, options.trust_remote_code)
-    reader = open_checkpoint(source.folder, options.allow_pickle)
-    arch = architecture_of(config, reader.names())
-    check_shapes(arch, reader, settings)
-    device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
-
-    settings = settings.resolved(calibration is not None)
-    windows, calibration_info = None, None
-    if settings.calibrated(calibration is not None):
-        windows, calibration_info = _calibration_windows(source, calibration, options)
-
-    work = output.with_name(output.name + ".partial")
-    fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
-    progress = open_progress(work, work / ".lowbit-progress", fingerprint, options.force)
-    return QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
-                       work, progress, report)
-
-
 def solve_layers(job: QuantizeJob) -> None:
     """Every decoder layer not yet in the progress folder, quantized and saved there (with its candidates)."""
     solve = make_solver(job.settings)
@@ -131,55 +90,6 @@ def solve_layers(job: QuantizeJob) -> None:
         _quantize_calibrated(job, solve)
     else:
         _quantize_weights_only(job, solve)
-
-
-@contextmanager
-def cleanup_on_bad_input(job: QuantizeJob):
-    """A full disk, or bad input found part-way (a NaN weight, say), removes OUTPUT.partial: fixing the input
-    makes this progress stale anyway. A crash or a kill keeps it for the next run to resume."""
-    try:
-        yield
-    except OSError as e:
-        error = disk_full_error(e, job.work, job.reader.total_bytes())
-        if error is None:
-            raise
-        shutil.rmtree(job.work, ignore_errors=True)
-        raise error from None
-    except LowbitError:
-        shutil.rmtree(job.work, ignore_errors=True)
-        raise
-
-
-def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
-    """Every Linear must exist, and its shape must fit the packing and the group size (and the budget)."""
-    shapes = []
-    for i in range(arch.num_layers):
-        for name in arch.linear_names():
-            full = arch.layer_prefix(i) + name + ".weight"
-            if full not in reader:
-                raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
-            n, k = reader.info(full).shape
-            shapes.append((n, k))
-            if not settings.gptq_format:
-                continue
-            if settings.group_size > 0 and k % settings.group_size:
-                raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
-                                 f"{full[:-7]} (choose a group size that divides it, or -1)")
-            if (k * settings.bits) % 32 or (n * settings.bits) % 32:
-                raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
-                                 f"dimensions to fill whole 32-bit words")
-    if settings.target_bpw is not None:
-        check_target(shapes, settings)
-
-
-def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of {source.name}: {str(e).splitlines()[0]}") from None
-    return calibration.build(tokenizer)
 
 
 def _quantize_weights_only(job: QuantizeJob, solve) -> None:
@@ -219,7 +129,7 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
     offload = options.offload
     if offload is None:
-        plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
+        plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
                                           compute_bytes=dtype.itemsize)
         offload = should_offload(config, plan, device, "quantize")
     start = progress["layers_done"]
@@ -231,14 +141,14 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
-    stepwise = None
+    steps = None
     for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start, report,
                                                "quantize"):
-        if stepwise is None:  # once a run
-            stepwise = _stepwise_possible(layer, arch, settings, acts, device)
+        if steps is None:  # once a run
+            steps = _stepwise_possible(layer, arch, settings, acts, device)
         residual = residual_energy(acts.hidden)  # before the layer moves it on
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, stepwise)
+                                                 acts, device, *steps)
         for entry in stats.values():
             entry["residual_energy"] = residual
         save_layer(progress_dir, i, out, progress, stats, acts, candidates)
@@ -252,18 +162,26 @@ def residual_energy(hidden: torch.Tensor) -> float:
     return total / max(hidden.shape[0] * hidden.shape[1], 1)
 
 
-def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:
-    """Whether true-sequential can take the stepwise passes (_sequential_steps): the architecture's
-    layout is described, and computing a layer from its steps gives what its forward gives."""
+def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
+                       device) -> tuple[bool, bool]:
+    """(Whether true-sequential can take the stepwise passes (_sequential_steps), whether they keep down_proj's
+    inputs): the architecture's layout is described, computing a layer from its steps gives what its forward
+    gives, and down_proj's inputs are small enough to keep (plan.down_inputs_kept)."""
     if not settings.true_sequential or arch.norms is None or len(arch.groups) != 4:
-        return False
-    if steps_match_layer(layer, arch.norms, layer.get_submodule(arch.groups[1][0]), acts, device):
-        return True
+        return False, False
+    o_proj, down = layer.get_submodule(arch.groups[1][0]), layer.get_submodule(arch.groups[3][0])
+    windows, seqlen = acts.hidden.shape[:2]
+    if down_inputs_kept(windows, seqlen, down.in_features, acts.hidden.element_size()):
+        if steps_match_layer(layer, arch.norms, o_proj, acts, device, down):
+            return True, True
+    if steps_match_layer(layer, arch.norms, o_proj, acts, device):
+        return True, False
     log.warning("%s layers do not compute as their layout describes; re-running each layer per group", arch.name)
-    return False
+    return False, False
 
 
-def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False):
+def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
+                    keep_down_inputs: bool = False):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
     each other candidate format under a size budget, by format tag)."""
@@ -290,7 +208,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             keep_candidates(candidates, stats[prefix + name], prefix + name, solved)
 
     if stepwise:
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group)
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs)
         return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
@@ -304,7 +222,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     return out, stats, candidates
 
 
-def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group) -> None:
+def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
+                      keep_down_inputs: bool = False) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -312,9 +231,10 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     2. o_proj: one pass through attention, keeping o_proj's input for every window.
     3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
        attention, which replaces the layer input in place; the MLP's input comes from it.
-    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time
-       (its [seqlen, intermediate] input is never kept).
-    5. the MLP's second half again, with down_proj quantized: the layer's outputs.
+    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time.
+       Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
+       at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
+    5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
     """
     attention_in, o_group, mlp_in, down_group = arch.groups
     module = layer.get_submodule
@@ -330,8 +250,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
-    # in host memory: as large as the activations, it would otherwise set the GPU's peak (Phi-4: 2.5 GiB)
-    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device="cpu")
+    kept = acts.input_buffer(o_proj.in_features)
     hessian = hessian_of(o_group)
 
     def keep(i, x):
@@ -354,11 +273,23 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
     down = module(down_group[0])
     hessian = hessian_of(down_group)
-    if hessian is not None:
-        run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: lambda i, x: hessian.add(x)})
-        solve_group(down_group, hessian.hessian)
-    del hessian
-    run_mlp_residual(layer, arch.norms, acts, device)
+    if hessian is None:  # down_proj skipped: the layer's second half as it is
+        run_mlp_residual(layer, arch.norms, acts, device)
+        return
+    kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
+
+    def measure(i, x):
+        hessian.add(x)
+        if kept is not None:
+            kept[i] = x.to(kept.device)
+
+    run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
+    solve_group(down_group, hessian.hessian)
+    del hessian, measure
+    if kept is not None:
+        run_down_residual(layer, arch.norms, acts, down, kept, device)
+    else:
+        run_mlp_residual(layer, arch.norms, acts, device)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:

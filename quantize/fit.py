@@ -10,19 +10,39 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import ModelShape, model_shape
+from lowbit.quantize.mixed import budget_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
 from lowbit.quantize.plan import (
     ALLOCATOR_SLACK,
+    CUDA_CONTEXT,
     GiB,
     Peak,
     PlanSettings,
     eval_phases,
-    gib,
-    gpu_needed,
-    output_size,
+    linear_output_bytes,
     peaks,
     quantize_phases,
 )
+
+
+def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
+    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them (a budget's: at most)."""
+    quantized = shape.layers * sum(linear_output_bytes(linear, s) for linear in shape.linears)
+    weights = shape.layers * sum(linear.weights for linear in shape.linears)
+    quantized = max(quantized, budget_bytes(s.quantize.target_bpw or 0, weights))
+    rest = (shape.layers * shape.layer_other_params + shape.hidden
+            + shape.embedding_params * (1 if shape.tied else 2)) * shape.source_bytes
+    return quantized + rest, 8 * quantized / weights
+
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def gpu_needed(allocated: int) -> int:
+    """Card memory for a peak of allocated tensor bytes: the allocator's slack and the CUDA context on top."""
+    return int(allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if allocated else 0
+
 
 OPTION_NAMES = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_chunk": "--chunk-tokens",
                 "eval_windows": "--max-windows"}  # as `lowbit quantize` / `lowbit eval` spell them
