@@ -16,7 +16,8 @@ How errors are weighed (`error_weight`): "relative", the default, sums each Line
 error as it is; "residual" weighs each by its output energy over the residual stream's at its layer,
 i.e. sums the absolute errors ||(W - Q) X||^2 / ||h||^2. Both come from the layer loop (no second pass).
 benchmarks/mixed.py measured both on the same candidates (BENCHMARKS.md, "A size budget"): relative
-had the lower KLD and perplexity delta in 4 of 4 budget pairs on SmolLM2. Why residual loses there:
+had the lower KLD in 4 of 4 budget pairs on SmolLM2 and on Gemma-3-270M (and the lower perplexity delta
+in 4 of 4 on SmolLM2, 2 of 4 on Gemma, where 8 evaluation windows make it noisy). Why residual loses:
 the residual stream's energy grows with depth (massive activations: 7.6 entering layer 0, 1e4 at layer 3,
 1e6 from layer 12 on), so the weight falls by five orders of magnitude and at +0.25 bpw the budget went
 to layers 0-11 and 28-29 only, where relative spread it over all 30.
