@@ -32,7 +32,7 @@ C4 = REPO.parent / "shared" / "data" / "c4" / "c4-sample.jsonl"
 
 # (module, attribute, phase): functions or methods whose time is the phase's
 PHASES = [
-    ("lowbit.quantize.driver", "_calibration_windows", "tokenize calibration windows"),
+    ("lowbit.quantize.job", "_calibration_windows", "tokenize calibration windows"),
     ("lowbit.quantize.driver", "embed_windows", "embed windows"),
     ("lowbit.quantize.checkpoint:SafetensorsCheckpoint", "read_prefix", "read layer weights"),
     ("lowbit.quantize.driver", "load_weights", "load weights (dtype conversion)"),

@@ -18,9 +18,11 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from lowbit.error_plot import ERROR_MEANING, LAYER_ERRORS_FILE, layer_errors
 from lowbit.error_plot import layer_error_svg as heat_map_svg
+from lowbit.format_plot import FORMATS_FILE, chosen_formats, format_map_svg, format_table
 from lowbit.quantize.settings import BNB_METHODS
 
-__all__ = ["LAYER_ERRORS_FILE", "build_model_card", "card_tags", "layer_error_svg", "layer_errors"]
+__all__ = ["FORMATS_FILE", "LAYER_ERRORS_FILE", "build_model_card", "card_tags", "chosen_formats", "format_map_svg",
+           "layer_error_svg", "layer_errors"]
 
 _METHOD_NAMES = {
     "gptq": "GPTQ",
@@ -59,6 +61,7 @@ def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None
         _eval_section(manifest, base_model),
         _usage_section(manifest, repo_id),
         _calibration_section(manifest),
+        _format_section(manifest),
         _layer_error_section(manifest),
         _provenance(manifest),
     ]
@@ -209,6 +212,25 @@ def _calibration_section(manifest: dict) -> str:
         lines.append(f"- Token windows sha256: `{calibration['windows_sha256']}`")
     if calibration.get("tokens_file"):
         lines.append(f"- The exact token ids are in `{calibration['tokens_file']}`.")
+    return "\n".join(lines)
+
+
+def _format_section(manifest: dict) -> str:
+    """Under a size budget: the format each Linear got, as a picture and as a table."""
+    if not chosen_formats(manifest):
+        return ""
+    target = manifest["settings"]["target_bpw"]
+    lines = [
+        "## Formats chosen under the size budget",
+        "",
+        f"![Format of each Linear]({FORMATS_FILE})",
+        "",
+        f"`--target-bpw {target:g}`: each projection group of each decoder layer got the format that removed the "
+        f"most output error per extra byte, within the budget ({manifest.get('bits_per_weight', 0):.3f} bits per "
+        f"weight used). Bits by layer and module (a group size where it is not the base's; 16: left unquantized):",
+        "",
+        *format_table(manifest),
+    ]
     return "\n".join(lines)
 
 

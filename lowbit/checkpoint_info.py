@@ -79,18 +79,28 @@ def summarize(folder: Path) -> CheckpointSummary:
         calibration=manifest.get("calibration"),
         eval=manifest.get("eval"),
         created=manifest.get("created"),
-        formats=layer_formats(config, quant) if quant.get("dynamic") else None,
+        formats=layer_formats(config, quant) if quant.get("dynamic") or _skips_decoder_linears(quant) else None,
     )
 
 
 def layer_formats(config: dict, quant: dict) -> dict[str, dict[str, str]]:
-    """Each decoder layer's Linears and the format the dynamic map gives them ("4g128", "8g128", "16")."""
+    """Each decoder layer's Linears and their format: what the dynamic map gives them ("4g128", "8g128",
+    "16"), or for bitsandbytes "nf4"/"fp4" and "16" for those in llm_int8_skip_modules."""
     from lowbit.quantize.arch import architecture_of
 
     arch = architecture_of(config)
-    formats = gptq_formats(arch, quant)
-    return {str(i): {name: formats[arch.layer_prefix(i) + name].tag for name in arch.linear_names()}
+    if quant.get("quant_method") == "bitsandbytes":
+        skip = set(quant.get("llm_int8_skip_modules") or [])
+        kind = quant.get("bnb_4bit_quant_type") or "nf4"
+        tags = {m: "16" if {m, arch.loaded_name(m)} & skip else kind for m in arch.quantized_linears()}
+    else:
+        tags = {m: fmt.tag for m, fmt in gptq_formats(arch, quant).items()}
+    return {str(i): {name: tags[arch.layer_prefix(i) + name] for name in arch.linear_names()}
             for i in range(arch.num_layers)}
+
+
+def _skips_decoder_linears(quant: dict) -> bool:
+    return any(".layers." in name for name in quant.get("llm_int8_skip_modules") or [])
 
 
 def gptq_formats(arch, quant: dict) -> dict[str, LinearFormat]:

@@ -54,9 +54,10 @@ def quantize(
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="gptq/rtn: a size budget in bits per weight "
-                                               "(scales, zeros, g_idx included), above the uniform setting's: each Linear "
-                                               "group gets 4-bit finer groups, 8-bit or 16-bit where that cuts the most error."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget in bits per weight "
+                                               "(scales, zeros, g_idx, absmax included), above the uniform setting's: each "
+                                               "Linear group gets (gptq/rtn) 4-bit finer groups, 8-bit or 16-bit, (nf4/fp4) "
+                                               "16-bit, where that cuts the most error."),
     calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: c4 (pydoc, with a warning, when c4 cannot be had). nf4/fp4: calibrated when given."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -328,6 +329,8 @@ def plan(
     eval_windows: int = typer.Option(40, help="Evaluation windows (lowbit eval --max-windows)."),
     eval_seqlen: int = typer.Option(2048, help="Tokens per evaluation window."),
     eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget, as lowbit quantize takes it: "
+                                               "its candidate solves' memory and its size."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -347,7 +350,7 @@ def plan(
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
     try:
         quantize_settings = QuantizeSettings(method=method, bits=bits, group_size=group_size,
-                                             true_sequential=true_sequential)
+                                             true_sequential=true_sequential, target_bpw=target_bpw)
     except InvalidSetting as e:
         raise bad_option(e) from None
     settings = PlanSettings(quantize=quantize_settings, calibrated=method == Method.GPTQ or calibrated,

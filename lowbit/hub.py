@@ -36,7 +36,7 @@ from huggingface_hub.utils import HFValidationError
 from huggingface_hub.utils import validate_repo_id as hf_validate_repo_id
 
 from lowbit import __version__
-from lowbit.card import LAYER_ERRORS_FILE, build_model_card, layer_error_svg, layer_errors
+from lowbit.card import FORMATS_FILE, LAYER_ERRORS_FILE, build_model_card, chosen_formats, format_map_svg, layer_error_svg, layer_errors
 from lowbit.errors import HubError, UsageError
 from lowbit.redact import redact, register_secret
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, read_manifest
@@ -147,16 +147,18 @@ def push_folder(folder: Path, options: PushOptions, on_event: Callable[[str], No
         log.warning("no base model is known (the source is a local folder), so the Hub will not link this "
                     "repo to it: pass --base-model NAMESPACE/NAME (push.base_model in a recipe)")
     card = redact(str(card_data))
-    plot = redact(layer_error_svg(manifest)) if layer_errors(manifest) else None
+    pictures = {name: redact(draw(manifest)) for name, draw, wanted in (
+        (LAYER_ERRORS_FILE, layer_error_svg, layer_errors(manifest)),
+        (FORMATS_FILE, format_map_svg, chosen_formats(manifest))) if wanted}
     if options.dry_run:
-        names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | ({LAYER_ERRORS_FILE} if plot else set())
+        names = {path.name for path in files_to_push(folder)} | {CARD_FILE} | set(pictures)
         return PushResult(options.repo_id, None, sorted(names), [], 0, True, card)
 
     with tempfile.TemporaryDirectory(prefix="lowbit-card-") as staging:  # the user's folder is not written
         paths = {path.name: path for path in files_to_push(folder)}
         paths[CARD_FILE] = _staged(Path(staging), CARD_FILE, card)
-        if plot:
-            paths[LAYER_ERRORS_FILE] = _staged(Path(staging), LAYER_ERRORS_FILE, plot)
+        for name, picture in pictures.items():
+            paths[name] = _staged(Path(staging), name, picture)
         return _push_files(paths, manifest, options, card, emit)
 
 

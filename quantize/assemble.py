@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.job import QuantizeJob
-from lowbit.quantize.mixed import budget_bytes, choose, score_of, unit_of
+from lowbit.quantize.mixed import DEFAULT_WEIGHTING, Unit, base_format, budget_bytes, choose, score_of, unit_of
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
 from lowbit.quantize.pack import LinearFormat, dynamic_map
 from lowbit.quantize.pack import quantization_config as gptq_quantization_config
@@ -31,11 +32,24 @@ TOKENIZER_FILES = re.compile(
 
 
 def assemble(job: QuantizeJob) -> dict:
-    """Stream every tensor into the final shards and write config, tokenizer and manifest."""
-    work, progress_dir, source, config, arch, reader = (job.work, job.progress_dir, job.source, job.config, job.arch,
-                                                        job.reader)
+    """Stream every tensor into the final shards and write config, tokenizer and manifest; the progress
+    folder goes once they are written."""
+    formats = mixed_formats(job) if job.settings.target_bpw is not None else {}
+    manifest = write_checkpoint(job, formats, job.work)
+    shutil.rmtree(job.progress_dir)
+    return manifest
+
+
+def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: Path, allow_split: bool = False) -> dict:
+    """The checkpoint of a solved job (every layer in its progress folder) into `work`, each decoder Linear in
+    its format in `formats` (the base where absent): the base's tensors from the layer files, another kept
+    candidate's from its folder, unquantized ones from the source. The progress folder is left as it is, so
+    that several format maps can be written from one solve (benchmarks/mixed.py). allow_split: see
+    pack.dynamic_map."""
+    progress_dir, source, config, arch, reader = job.progress_dir, job.source, job.config, job.arch, job.reader
     settings, calibration_info, windows, progress, report = (job.settings, job.calibration_info, job.windows,
                                                              job.progress, job.report)
+    work.mkdir(parents=True, exist_ok=True)
     for stale in work.iterdir():  # what a run killed while assembling had written
         if stale.is_file():
             stale.unlink()
@@ -47,8 +61,7 @@ def assemble(job: QuantizeJob) -> dict:
         check_finite = reader_ is reader  # source tensors (embeddings, norm, lm_head) are checked as they stream
         return PendingTensor(name, info.dtype, info.shape, lambda: reader_.read(name, check_finite=check_finite))
 
-    base = LinearFormat(settings.bits, settings.group_size)
-    formats = mixed_formats(job) if settings.target_bpw is not None else {}
+    base = base_format(settings)
     candidate_files = {fmt.tag: SafetensorsCheckpoint(candidates_dir(progress_dir, fmt.tag))
                        for fmt in set(formats.values()) if fmt.quantized and fmt != base}
 
@@ -75,7 +88,11 @@ def assemble(job: QuantizeJob) -> dict:
     files = write_sharded(work, units, parse_size(job.options.max_shard_size),
                           on_tensor=lambda name: report("write", next(written), total))
 
-    quantization_config = _quantization_config(settings, config, arch, dynamic_map(formats, base, arch))
+    if settings.gptq_format:
+        quantization_config = gptq_quantization_config(settings, arch, dynamic_map(formats, base, arch, allow_split))
+    else:
+        dense = {m for m, fmt in formats.items() if not fmt.quantized}
+        quantization_config = _bnb_config(settings, config, arch, dense)
     write_json(work / "config.json", {**config, "quantization_config": quantization_config})
     if settings.gptq_format:
         write_json(work / "quantize_config.json", quantization_config)
@@ -94,7 +111,7 @@ def assemble(job: QuantizeJob) -> dict:
                           if _module_of(t.name) in quantized_modules and not t.name.endswith(".bias"))
     layers = progress["layers"]
     if formats:  # what the budget chose, Linear by Linear
-        layers = {m: {**stats, "bits": formats[m].bits, "group_size": formats[m].group_size}
+        layers = {m: {**stats, "bits": formats.get(m, base).bits, "group_size": formats.get(m, base).group_size}
                   for m, stats in layers.items()}
     manifest = {
         **manifest_header(),
@@ -117,7 +134,6 @@ def assemble(job: QuantizeJob) -> dict:
         "eval": None,
     }
     write_manifest(work, manifest)
-    shutil.rmtree(progress_dir)
     return manifest
 
 
@@ -135,28 +151,37 @@ def _numel(shape) -> int:
     return n
 
 
-def mixed_formats(job: QuantizeJob) -> dict[str, LinearFormat]:
+def mixed_formats(job: QuantizeJob, budget: int | None = None, weighting: str = DEFAULT_WEIGHTING) -> dict[str, LinearFormat]:
     """Under a size budget: the format of every decoder Linear, chosen over the whole model at once from
-    the errors the layer loop measured (quantize/mixed.py); one format per projection group."""
+    the errors the layer loop measured (quantize/mixed.py); one format per projection group.
+    budget: bytes of the decoder Linears; by default what the settings' target_bpw allows."""
+    units = mixed_units(job, weighting)
+    if budget is None:
+        weights = sum(_numel(job.reader.info(m + ".weight").shape) for unit in units for m in unit.modules)
+        budget = budget_bytes(job.settings.target_bpw, weights)
+    chosen = choose(units, budget)
+    return {m: option.fmt for unit, option in zip(units, chosen) for m in unit.modules}
+
+
+def mixed_units(job: QuantizeJob, weighting: str = DEFAULT_WEIGHTING) -> list[Unit]:
+    """The units of choice of a solved job (one per projection group and layer), scored from its progress."""
     arch, reader, settings, stats = job.arch, job.reader, job.settings, job.progress["layers"]
-    base = LinearFormat(settings.bits, settings.group_size)
+    base = base_format(settings)
     units = []
     for i in range(arch.num_layers):
         for group in arch.groups:
             modules = tuple(arch.layer_prefix(i) + name for name in group)
             infos = [reader.info(m + ".weight") for m in modules]
-            scores = [score_of(*info.shape, info.dtype.itemsize, settings.bits, settings.group_size, stats[m])
+            scores = [score_of(settings, *info.shape, info.dtype.itemsize, stats[m], weighting)
                       for m, info in zip(modules, infos)]
             units.append(unit_of(modules, scores, base))
-    weights = sum(_numel(reader.info(m + ".weight").shape) for unit in units for m in unit.modules)
-    chosen = choose(units, budget_bytes(settings.target_bpw, weights))
-    return {m: option.fmt for unit, option in zip(units, chosen) for m in unit.modules}
+    return units
 
 
-def _quantization_config(settings: QuantizeSettings, config: dict, arch, dynamic: dict) -> dict:
-    if settings.gptq_format:
-        return gptq_quantization_config(settings, arch, dynamic)
-    skipped = sorted({arch.loaded_name(m) for m in arch.quantized_linears() if settings.is_skipped(m)})
+def _bnb_config(settings: QuantizeSettings, config: dict, arch, dense: set[str]) -> dict:
+    """bitsandbytes' quantization_config; its skip list names every decoder Linear left dense (by --skip or
+    by the budget) as transformers and vLLM load it."""
+    skipped = sorted({arch.loaded_name(m) for m in arch.quantized_linears() if settings.is_skipped(m) or m in dense})
     source_dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     bnb = BnbConfig.from_settings(settings)
     skip = ["lm_head", *arch.loaded_unquantized_modules(), *skipped]

@@ -12,29 +12,19 @@ The final shards, config and manifest are written by quantize/assemble.py.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowbit.errors import LowbitError, UsageError
-from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.errors import LowbitError
+from lowbit.quantize.arch import Architecture
 from lowbit.quantize.assemble import assemble
-from lowbit.quantize.checkpoint import (
-    ModelSource,
-    SafetensorsCheckpoint,
-    check_remote_code,
-    load_config_dict,
-    open_checkpoint,
-    resolve_model,
-)
-from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
+from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
-from lowbit.quantize.mixed import check_target
 from lowbit.quantize.plan import PlanSettings, down_inputs_kept
-from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
+from lowbit.quantize.progress import read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
 from lowbit.quantize.stream import (
@@ -43,8 +33,6 @@ from lowbit.quantize.stream import (
     each_layer,
     embed_windows,
     load_config,
-    pick_device,
-    pick_dtype,
     release_free_heap,
     run_attention_residual,
     run_down_residual,
@@ -53,7 +41,7 @@ from lowbit.quantize.stream import (
     run_mlp_residual,
     steps_match_layer,
 )
-from lowbit.quantize.writer import check_output_free, disk_full_error, output_lock, publish_folder
+from lowbit.quantize.writer import output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
 
@@ -84,88 +72,24 @@ def quantize_model(
 def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings, calibration, options: RunOptions,
                            on_progress: ProgressFn | None) -> QuantizeResult:
     started = time.time()
-    report = on_progress or (lambda stage, done, total: None)
-    if settings.method == "gptq" and calibration is None:
-        raise UsageError("gptq needs calibration data (--calibration)")
-    check_output_free(output, options.force)
-
-    source = resolve_model(model, options.revision, options.token)
-    config = load_config_dict(source.folder)
-    architecture_of(config)  # refuse an unsupported model before opening its weights
-    check_remote_code(config, source.name, options.trust_remote_code)
-    reader = open_checkpoint(source.folder, options.allow_pickle)
-    arch = architecture_of(config, reader.names())
-    check_shapes(arch, reader, settings)
-    device = pick_device(options.device)
-    dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
-
-    settings = settings.resolved(calibration is not None)
-    windows, calibration_info = None, None
-    if settings.calibrated(calibration is not None):
-        windows, calibration_info = _calibration_windows(source, calibration, options)
-
-    work = output.with_name(output.name + ".partial")
-    progress_dir = work / ".lowbit-progress"
-    fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
-    progress = open_progress(work, progress_dir, fingerprint, options.force)
-    job = QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
-                      work, progress, report)
-    layers_done = progress["layers_done"]
+    job = open_job(model, output, settings, calibration, options, on_progress)
+    layers_done = job.progress["layers_done"]
     if layers_done:
-        log.info("resuming %s from layer %d of %d", output, layers_done, arch.num_layers)
-
-    try:
-        solve = make_solver(settings)
-        if windows is not None:
-            _quantize_calibrated(job, solve)
-        else:
-            _quantize_weights_only(job, solve)
+        log.info("resuming %s from layer %d of %d", output, layers_done, job.arch.num_layers)
+    with cleanup_on_bad_input(job):
+        solve_layers(job)
         manifest = assemble(job)
-    except OSError as e:
-        error = disk_full_error(e, work, reader.total_bytes())
-        if error is None:
-            raise
-        shutil.rmtree(work, ignore_errors=True)
-        raise error from None
-    except LowbitError:
-        # Bad input found part-way (a NaN weight, say): fixing the input makes this progress stale anyway.
-        # A crash or a kill keeps OUTPUT.partial for the next run to resume.
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    publish_folder(work, output)
+    publish_folder(job.work, output)
     return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
 
-def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
-    """Every Linear must exist, and its shape must fit the packing and the group size (and the budget)."""
-    shapes = []
-    for i in range(arch.num_layers):
-        for name in arch.linear_names():
-            full = arch.layer_prefix(i) + name + ".weight"
-            if full not in reader:
-                raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
-            n, k = reader.info(full).shape
-            shapes.append((n, k))
-            if not settings.gptq_format:
-                continue
-            if settings.group_size > 0 and k % settings.group_size:
-                raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
-                                 f"{full[:-7]} (choose a group size that divides it, or -1)")
-            if (k * settings.bits) % 32 or (n * settings.bits) % 32:
-                raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
-                                 f"dimensions to fill whole 32-bit words")
-    if settings.target_bpw is not None:
-        check_target(shapes, settings.bits, settings.group_size, settings.target_bpw)
-
-
-def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=options.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot load the tokenizer of {source.name}: {str(e).splitlines()[0]}") from None
-    return calibration.build(tokenizer)
+def solve_layers(job: QuantizeJob) -> None:
+    """Every decoder layer not yet in the progress folder, quantized and saved there (with its candidates)."""
+    solve = make_solver(job.settings)
+    if job.windows is not None:
+        _quantize_calibrated(job, solve)
+    else:
+        _quantize_weights_only(job, solve)
 
 
 def _quantize_weights_only(job: QuantizeJob, solve) -> None:
@@ -222,10 +146,20 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
                                                "quantize"):
         if steps is None:  # once a run
             steps = _stepwise_possible(layer, arch, settings, acts, device)
+        residual = residual_energy(acts.hidden)  # before the layer moves it on
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
                                                  acts, device, *steps)
+        for entry in stats.values():
+            entry["residual_energy"] = residual
         save_layer(progress_dir, i, out, progress, stats, acts, candidates)
         del out, candidates
+
+
+def residual_energy(hidden: torch.Tensor) -> float:
+    """Mean ||h||^2 over the tokens entering a layer: the scale its Linears' output errors are set against
+    when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy of them all."""
+    total = sum(float(window.float().square().sum()) for window in hidden)
+    return total / max(hidden.shape[0] * hidden.shape[1], 1)
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,

@@ -10,6 +10,7 @@ import torch
 
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import ModelShape, model_shape
+from lowbit.quantize.mixed import budget_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
 from lowbit.quantize.plan import (
     ALLOCATOR_SLACK,
@@ -18,10 +19,21 @@ from lowbit.quantize.plan import (
     Peak,
     PlanSettings,
     eval_phases,
-    output_size,
+    linear_output_bytes,
     peaks,
     quantize_phases,
 )
+
+
+def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
+    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them (a budget's: at most)."""
+    quantized = shape.layers * sum(linear_output_bytes(linear, s) for linear in shape.linears)
+    weights = shape.layers * sum(linear.weights for linear in shape.linears)
+    quantized = max(quantized, budget_bytes(s.quantize.target_bpw or 0, weights))
+    rest = (shape.layers * shape.layer_other_params + shape.hidden
+            + shape.embedding_params * (1 if shape.tied else 2)) * shape.source_bytes
+    return quantized + rest, 8 * quantized / weights
+
 
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"

@@ -85,6 +85,7 @@ class GPTQStats:
     loss: float  # 1/2 sum over rows of (W-Q) H_damped (W-Q)^T = sum err^2 / (2 Hinv_ii^2), as the reference
     dead_inputs: int  # input columns with diag(H) == 0 (never active in calibration)
     error: float  # relative output error ||(W - Q) X||^2 / ||W X||^2 on the undamped Hessian
+    output_energy: float = 0.0  # mean ||W x||^2 over the calibration tokens: turns `error` into an absolute one
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: GPTQConfig,
@@ -144,7 +145,8 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
     for index in range(len(configs)):
         quantized, loss = swept[index]
         error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
-        results.append((quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error)))
+        results.append((quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error,
+                                                 output_energy=signal / 2)))  # H = 2/n sum x x^T
     return results
 
 

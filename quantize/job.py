@@ -1,16 +1,31 @@
-"""One quantization run as the driver's stages see it: how to run, and what every stage reads."""
+"""One quantization run as the driver's stages see it: how to run, what every stage reads, and opening it
+(the source resolved and checked, the calibration windows drawn, OUTPUT.partial's progress opened)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lowbit.quantize.arch import Architecture
-from lowbit.quantize.checkpoint import ModelSource, SafetensorsCheckpoint
+from lowbit.errors import LowbitError, UsageError
+from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.quantize.checkpoint import (
+    ModelSource,
+    SafetensorsCheckpoint,
+    check_remote_code,
+    load_config_dict,
+    open_checkpoint,
+    resolve_model,
+)
+from lowbit.quantize.mixed import check_target
+from lowbit.quantize.progress import open_progress, progress_fingerprint
 from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.stream import pick_device, pick_dtype
+from lowbit.quantize.writer import check_output_free, disk_full_error
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -51,3 +66,81 @@ class QuantizeJob:
     @property
     def progress_dir(self) -> Path:
         return self.work / ".lowbit-progress"
+
+
+def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=None,
+             options: RunOptions = RunOptions(), on_progress: ProgressFn | None = None) -> QuantizeJob:
+    """Resolve the source, check it, draw the calibration windows and open (or resume) OUTPUT.partial's progress."""
+    report = on_progress or (lambda stage, done, total: None)
+    if settings.method == "gptq" and calibration is None:
+        raise UsageError("gptq needs calibration data (--calibration)")
+    check_output_free(output, options.force)
+    source = resolve_model(model, options.revision, options.token)
+    config = load_config_dict(source.folder)
+    architecture_of(config)  # refuse an unsupported model before opening its weights
+    check_remote_code(config, source.name, options.trust_remote_code)
+    reader = open_checkpoint(source.folder, options.allow_pickle)
+    arch = architecture_of(config, reader.names())
+    check_shapes(arch, reader, settings)
+    device = pick_device(options.device)
+    dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
+
+    settings = settings.resolved(calibration is not None)
+    windows, calibration_info = None, None
+    if settings.calibrated(calibration is not None):
+        windows, calibration_info = _calibration_windows(source, calibration, options)
+
+    work = output.with_name(output.name + ".partial")
+    fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
+    progress = open_progress(work, work / ".lowbit-progress", fingerprint, options.force)
+    return QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
+                       work, progress, report)
+
+
+@contextmanager
+def cleanup_on_bad_input(job: QuantizeJob):
+    """A full disk, or bad input found part-way (a NaN weight, say), removes OUTPUT.partial: fixing the input
+    makes this progress stale anyway. A crash or a kill keeps it for the next run to resume."""
+    try:
+        yield
+    except OSError as e:
+        error = disk_full_error(e, job.work, job.reader.total_bytes())
+        if error is None:
+            raise
+        shutil.rmtree(job.work, ignore_errors=True)
+        raise error from None
+    except LowbitError:
+        shutil.rmtree(job.work, ignore_errors=True)
+        raise
+
+
+def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
+    """Every Linear must exist, and its shape must fit the packing and the group size (and the budget)."""
+    shapes = []
+    for i in range(arch.num_layers):
+        for name in arch.linear_names():
+            full = arch.layer_prefix(i) + name + ".weight"
+            if full not in reader:
+                raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
+            n, k = reader.info(full).shape
+            shapes.append((n, k))
+            if not settings.gptq_format:
+                continue
+            if settings.group_size > 0 and k % settings.group_size:
+                raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
+                                 f"{full[:-7]} (choose a group size that divides it, or -1)")
+            if (k * settings.bits) % 32 or (n * settings.bits) % 32:
+                raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
+                                 f"dimensions to fill whole 32-bit words")
+    if settings.target_bpw is not None:
+        check_target(shapes, settings)
+
+
+def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=options.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the tokenizer of {source.name}: {str(e).splitlines()[0]}") from None
+    return calibration.build(tokenizer)

@@ -11,6 +11,16 @@ only lowers.
 
 A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down): its Linears share an
 input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
+
+How errors are weighed (`error_weight`): "relative", the default, sums each Linear's relative output
+error as it is; "residual" weighs each by its output energy over the residual stream's at its layer,
+i.e. sums the absolute errors ||(W - Q) X||^2 / ||h||^2. Both come from the layer loop (no second pass).
+benchmarks/mixed.py measured both on the same candidates (BENCHMARKS.md, "A size budget"): relative
+had the lower KLD in 4 of 4 budget pairs on SmolLM2 and on Gemma-3-270M (and the lower perplexity delta
+in 4 of 4 on SmolLM2, 2 of 4 on Gemma, where 8 evaluation windows make it noisy). Why residual loses:
+the residual stream's energy grows with depth (massive activations: 7.6 entering layer 0, 1e4 at layer 3,
+1e6 from layer 12 on), so the weight falls by five orders of magnitude and at +0.25 bpw the budget went
+to layers 0-11 and 28-29 only, where relative spread it over all 30.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import heapq
 from dataclasses import dataclass
 
 from lowbit.errors import UsageError
+from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE
+from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, linear_bytes
+from lowbit.quantize.settings import QuantizeSettings
 
 MARLIN_BITS = (4, 8)  # vLLM's fast GPTQ kernel: symmetric 4- and 8-bit codes
 FINER_GROUP = 32  # the 4-bit candidate's group size when the base's is coarser
@@ -38,6 +51,19 @@ def candidate_formats(bits: int, group_size: int, n: int, k: int) -> list[Linear
         if fmt not in chosen and packs(fmt, n, k) and format_bytes(fmt, n, k, 2) > base_bytes:
             chosen.append(fmt)
     return chosen
+
+
+def swept_formats(settings: QuantizeSettings, n: int, k: int) -> list[LinearFormat]:
+    """The quantized formats the solver sweeps a Linear [N, K] for: the base, and under a size budget its
+    other quantized candidates (GPTQ format only; the unquantized one needs no sweep)."""
+    if settings.target_bpw is None or not settings.gptq_format:
+        return [base_format(settings)]
+    return [f for f in candidate_formats(settings.bits, settings.group_size, n, k) if f.quantized]
+
+
+def kept_candidate_bytes(settings: QuantizeSettings, n: int, k: int) -> int:
+    """The packed tensors of a Linear's other candidates, kept until its layer is saved (the plan's term)."""
+    return sum(format_bytes(f, n, k, 2) for f in swept_formats(settings, n, k)[1:])
 
 
 def packs(fmt: LinearFormat, n: int, k: int) -> bool:
@@ -126,40 +152,80 @@ def total(options: list[Option]) -> tuple[int, float]:
 
 @dataclass(frozen=True)
 class LinearScore:
-    """What the layer loop measured of one Linear: its shape, dtype size, and each format's error."""
+    """What the layer loop measured of one Linear: each format's bytes on disk and (weighted) error."""
 
-    n: int
-    k: int
-    dense_bytes: int  # bytes a value in the source dtype
+    bytes: dict[LinearFormat, int]
     errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
 
 
-def score_of(n: int, k: int, dense_bytes: int, bits: int, group_size: int, stats: dict) -> LinearScore:
-    """A Linear's score from its entry in progress.json ("error", "candidates": {tag: error})."""
-    errors = {LinearFormat(bits, group_size): stats["error"], UNQUANTIZED: 0.0}
-    for fmt in candidate_formats(bits, group_size, n, k)[1:]:
+WEIGHTINGS = ("relative", "residual")
+DEFAULT_WEIGHTING = "relative"  # benchmarks/mixed.py measured both: see the module docstring
+
+
+def error_weight(stats: dict, weighting: str) -> float:
+    """What one unit of a Linear's relative output error counts for in the total (see the module's docstring).
+
+    relative: 1, every Linear alike. residual: ||W X||^2 / ||h||^2, the Linear's output energy over the
+    residual stream's entering its layer, so that the weighted error is the absolute ||(W - Q) X||^2 set
+    against the stream it perturbs. Both figures come from the layer loop (gptq: output_energy;
+    driver: residual_energy); a run without a Hessian has neither, and counts every Linear alike."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if weighting == "relative" or "output_energy" not in stats or "residual_energy" not in stats:
+        return 1.0
+    return stats["output_energy"] / max(stats["residual_energy"], 1e-30)
+
+
+def base_format(settings: QuantizeSettings) -> LinearFormat:
+    """The uniform setting's format: GPTQ's bits and group size, or bitsandbytes 4-bit in its blocks."""
+    return LinearFormat(settings.bits, settings.group_size) if settings.gptq_format else LinearFormat(4, BNB_BLOCKSIZE)
+
+
+def unit_formats(settings: QuantizeSettings, n: int, k: int) -> list[LinearFormat]:
+    """The formats a Linear [N, K] may get under a budget, the base first. GPTQ: candidate_formats;
+    bitsandbytes (NF4/FP4): 4-bit or left unquantized (llm_int8_skip_modules)."""
+    if settings.gptq_format:
+        return candidate_formats(settings.bits, settings.group_size, n, k)
+    return [base_format(settings), UNQUANTIZED]
+
+
+def linear_cost(settings: QuantizeSettings, fmt: LinearFormat, n: int, k: int, dense_bytes: int) -> int:
+    """Bytes on disk of a Linear [N, K] in fmt under these settings (bias aside, as bits_per_weight counts)."""
+    if fmt.quantized and not settings.gptq_format:
+        return bnb_linear_bytes(n, k, settings.double_quant)
+    return format_bytes(fmt, n, k, dense_bytes)
+
+
+def score_of(settings: QuantizeSettings, n: int, k: int, dense_bytes: int, stats: dict,
+             weighting: str = DEFAULT_WEIGHTING) -> LinearScore:
+    """A Linear's score from its entry in progress.json ("error", and "candidates": {tag: error} for the
+    other quantized formats), each error weighted by error_weight."""
+    weight = error_weight(stats, weighting)
+    formats = unit_formats(settings, n, k)
+    errors = {formats[0]: weight * stats["error"], UNQUANTIZED: 0.0}
+    for fmt in formats[1:]:
         if fmt.quantized:
-            errors[fmt] = stats["candidates"][fmt.tag]
-    return LinearScore(n, k, dense_bytes, errors)
+            errors[fmt] = weight * stats["candidates"][fmt.tag]
+    return LinearScore({fmt: linear_cost(settings, fmt, n, k, dense_bytes) for fmt in errors}, errors)
 
 
 def unit_of(modules: tuple[str, ...], scores: list[LinearScore], base: LinearFormat) -> Unit:
     """One unit's options: the formats all its Linears can take (the base first), bytes and errors summed."""
     common = [fmt for fmt in scores[0].errors if all(fmt in s.errors for s in scores)]
     common.sort(key=lambda fmt: fmt != base)
-    options = tuple(Option(fmt, sum(format_bytes(fmt, s.n, s.k, s.dense_bytes) for s in scores),
-                           sum(s.errors[fmt] for s in scores)) for fmt in common)
+    options = tuple(Option(fmt, sum(s.bytes[fmt] for s in scores), sum(s.errors[fmt] for s in scores))
+                    for fmt in common)
     return Unit(modules, options)
 
 
-def uniform_bytes(shapes: list[tuple[int, int]], bits: int, group_size: int) -> int:
-    return sum(linear_bytes(n, k, bits, group_size) for n, k in shapes)
-
-
-def check_target(shapes: list[tuple[int, int]], bits: int, group_size: int, target_bpw: float) -> None:
-    """Before a run: the uniform setting must fit the budget (g_idx makes it cost a little over nominal)."""
+def check_target(shapes: list[tuple[int, int]], settings: QuantizeSettings) -> None:
+    """Before a run: the uniform setting must fit the budget (g_idx, or bitsandbytes' absmax, make it cost
+    a little over nominal)."""
     weights = sum(n * k for n, k in shapes)
-    base = uniform_bytes(shapes, bits, group_size)
-    if base > budget_bytes(target_bpw, weights):
-        raise UsageError(f"--target-bpw {target_bpw:g} is below what {bits}-bit, group size {group_size} costs on "
-                         f"this model ({8 * base / weights:.4f} bits per weight, g_idx included): ask for more")
+    base = sum(linear_cost(settings, base_format(settings), n, k, 2) for n, k in shapes)
+    if base > budget_bytes(settings.target_bpw, weights):
+        what = (f"{settings.bits}-bit, group size {settings.group_size}" if settings.gptq_format
+                else settings.method.value)
+        extra = "g_idx" if settings.gptq_format else "absmax"
+        raise UsageError(f"--target-bpw {settings.target_bpw:g} is below what {what} costs on this model "
+                         f"({8 * base / weights:.4f} bits per weight, {extra} included): ask for more")

@@ -241,12 +241,16 @@ def expected_tensors(n: int, k: int, quant_type: str, double_quant: bool) -> dic
     return tensors
 
 
-def linear_bytes(n: int, k: int) -> int:
-    """Bytes on disk of one double-quantized Linear [N, K] (without bias): codes, uint8 absmax per block,
-    a float32 per NESTED_BLOCKSIZE blocks, the nested code book, quant_map, the quant state's JSON."""
-    blocks = n * k // BLOCKSIZE
-    absmax = blocks + (blocks // NESTED_BLOCKSIZE + 1) * 4 + 256 * 4
-    return n * k // 2 + absmax + 16 * 4 + 200
+QUANT_STATE_BYTES = 200  # the serialized quant state JSON: 80 bytes, 170 with double quantization; counted high
+
+
+def linear_bytes(n: int, k: int, double_quant: bool = True) -> int:
+    """Bytes on disk of one Linear [N, K] (without bias): codes, quant_map, the quant state's JSON, and
+    per block a float32 absmax, or with double quantization a uint8 one plus a float32 per NESTED_BLOCKSIZE
+    blocks and the nested code book."""
+    blocks = math.ceil(n * k / BLOCKSIZE)
+    absmax = blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + 256 * 4 if double_quant else blocks * 4
+    return (n * k + 1) // 2 + absmax + 16 * 4 + QUANT_STATE_BYTES
 
 
 def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float,
@@ -284,7 +288,8 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
         return (code_book[codes[rows].long()] * row_scales).to(weight.dtype).to(torch.float32)
 
     error = relative_error_from_loss(loss, damp * mean_diag, weight, dequantize_rows, dead, signal)
-    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum()), "error": error}
+    return codes, {"damp": damp, "loss": loss, "dead_inputs": int(dead.sum()), "error": error,
+                   "output_energy": signal / 2}  # H = 2/n sum x x^T
 
 
 def _code_bounds(code_book: Tensor) -> tuple[Tensor, Tensor]:

@@ -77,23 +77,29 @@ VLLM_FUSED_NAMES = {
 }
 
 
-def dynamic_map(formats: dict[str, LinearFormat], base: LinearFormat, arch: Architecture) -> dict[str, dict]:
+def dynamic_map(formats: dict[str, LinearFormat], base: LinearFormat, arch: Architecture,
+                allow_split: bool = False) -> dict[str, dict]:
     """quantization_config's "dynamic": per-module formats as gptqmodel and vLLM read them.
 
     Keys are regular expressions matched (re.match) against a module's full name, first match wins:
     "+:REGEX" overrides bits / group_size, "-:REGEX" leaves the module unquantized. One key per group
     (q/k/v, o, gate/up, down) and format, naming the layers that take it; modules not named keep `base`.
-    formats: full checkpoint module name -> its format (all members of a group alike).
+    formats: full checkpoint module name -> its format (all members of a group alike, unless allow_split:
+    then a split group gets a key per module, which gptqmodel and lowbit read but vLLM's fused layers refuse).
     """
     layers: dict[tuple[tuple[str, ...], LinearFormat], list[int]] = {}
     for i in range(arch.num_layers):
         for group in arch.groups:
-            chosen = {formats.get(arch.layer_prefix(i) + name, base) for name in group}
-            if len(chosen) != 1:
+            chosen = {name: formats.get(arch.layer_prefix(i) + name, base) for name in group}
+            if len(set(chosen.values())) == 1:
+                keys = [(group, chosen[group[0]])]
+            elif allow_split:
+                keys = [((name,), fmt) for name, fmt in chosen.items()]
+            else:
                 raise ValueError(f"layer {i}: the modules of {', '.join(group)} must share one format")
-            (fmt,) = chosen
-            if fmt != base:
-                layers.setdefault((group, fmt), []).append(i)
+            for names, fmt in keys:
+                if fmt != base:
+                    layers.setdefault((names, fmt), []).append(i)
     prefixes = "|".join(re.escape(p) for p in sorted({arch.text_prefix, arch.loaded_text_prefix}))
     dynamic = {}
     for (group, fmt), indices in layers.items():

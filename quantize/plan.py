@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
+from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
 
@@ -101,30 +102,22 @@ def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
     n, k = linear.out_features, linear.in_features
     if s.method in GPTQ_FORMAT_METHODS:
         return gptq_linear_bytes(n, k, s.bits, s.group_size)
-    return bnb_linear_bytes(n, k)
-
-
-def output_size(shape: ModelShape, s: PlanSettings) -> tuple[int, float]:
-    """(bytes of the output's weights, bits per quantized weight) as the manifest counts them."""
-    quantized = shape.layers * sum(linear_output_bytes(linear, s) for linear in shape.linears)
-    weights = shape.layers * sum(linear.weights for linear in shape.linears)
-    rest = (shape.layers * shape.layer_other_params + shape.hidden
-            + shape.embedding_params * (1 if shape.tied else 2)) * shape.source_bytes
-    return quantized + rest, 8 * quantized / weights
+    return bnb_linear_bytes(n, k, s.quantize.double_quant)
 
 
 # ---- what one step holds ----
 
-def gptq_solver_bytes(linear: Linear, group_size: int = 128) -> int:
+def gptq_solver_bytes(linear: Linear, group_size: int = 128, sweeps: int = 1) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian:
     the Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
     K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
     place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
     codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
+    sweeps > 1 (a size budget, gptq._sweep_stacked): W's rows stacked per format, codes and block errors per format.
     """
     nk = linear.weights * FLOAT32
-    solving = nk + linear.weights + max(2 * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear),
-                                        scale_search_bytes(linear, group_size))
+    solving = nk + (sweeps * nk if sweeps > 1 else 0) + sweeps * linear.weights + max(
+        2 * sweeps * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear), scale_search_bytes(linear, group_size))
     packing = linear.weights + _pack_bytes(linear)
     dequantize = linear.weights + nk + _row_chunk_bytes(linear)
     return max(solving, packing, dequantize)
@@ -235,6 +228,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     layer = {} if shares_source else {"decoder layer (compute dtype)": shape.layer_params * c}
     packed = _packed_layer_bytes(shape, s)
     quantized = ({"quantized Linears (this layer and the last)": 2 * packed} if s.method == "gptq" else {})
+    kept_candidates = sum(kept_candidate_bytes(s.quantize, l.out_features, l.in_features) for l in shape.linears)
+    candidates = {"candidate formats' tensors (this layer)": kept_candidates} if kept_candidates else {}  # a budget's
     if s.method != "gptq":
         host["quantized Linears (this layer and the last)"] = 2 * packed  # quantize_bnb returns host tensors
     embedding_check = {"its NaN check": finite_check_bytes(shape.embedding_params, src)}
@@ -270,9 +265,10 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 # the solver consumes the Hessian: every Linear of the group but the last gets a copy
                 hessian_copy = ({} if linear is group[-1] else
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
-                resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy,
-                            **(kept if index in (1, 3) else {})}
-                solver = gptq_solver_bytes(linear, s.group_size) if s.method == "gptq" else nf4_solver_bytes(linear)
+                resident = {**layer, **acts_device, **quantized, **candidates, **hessians, **weight_copy,
+                            **hessian_copy, **(kept if index in (1, 3) else {})}
+                sweeps = len(swept_formats(s.quantize, linear.out_features, linear.in_features))
+                solver = gptq_solver_bytes(linear, s.group_size, sweeps) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
                                     host={**host, **(kept_host if index in (1, 3) else {})}))
@@ -281,12 +277,12 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                         host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))
     kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # the last step's: down_proj's inputs
     phases.append(Phase("run the layer to move activations on",
-                        device={**layer, **acts_device, **window, **quantized, **kept,
+                        device={**layer, **acts_device, **window, **quantized, **candidates, **kept,
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
                         host={**host, **kept_host}))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
-    phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized},
-                        host={**host, **copy, "quantized Linears copied to the host": packed}))
+    phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized,
+                        **candidates}, host={**host, **copy, "quantized Linears copied to the host": packed + kept_candidates}))
     phases.append(_writer_phase(shape, s))
     return phases
 

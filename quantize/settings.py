@@ -73,16 +73,25 @@ def nominal_bits_per_weight(bits: int, group_size: int) -> float:
     return bits + (0 if group_size == -1 else (bits + 16) / group_size)
 
 
-def check_target_bpw(target_bpw: float | None, method: Method, bits: int, group_size: int) -> None:
-    """A size budget (quantize/mixed.py) is spent on GPTQ-format choices, above what the uniform setting costs."""
+def nominal_bnb_bits_per_weight(double_quant: bool) -> float:
+    """Bits per weight of a bitsandbytes 4-bit Linear: codes plus one absmax per block of 64 values (a uint8
+    with double quantization, else a float32); the nested scales and the quant state add a little."""
+    return 4 + (8 if double_quant else 32) / 64
+
+
+def check_target_bpw(target_bpw: float | None, method: Method, bits: int, group_size: int,
+                     double_quant: bool = True) -> None:
+    """A size budget (quantize/mixed.py) is spent above what the uniform setting costs: on GPTQ-format
+    choices (bits, group size, 16-bit), or for NF4/FP4 on Linears left in 16 bits."""
     if target_bpw is None:
         return
-    if not method.gptq_format:
-        raise InvalidSetting("target_bpw", f"needs a GPTQ-format method ({', '.join(GPTQ_FORMAT_METHODS)}), not {method}")
-    uniform = nominal_bits_per_weight(bits, group_size)
+    if method.gptq_format:
+        uniform, what = nominal_bits_per_weight(bits, group_size), f"{bits}-bit, group size {group_size}"
+    else:
+        uniform, what = nominal_bnb_bits_per_weight(double_quant), method.value
     if not uniform < target_bpw <= 16:
-        raise InvalidSetting("target_bpw", f"must be above {uniform:.4g} (what {bits}-bit, group size {group_size} "
-                                           f"costs) and at most 16, not {target_bpw:g}")
+        raise InvalidSetting("target_bpw", f"must be above {uniform:.4g} (what {what} costs) and at most 16, "
+                                           f"not {target_bpw:g}")
 
 
 def uses_activations(method: str, calibrated: bool) -> bool:
@@ -115,7 +124,7 @@ class QuantizeSettings:
         check_bits(self.bits)
         check_group_size(self.group_size)
         check_damp(self.damp)
-        check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size)
+        check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
         if self.target_bpw is not None and self.skip is not None:
             raise InvalidSetting("skip", "cannot be combined with target_bpw, which chooses the 16-bit modules itself")
         if self.skip is not None:

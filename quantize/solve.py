@@ -49,7 +49,8 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
                 results = gptq_quantize_each(weight, hessian, configs, consume_hessian)
             (q, base_stats), others = results[0], results[1:]
             stats = {} if base_stats is None else {"error": base_stats.error, "damp": base_stats.damp,
-                                                   "dead_inputs": base_stats.dead_inputs}
+                                                   "dead_inputs": base_stats.dead_inputs,
+                                                   "output_energy": base_stats.output_energy}
             candidates = {}
             for c, (cq, cstats) in zip(configs[1:], others):
                 error = cstats.error if cstats is not None else relative_output_error(weight, cq.dequantize(), hessian)

@@ -208,3 +208,34 @@ def test_layer_error_svg_without_errors_is_still_valid():
     manifest["layers"] = {"model.layers.0.mlp.up_proj": {"error": float("nan")}}
     root = ET.fromstring(layer_error_svg(manifest))
     assert "no per-layer errors" in "".join(root.itertext())
+
+
+def budget_manifest() -> dict:
+    """sample_manifest under --target-bpw: layer 0's q_proj in 8 bits, layer 1's down_proj left in 16."""
+    manifest = copy.deepcopy(sample_manifest())
+    manifest["settings"]["target_bpw"] = 5.0
+    chosen = {"model.layers.0.self_attn.q_proj": (8, 128), "model.layers.1.mlp.down_proj": (16, None)}
+    for name, entry in manifest["layers"].items():
+        entry["bits"], entry["group_size"] = chosen.get(name, (4, 128))
+    return manifest
+
+
+def test_card_shows_the_budget_map_as_a_picture_and_a_table():
+    from lowbit.card import FORMATS_FILE, format_map_svg
+
+    manifest = budget_manifest()
+    root = ET.fromstring(format_map_svg(manifest))
+    cells = {rect.find(f"{SVG_NS}title").text: rect.get("fill") for rect in root.iter(f"{SVG_NS}rect")
+             if rect.find(f"{SVG_NS}title") is not None}
+    assert len(cells) == 4  # 2 layers x 2 module kinds
+    by_label = {title.split(": ", 1)[1]: fill for title, fill in cells.items()}
+    assert len(set(by_label.values())) == 3  # base, 8-bit and 16-bit each have their colour
+    text = " ".join(root.itertext())
+    assert "4-bit, group 128 (base): 2 Linears" in text and "8-bit, group 128: 1 Linears" in text
+    assert "16-bit (unquantized): 1 Linears" in text and "decoder layer" in text
+
+    body = str(build_model_card(manifest, "user/model"))
+    assert f"![Format of each Linear]({FORMATS_FILE})" in body
+    assert "| layer | q_proj | down_proj |" in body
+    assert "| 0 | 8 | 4 |" in body and "| 1 | 4 | 16 |" in body
+    assert "Formats chosen" not in str(build_model_card(sample_manifest(), "user/model"))  # no budget, no map

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections import Counter
 
 import pytest
 import torch
@@ -85,3 +86,37 @@ def test_transformers_with_gptqmodel_gives_lowbits_logits(loaded, variant):
     relative = ((ours - theirs).abs().max() / ours.abs().max()).item()
     print(f"{variant}: {kernel}, max |logit difference| / max |logit| = {relative:.2e}")
     assert relative < MAX_RELATIVE_DIFF[kernel]  # (argmax may differ: a random model has near-ties)
+
+
+def test_gptqmodel_loads_a_mixed_checkpoint_with_lowbits_logits(loader_python, tmp_path):
+    """A size budget's checkpoint with every format it can choose (4-bit g64 base, 4-bit g32, 8-bit, 16-bit),
+    one per projection group in turn, written from one solve's kept candidates (assemble.write_checkpoint)
+    and read back through the `dynamic` map by GPTQModel.load (loader_child.gptqmodel_logits_of: why not
+    from_pretrained)."""
+    from lowbit.quantize.assemble import write_checkpoint
+    from lowbit.quantize.driver import open_job, solve_layers
+    from lowbit.quantize.pack import UNQUANTIZED, LinearFormat
+
+    source = save_tiny_model(tmp_path / "source", "llama", layers=2, dtype=torch.float16)
+    job = open_job(str(source), tmp_path / "solved", QuantizeSettings(method="gptq", bits=4, group_size=64, target_bpw=8),
+                   CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
+    solve_layers(job)
+    cycle = [LinearFormat(4, 64), LinearFormat(4, 32), LinearFormat(8, 64), UNQUANTIZED]
+    units = [(i, group) for i in range(job.arch.num_layers) for group in job.arch.groups]
+    formats = {job.arch.layer_prefix(i) + name: cycle[n % len(cycle)] for n, (i, group) in enumerate(units)
+               for name in group}
+    folder = tmp_path / "mixed"
+    write_checkpoint(job, formats, folder)
+    (tmp_path / "ids.json").write_text(json.dumps(IDS))
+    child = subprocess.run([str(loader_python), str(REPO / "tests" / "loader_child.py"), str(tmp_path / "ids.json"),
+                            str(tmp_path / "out.json"), f"gptqmodel:{folder}"], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())[f"gptqmodel:{folder}"]
+    bits_loaded = Counter(int(kernel.rsplit(":", 1)[1]) for kernel, n in result["kernels"].items() for _ in range(n))
+    assert bits_loaded == Counter(f.bits for f in formats.values() if f.quantized)  # each module in its own format
+    assert set(result["dense_linears"]) == {m for m, f in formats.items() if not f.quantized}
+    ours = load_dequantized_model(folder, dtype=torch.float32)(torch.tensor(IDS)).logits.detach()
+    relative = ((ours - torch.tensor(result["logits"])).abs().max() / ours.abs().max()).item()
+    print(f"mixed {dict(bits_loaded)} + {len(result['dense_linears'])} dense: max |logit difference| / max |logit| "
+          f"= {relative:.2e}")
+    assert relative < max(MAX_RELATIVE_DIFF.values())

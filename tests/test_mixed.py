@@ -233,7 +233,7 @@ def test_a_fused_phi3_layer_gets_one_format_for_its_fused_module(tmp_path, calib
 @pytest.mark.parametrize("options, says", [
     (["--target-bpw", "4"], "--target-bpw"),  # not above the uniform 4-bit's 4.31
     (["--target-bpw", "17"], "at most 16"),
-    (["--method", "nf4", "--target-bpw", "5"], "GPTQ-format"),
+    (["--method", "nf4", "--target-bpw", "4.1"], "must be above 4.125 (what nf4 costs)"),
 ])
 def test_the_cli_refuses_a_bad_target_in_one_line(tmp_path, options, says):
     model = save_tiny_model(tmp_path / "tiny", "llama", layers=1, hidden=64)
@@ -298,3 +298,42 @@ def test_a_dynamic_key_that_is_no_regex_is_a_corrupt_config():
         dynamic_format({"+:model.layers.(0": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE)
     # gptqmodel's own spelling without "+:" is a positive key
     assert dynamic_format({r"model\.layers\.0\.": {"bits": 8}}, ["model.layers.0.mlp.down_proj"], BASE) == LinearFormat(8, 64)
+
+
+# ---- NF4 under a budget: NF4 or 16-bit per group, written as llm_int8_skip_modules ----
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["plain", "calibrated"])
+def test_nf4_under_a_budget_keeps_it_and_transformers_loads_the_skipped_modules_dense(tmp_path, calibration, calibrated):
+    from transformers import AutoModelForCausalLM
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=2, hidden=128, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    calib = ["--calibration", calibration, "--nsamples", "4", "--seqlen", "32"] if calibrated else []
+    result = run("-q", "quantize", model, "--method", "nf4", *calib, "--target-bpw", "8", "-o", out)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "lowbit_manifest.json").read_text())
+    assert manifest["bits_per_weight"] <= 8  # NF4 costs ~5.4 here: a Linear's tables
+    dense = {m for m, e in manifest["layers"].items() if e["bits"] == 16}
+    assert dense and len(dense) < len(manifest["layers"]), "the budget bought nothing, or everything"
+    arch = architecture_of(json.loads((model / "config.json").read_text()))
+    for i in range(arch.num_layers):  # one choice per group (vLLM fuses q/k/v and gate/up)
+        for group in arch.groups:
+            assert len({arch.layer_prefix(i) + name in dense for name in group}) == 1
+    # what the choice weighed: plain, the relative weight-space error; calibrated, the Hessian's output error
+    source, weights = SafetensorsCheckpoint(model), DenseWeights(out)
+    for module in set(manifest["layers"]) - dense:
+        w = source.read(module + ".weight").float()
+        relative = float((weights.read(module + ".weight").float() - w).square().sum() / w.square().sum())
+        assert (manifest["layers"][module]["error"] == pytest.approx(relative, rel=1e-3)) == (not calibrated), module
+    skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
+    assert dense <= set(skip)
+
+    theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float32)
+    for name, module in theirs.named_modules():
+        if name in manifest["layers"]:
+            assert (type(module).__name__ == "Linear4bit") == (name not in dense), name
+            if name in dense:
+                assert torch.equal(module.weight.to(torch.bfloat16), source.read(name + ".weight")), name
+    shown = run("inspect", out, "--verify")
+    assert shown.exit_code == 0 and "formats by layer" in shown.output and " 16 " in f" {shown.output} ".replace("\n", " ")
+
