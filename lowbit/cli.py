@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,7 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and tracebacks for internal errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
 ) -> None:
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 speaks for the run
     state.update(verbose=verbose, quiet=quiet)
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_time=False, show_path=False)
@@ -104,6 +106,8 @@ def quantize(
     with progress_bar() as progress:
         result = quantize_model(model, output, settings, calib, options, on_progress=progress_callback(progress))
     manifest = result.manifest
+    if not result.primary:  # torchrun's other ranks: rank 0 reports
+        return
     if json_out:
         print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "manifest": manifest})
         return

@@ -22,6 +22,7 @@ import torch
 from lowbit.errors import LowbitError, UsageError
 from lowbit.quantize.arch import Architecture, architecture_of
 from lowbit.quantize.assemble import assemble
+from lowbit.quantize.distributed import SINGLE, RankFailed, Ranks, joined, rank_device
 from lowbit.quantize.checkpoint import (
     ModelSource,
     SafetensorsCheckpoint,
@@ -36,6 +37,7 @@ from lowbit.quantize.mixed import check_target
 from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
 from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
 from lowbit.quantize.stream import (
     Activations,
@@ -57,13 +59,13 @@ from lowbit.quantize.writer import check_output_free, disk_full_error, output_lo
 log = logging.getLogger("lowbit")
 
 
-
 @dataclass
 class QuantizeResult:
     output: Path
     manifest: dict
     seconds: float
     resumed_from_layer: int = 0
+    primary: bool = True  # False on torchrun's other ranks: rank 0 wrote the output
 
 
 def quantize_model(
@@ -76,17 +78,21 @@ def quantize_model(
 ) -> QuantizeResult:
     """The whole `lowbit quantize`: returns once OUTPUT holds a complete checkpoint."""
     output = Path(output)
-    with output_lock(output):
-        return _quantize_model_locked(model, output, settings, calibration, options, on_progress)
+    with joined(rank_device(pick_device(options.device))) as ranks:
+        if not ranks.primary:  # rank 0 alone touches OUTPUT
+            return _quantize_model_locked(model, output, settings, calibration, options, None, ranks)
+        with output_lock(output):
+            return _quantize_model_locked(model, output, settings, calibration, options, on_progress, ranks)
 
 
 def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings, calibration, options: RunOptions,
-                           on_progress: ProgressFn | None) -> QuantizeResult:
+                           on_progress: ProgressFn | None, ranks: Ranks = SINGLE) -> QuantizeResult:
     started = time.time()
     report = on_progress or (lambda stage, done, total: None)
     if settings.method == "gptq" and calibration is None:
         raise UsageError("gptq needs calibration data (--calibration)")
-    check_output_free(output, options.force)
+    if ranks.primary:
+        check_output_free(output, options.force)
 
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
@@ -95,31 +101,38 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     reader = open_checkpoint(source.folder, options.allow_pickle)
     arch = architecture_of(config, reader.names())
     check_shapes(arch, reader, settings)
-    device = pick_device(options.device)
+    device = rank_device(pick_device(options.device))
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
 
     settings = settings.resolved(calibration is not None)
     windows, calibration_info = None, None
     if settings.calibrated(calibration is not None):
         windows, calibration_info = _calibration_windows(source, calibration, options)
+        ranks.windows(windows.shape[0])  # refuses fewer windows than ranks
 
     work = output.with_name(output.name + ".partial")
     progress_dir = work / ".lowbit-progress"
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
-    progress = open_progress(work, progress_dir, fingerprint, options.force)
+    # rank 0 opens (or starts) the progress; the others hear where it stands
+    progress = open_progress(work, progress_dir, fingerprint, options.force) if ranks.primary else {}
+    progress["layers_done"] = ranks.from_primary(progress.get("layers_done"))
     job = QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
                       work, progress, report)
     layers_done = progress["layers_done"]
-    if layers_done:
+    if layers_done and ranks.primary:
         log.info("resuming %s from layer %d of %d", output, layers_done, arch.num_layers)
 
     try:
         solve = make_solver(settings)
         if windows is not None:
-            _quantize_calibrated(job, solve)
-        else:
+            _quantize_calibrated(job, solve, ranks)
+        elif ranks.primary:  # nothing to split without calibration windows: rank 0 does it all
             _quantize_weights_only(job, solve)
+        if not ranks.primary:
+            return QuantizeResult(output, {}, time.time() - started, layers_done, primary=False)
         manifest = assemble(job)
+    except RankFailed:
+        raise  # another rank stopped: the progress stays, for the next run to resume
     except OSError as e:
         error = disk_full_error(e, work, reader.total_bytes())
         if error is None:
@@ -196,12 +209,15 @@ def _quantize_weights_only(job: QuantizeJob, solve) -> None:
         report("quantize", i + 1, arch.num_layers)
 
 
-def _quantize_calibrated(job: QuantizeJob, solve) -> None:
-    """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on."""
+def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None:
+    """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on.
+    Under torchrun each rank runs its own block of the windows (quantize/distributed.py)."""
     source, config, arch, reader, settings, options = job.source, job.config, job.arch, job.reader, job.settings, job.options
     windows, device, dtype, progress_dir, progress, report = (job.windows, job.device, job.dtype, job.progress_dir,
                                                              job.progress, job.report)
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
+    block, count = ranks.windows(windows.shape[0]), windows.shape[0]
+    windows = windows[block]
     offload = options.offload
     if offload is None:
         plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
@@ -213,17 +229,20 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
         acts = embed_windows(skeleton, embed, windows, device, dtype, offload)
     else:  # the layer arguments come from one window; the hidden states from disk
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
-        hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
+        hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     stepwise = None
-    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start, report,
-                                               "quantize"):
-        if stepwise is None:  # once a run
-            stepwise = _stepwise_possible(layer, arch, settings, acts, device)
+    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
+                                               report if ranks.primary else None, "quantize"):
+        if stepwise is None:  # once a run, as rank 0 finds (its first window is the first of all)
+            stepwise = ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device))
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, stepwise)
-        save_layer(progress_dir, i, out, progress, stats, acts, candidates)
+                                                 acts, device, stepwise, Solvers(ranks, i))
+        if ranks.primary:
+            save_layer(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
+        else:
+            ranks.send_to_primary(acts.hidden)
         del out, candidates
 
 
@@ -238,10 +257,11 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
     return False
 
 
-def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False):
+def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
+                    solvers: Solvers = Solvers()):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
-    each other candidate format under a size budget, by format tag)."""
+    each other candidate format under a size budget, by format tag); under torchrun complete on rank 0."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -249,20 +269,30 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     def wanted(group) -> bool:
         return not all(settings.is_skipped(prefix + m) for m in group)
 
-    def solve_group(group, hessian: torch.Tensor) -> None:
+    ranks, order = solvers.ranks, arch.linear_names()
+
+    def solve_group(group, accumulator: HessianAccumulator) -> None:
         names = [name for name in group if not settings.is_skipped(prefix + name)]
-        for name in names:
-            for key in ("weight", "bias"):
-                out.pop(f"{prefix}{name}.{key}", None)
-            # the solver consumes the Hessian: the group's last Linear gets it, the others a copy
-            shared = hessian if name == names[-1] else hessian.clone()
+        owners = solvers.owners(names, order)
+        mine = [name for name in names if owners[name] == ranks.rank]
+        hessian = group_hessian(accumulator, ranks, keep=bool(mine))
+        solved_here = {}
+        for name in mine:
+            # the solver consumes the Hessian: the last Linear solved here gets it, the others a copy
+            shared = hessian if name == mine[-1] else hessian.clone()
             try:
-                solved, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, shared,
-                                                             consume_hessian=True)
+                solved, stat = _solve_linear(layer, name, solve, source_tensors, shared, consume_hessian=True)
             except LowbitError as e:
                 raise type(e)(f"{prefix}{name}: {e}") from None
+            solved_here[name] = (without_dequantized(solved), stat)
+            del shared
+        del hessian
+        for name, (solved, stat) in share_solves(layer, owners, solved_here, ranks):  # rank 0's part
+            for key in ("weight", "bias"):
+                out.pop(f"{prefix}{name}.{key}", None)
+            stats[prefix + name] = stat
             out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
-            keep_candidates(candidates, stats[prefix + name], prefix + name, solved)
+            keep_candidates(candidates, stat, prefix + name, solved)
 
     if stepwise:
         _sequential_steps(layer, arch, acts, device, wanted, solve_group)
@@ -273,7 +303,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     for batch in batches:
         hessians = _collect_hessians(layer, batch, acts, device)
         for group, hessian in zip(batch, hessians):
-            solve_group(group, hessian.hessian)
+            solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
     run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
     return out, stats, candidates
@@ -301,7 +331,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     if hessian is not None:
         run_layer_until(layer, acts, device, stop_at=module(attention_in[0]),
                         on_input={module(attention_in[0]): lambda i, x: hessian.add(x)})
-        solve_group(attention_in, hessian.hessian)
+        solve_group(attention_in, hessian)
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
@@ -316,7 +346,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
     run_layer_until(layer, acts, device, stop_at=o_proj, on_input={o_proj: keep})
     if hessian is not None:
-        solve_group(o_group, hessian.hessian)
+        solve_group(o_group, hessian)
     del hessian, keep
 
     hessian = hessian_of(mlp_in)
@@ -324,14 +354,14 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
                            on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None))
     del kept
     if hessian is not None:
-        solve_group(mlp_in, hessian.hessian)
+        solve_group(mlp_in, hessian)
     del hessian
 
     down = module(down_group[0])
     hessian = hessian_of(down_group)
     if hessian is not None:
         run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: lambda i, x: hessian.add(x)})
-        solve_group(down_group, hessian.hessian)
+        solve_group(down_group, hessian)
     del hessian
     run_mlp_residual(layer, arch.norms, acts, device)
 
@@ -355,17 +385,6 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
     return solved, stats
-
-
-def keep_candidates(candidates: dict[str, dict[str, torch.Tensor]], stats: dict, module: str,
-                    solved: SolvedLinear) -> None:
-    """File a Linear's other candidate formats: tensors by format tag, errors in its stats."""
-    if not solved.candidates:
-        return
-    stats["candidates"] = {}
-    for fmt, (tensors, error) in solved.candidates.items():
-        candidates.setdefault(fmt.tag, {}).update({f"{module}.{k}": v for k, v in tensors.items()})
-        stats["candidates"][fmt.tag] = error
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

@@ -80,18 +80,40 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessi
     return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
 
 
-class HessianAccumulator:
-    """H = 2/n * sum(x x^T) over all input rows seen, as a running mean in float32.
+PRODUCT_BYTES = 2**24  # HessianAccumulator.add computes x^T x a band of rows at a time, at most this many bytes
 
-    Each batch is folded in with one in-place addmm (old mean rescaled, new rows added): no K x K temporary.
+
+class HessianAccumulator:
+    """H = 2/n * sum(x^T x) over all input rows seen.
+
+    The sum is kept in float64, each window's x^T x (a float32 product) added to it: the split of the
+    windows among ranks (quantize/distributed.py) then changes the sum by float64 rounding only, which
+    rounding to the float32 mean erases. `mean()` writes that mean over the sum's own buffer: no second
+    K x K matrix.
     """
 
     def __init__(self, columns: int, device: torch.device):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
-        rows = x.shape[0]
-        self.hessian.addmm_(x.T, x, beta=self.rows / (self.rows + rows), alpha=2 / (self.rows + rows))
-        self.rows += rows
+        for start, end in row_bands(x.shape[1], x.shape[1] * 4, PRODUCT_BYTES):
+            self.sum[start:end].add_(x[:, start:end].T @ x)
+        self.rows += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        """The float32 Hessian, in the first half of the float64 sum's buffer (the sum is gone after)."""
+        k = self.sum.shape[0]
+        mean = self.sum.view(torch.float32).view(-1)[: k * k].view(k, k)
+        # band by band, in row order: a band's float32 rows only overwrite float64 rows already read
+        for start, end in row_bands(k, k * 8, PRODUCT_BYTES):
+            mean[start:end] = self.sum[start:end] * (2 / self.rows)
+        self.sum = None
+        return mean
+
+
+def row_bands(rows: int, row_bytes: int, band_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of rows, each at most band_bytes (at least one row)."""
+    step = max(1, band_bytes // row_bytes)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
