@@ -222,6 +222,8 @@ def eval_command(
     hub_token()
     with progress_bar() as progress:
         report = evaluate(quantized, base, dataset, options, on_progress=progress_callback(progress), base_revision=revision)
+    if report is None:  # torchrun's other ranks: rank 0 reports
+        return
     gates = Gates(max_ppl_delta=max_ppl_delta, max_ppl_ratio=max_ppl_ratio, max_kld=max_kld, min_same_top=min_same_top)
     failures = check_gates(report, gates)
     report["gates"] = {"passed": not failures, "failures": failures, **{k: v for k, v in vars(gates).items() if v is not None}}

@@ -27,7 +27,7 @@ import torch
 from lowbit.errors import LowbitError, UsageError
 from lowbit.quantize.solve import row_bands
 
-GATHER_BYTES = 2**25  # the Hessian's rows go round in bands of at most this many bytes (all ranks' copies)
+GATHER_BYTES = 2**25  # the Hessian's rows go round in bands of at most this many bytes (see gather_bytes)
 DEFAULT_TIMEOUT_S = 1800  # a rank waiting longer than this for another gives up (LOWBIT_RANK_TIMEOUT)
 
 
@@ -52,7 +52,7 @@ class Ranks:
     def windows(self, count: int) -> slice:
         """This rank's contiguous block of COUNT windows (the first ranks get one more when it does not divide)."""
         if count < self.world:
-            raise UsageError(f"{self.world} ranks need at least as many calibration windows (--nsamples), not {count}")
+            raise UsageError(f"{self.world} ranks need at least as many windows (--nsamples, --max-windows), not {count}")
         return window_blocks(count, self.world)[self.rank]
 
     def owner(self, layer: int, linear: int) -> int:
@@ -70,7 +70,7 @@ class Ranks:
             return total
         rows, width = total.shape
         with _exchange("summing Hessians"):
-            for start, end in row_bands(rows, width * total.element_size() * self.world, GATHER_BYTES):
+            for start, end in row_bands(rows, width * total.element_size() * self.world, gather_bytes(total.nbytes)):
                 parts = [torch.empty_like(total[start:end]) for _ in range(self.world)]
                 torch.distributed.all_gather(parts, total[start:end].contiguous())
                 if keep:
@@ -144,6 +144,12 @@ class Ranks:
 
 
 SINGLE = Ranks()
+
+
+def gather_bytes(hessian_bytes: int) -> int:
+    """The most bytes of Hessian rows (all ranks' copies) in flight at once: GATHER_BYTES, and at most a quarter
+    of the Hessian, so that summing adds little to what a rank holds whatever the model's size."""
+    return min(GATHER_BYTES, hessian_bytes // 4)
 
 
 def window_blocks(count: int, world: int) -> list[slice]:
