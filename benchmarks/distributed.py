@@ -98,14 +98,21 @@ def run(ranks: int, args, model: Path, work: Path) -> dict:
             "per_rank": per_rank, "output": str(output)}
 
 
+def shares(single: dict) -> tuple[float, float, float]:
+    """The single rank's CPU seconds in (window-bound phases, solves, the rest): CPU time moves less than
+    wall time on a shared machine."""
+    phases = single["phases"]
+    split = sum(p["cpu_s"] for name, p in phases.items() if name in SPLIT)
+    solves = sum(p["cpu_s"] for name, p in phases.items() if name.startswith("solve:"))
+    return split, solves, single["cpu_s"] - split - solves
+
+
 def projected(single: dict, world: int) -> float:
-    """Seconds of a WORLD-rank run from the 1-rank phases and per-Linear solve times (see the docstring)."""
+    """CPU-bound seconds of a WORLD-rank run from the 1-rank phases and per-Linear solve times (the docstring)."""
     from lowbit.quantize.distributed import Ranks
 
-    phases = single["phases"]
-    split = sum(p["wall_s"] for name, p in phases.items() if name in SPLIT)
-    solve_total = sum(t for _, _, t in single["solves"])
-    rest = single["wall_s"] - split - solve_total
+    split, solve_total, rest = shares(single)
+    scale = solve_total / sum(t for _, _, t in single["solves"])  # each Linear's wall time, as CPU seconds
     ranks = Ranks(0, world)
     critical = 0.0
     by_layer: dict[int, list] = {}
@@ -117,7 +124,7 @@ def projected(single: dict, world: int) -> float:
             busy = [0.0] * world
             for name, seconds in solves:
                 if name in group:
-                    busy[ranks.owner(layer, order.index(name))] += seconds
+                    busy[ranks.owner(layer, order.index(name))] += seconds * scale
             critical += max(busy)
     return split / world + critical + rest
 
@@ -146,25 +153,26 @@ def render(results: list[dict], identical: bool, args, model: Path) -> str:
         lines.append(f"| {r['ranks']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     lines += ["", f"Speed-up with 2 ranks: **{one['wall_s'] / results[1]['wall_s']:.2f}x** wall. The two checkpoints are "
               f"{'byte for byte the same' if identical else 'NOT the same (see the test suite)'}.", "",
-              "Where each rank's time goes (wall seconds inside the quantize call; exclusive phases):", "",
+              "Where each rank's time goes (wall / CPU seconds inside the quantize call; exclusive phases; a rank "
+              "waiting for another counts in the exchange it waits in):", "",
               "| phase | 1 rank | " + " | ".join(f"2 ranks: rank {i}" for i in range(len(results[1]["per_rank"]))) + " |",
               "|---|---|" + "---|" * len(results[1]["per_rank"])]
     names = sorted({p for r in results for rank in r["per_rank"] for p in rank["phases"]},
-                   key=lambda p: -single["phases"].get(p, {"wall_s": 0})["wall_s"])
+                   key=lambda p: -single["phases"].get(p, {"cpu_s": 0})["cpu_s"])
     for name in names:
-        cells = [f"{rank['phases'][name]['wall_s']:.1f}" if name in rank["phases"] else "-"
-                 for r in results for rank in r["per_rank"]]
+        cells = [f"{rank['phases'][name]['wall_s']:.1f} / {rank['phases'][name]['cpu_s']:.1f}"
+                 if name in rank["phases"] else "-" for r in results for rank in r["per_rank"]]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    solve_total = sum(t for _, _, t in single["solves"])
-    split = sum(p["wall_s"] for n, p in single["phases"].items() if n in SPLIT)
-    lines += ["", f"Of the single rank's {single['wall_s']:.1f} s: window passes, Hessian accumulation and embedding "
-              f"{split:.1f} s ({100 * split / single['wall_s']:.0f} %, divided by N), solves {solve_total:.1f} s "
-              f"({100 * solve_total / single['wall_s']:.0f} %, side by side within each group), the rest "
-              f"{single['wall_s'] - split - solve_total:.1f} s (unchanged). Projected on N GPUs (exchanges left out), "
-              "from these proportions:", "", "| N | projected s | speed-up |", "|---|---|---|"]
+    split, solve_total, rest = shares(single)
+    total = single["cpu_s"]
+    lines += ["", f"Of the single rank's {total:.1f} CPU s: window passes, Hessian accumulation and embedding "
+              f"{split:.1f} s ({100 * split / total:.0f} %, divided by N), solves {solve_total:.1f} s "
+              f"({100 * solve_total / total:.0f} %, side by side within each group), the rest {rest:.1f} s "
+              "(unchanged). Projected on N GPUs from these proportions (exchanges left out):", "",
+              "| N | projected s | speed-up |", "|---|---|---|"]
     for world in (1, 2, 4, 8):
         t = projected(single, world)
-        lines.append(f"| {world} | {t:.1f} | {single['wall_s'] / t:.2f}x |")
+        lines.append(f"| {world} | {t:.1f} | {total / t:.2f}x |")
     return "\n".join(lines)
 
 

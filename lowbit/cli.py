@@ -334,6 +334,7 @@ def plan(
     eval_windows: int = typer.Option(40, help="Evaluation windows (lowbit eval --max-windows)."),
     eval_seqlen: int = typer.Option(2048, help="Tokens per evaluation window."),
     eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
+    ranks: int = typer.Option(1, help="torchrun's processes (--nproc-per-node): the memory of each."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -360,7 +361,8 @@ def plan(
                                           nsamples=nsamples, seqlen=seqlen, device="cuda" if gpu is not None else "cpu",
                                           offload=offload, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
                                           eval_chunk=eval_chunk)
-    result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"])
+    result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"],
+                       ranks)
     if json_out:
         print_json(result)
     else:

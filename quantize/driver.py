@@ -284,7 +284,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
                 solved, stat = _solve_linear(layer, name, solve, source_tensors, shared, consume_hessian=True)
             except LowbitError as e:
                 raise type(e)(f"{prefix}{name}: {e}") from None
-            solved_here[name] = (without_dequantized(solved), stat)
+            solved_here[name] = (without_dequantized(solved, layer.get_submodule(name).weight.data), stat)
             del shared
         del hessian
         for name, (solved, stat) in share_solves(layer, owners, solved_here, ranks):  # rank 0's part

@@ -24,6 +24,7 @@ from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
+from lowbit.quantize.solve import PRODUCT_BYTES
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -201,8 +202,8 @@ def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ..
 
 
 def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
-    """HessianAccumulator.add for one window: its input in float32 (a copy unless it is); x^T x adds in place."""
-    return 0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32
+    """HessianAccumulator.add: the input in float32 (a copy unless it is), a band of x^T x and its float64 cast."""
+    return (0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32) + 3 * min(linear.in_features ** 2 * FLOAT32, PRODUCT_BYTES)
 
 
 def _packed_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
@@ -244,7 +245,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     # true sequential keeps o_proj's input of every window from the attention pass to the residual pass
     o_inputs = s.nsamples * s.seqlen * shape.groups[1][0].in_features * c
     for index, batch in enumerate(batches):
-        hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
+        hessians = {"Hessians": sum(g[0].in_features ** 2 * 2 * FLOAT32 for g in batch)}  # float64 sums (solve.py)
         kept_here = {"o_proj inputs kept": o_inputs} if s.true_sequential and index in (1, 2) else {}
         kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
@@ -370,7 +371,6 @@ def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
 
 
 # ---- peaks and verdicts ----
-
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
 

@@ -57,9 +57,11 @@ def share_solves(layer: nn.Module, owners: dict[str, int], solved_here: dict[str
             yield name, solve
 
 
-def without_dequantized(solved: SolvedLinear) -> SolvedLinear:
-    """What a solve keeps once its dequantized weight is in the layer: the tensors to write, the candidates."""
-    return replace(solved, dequantized=None)
+def without_dequantized(solved: SolvedLinear, weight: torch.Tensor) -> SolvedLinear:
+    """What a solve keeps until it is shared, once its dequantized weight is in the layer as WEIGHT: the tensors
+    to write, the candidates, and the dequantized weight only where it is WEIGHT itself (no second copy)."""
+    shared = solved.dequantized.data_ptr() == weight.data_ptr() and solved.dequantized.dtype == weight.dtype
+    return solved if shared else replace(solved, dequantized=None)
 
 
 def on_host(solve: Solve) -> Solve:
@@ -67,7 +69,7 @@ def on_host(solve: Solve) -> Solve:
     solved, stats = solve
     tensors = {k: v.cpu() for k, v in solved.tensors.items()}
     candidates = {fmt: ({k: v.cpu() for k, v in t.items()}, error) for fmt, (t, error) in solved.candidates.items()}
-    return replace(solved, tensors=tensors, candidates=candidates), stats
+    return replace(solved, tensors=tensors, candidates=candidates, dequantized=None), stats
 
 
 def keep_candidates(candidates: dict[str, dict[str, torch.Tensor]], stats: dict, module: str,
