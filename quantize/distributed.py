@@ -118,20 +118,22 @@ class Ranks:
         return box[0]
 
     def send_to_primary(self, block: torch.Tensor) -> None:
-        """This rank's block of a tensor over the windows, to rank 0 (see blocks_on_primary)."""
+        """This rank's block of a tensor over the windows, to rank 0 one window at a time (see blocks_on_primary)."""
         with _exchange("sending hidden states to rank 0"):
-            torch.distributed.send(block.contiguous(), dst=0)
+            for window in block:
+                torch.distributed.send(window.to(_comm_device()).contiguous(), dst=0)
 
     def blocks_on_primary(self, block: torch.Tensor, count: int) -> Iterator[torch.Tensor]:
-        """On rank 0: every rank's block of a tensor over COUNT windows, in rank order (its own BLOCK first),
-        one received at a time while the others call send_to_primary."""
+        """On rank 0: a tensor over COUNT windows in window order, its own BLOCK first, then each other rank's
+        windows one at a time as they arrive (the others call send_to_primary)."""
         yield block
         for src, rows in enumerate(window_blocks(count, self.world)[1:], start=1):
-            received = torch.empty((rows.stop - rows.start, *block.shape[1:]), dtype=block.dtype, device=block.device)
-            with _exchange("receiving hidden states"):
-                torch.distributed.recv(received, src=src)
-            yield received
-            del received
+            for _ in range(rows.stop - rows.start):
+                received = torch.empty((1, *block.shape[1:]), dtype=block.dtype, device=_comm_device())
+                with _exchange("receiving hidden states"):
+                    torch.distributed.recv(received[0], src=src)
+                yield received
+                del received
 
     def concat_on_primary(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """Every rank's 1-d host TENSOR joined in rank order, on rank 0; None on the others."""

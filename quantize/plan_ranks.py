@@ -4,7 +4,7 @@ A rank holds its own block of the windows (the first blocks are one window longe
 them): the activations, the kept o_proj inputs and the evaluator's hidden states shrink by N. The layer,
 the Hessians and the solves do not: every rank sums a full K x K, and an owner solves as a single process
 does. On top: the Hessian rows in flight while the partial sums are added up, and on rank 0 the block of
-hidden states it receives from each other rank when it saves a layer.
+hidden states it receives, a window at a time, from each other rank when it saves a layer.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def rank_quantize_phases(shape: ModelShape, s: PlanSettings, ranks: int) -> list
                                      "Hessian rows being summed": gather_bytes(width * width * 2 * FLOAT32)},
                              host=phase.host))
         if phase.name.startswith("save the layer"):
-            block = own.nsamples * own.seqlen * shape.hidden * own.c
+            window = own.seqlen * shape.hidden * own.c  # on the GPU under NCCL, in host memory under gloo
             out.append(Phase("save the layer: another rank's hidden states", device=phase.device,
-                             host={**phase.host, "another rank's hidden states (received)": block}))
+                             host={**phase.host, "a window received from another rank": window}))
     return out
 
 

@@ -153,3 +153,28 @@ def test_eval_under_torchrun_gives_the_single_process_report(work, single):
     single_report, ranks_report = report("eval-single.json"), report("eval-two.json")
     assert single_report["windows"] == 5 and single_report["tokens"] == 5 * 63
     assert ranks_report == single_report
+
+
+def test_plan_gives_each_rank_its_share_of_the_windows_and_the_whole_hessians(tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests.test_plan import PHI4, write_config
+
+    folder = write_config(tmp_path / "phi4", PHI4)
+
+    def quantize_plan(*options) -> dict:
+        result = CliRunner().invoke(app, ["plan", str(folder), "--gpu", "16GiB", "--json", *options])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["quantize"]
+
+    one, two = quantize_plan(), quantize_plan("--ranks", "2")
+    assert two["gpu_peak_bytes"] < one["gpu_peak_bytes"]
+    assert one["gpu_phase"] == two["gpu_phase"] == "solve mlp.down_proj"  # an owner's solve, as one process's
+    # at that solve a rank holds half the activations, the same Hessian and solver temporaries
+    assert two["gpu_parts"]["calibration activations"] * 2 == one["gpu_parts"]["calibration activations"]
+    assert two["gpu_parts"]["Hessians"] == one["gpu_parts"]["Hessians"]
+    text = CliRunner().invoke(app, ["plan", str(folder), "--gpu", "16GiB", "--ranks", "2"])
+    assert "each of 2 ranks" in text.stdout
+    refused = CliRunner().invoke(app, ["plan", str(folder), "--ranks", "200", "--nsamples", "128"])
+    assert refused.exit_code == 2 and "ranks must be" in refused.output
