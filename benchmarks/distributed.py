@@ -173,7 +173,24 @@ def render(results: list[dict], identical: bool, args, model: Path) -> str:
     for world in (1, 2, 4, 8):
         t = projected(single, world)
         lines.append(f"| {world} | {t:.1f} | {total / t:.2f}x |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *memory_per_rank()])
+
+
+def memory_per_rank() -> list[str]:
+    """`lowbit plan --ranks N` for Phi-4 on GPUs, 128 x 2048 calibration windows: what each rank holds."""
+    from benchmarks.scale import PHI4_CONFIG
+    from lowbit.quantize.fit import plan
+    from lowbit.quantize.plan import GiB, PlanSettings
+
+    lines = ["Memory of each rank, `lowbit plan PHI4 --gpu 80GiB --ranks N` (Phi-4's config, GPTQ 4-bit g128, "
+             "128 x 2048 windows, 16-bit compute):", "",
+             "| N | GPU peak per rank | at | activations | Hessians (float64 sums) |", "|---|---|---|---|---|"]
+    for world in (1, 2, 4, 8):
+        q = plan(PHI4_CONFIG, PlanSettings(device="cuda"), 80 * GiB, None, world)["quantize"]
+        parts = q["gpu_parts"]
+        lines.append(f"| {world} | {q['gpu_peak_bytes'] / GiB:.2f} GiB | {q['gpu_phase']} | "
+                     f"{parts.get('calibration activations', 0) / GiB:.2f} GiB | {parts.get('Hessians', 0) / GiB:.2f} GiB |")
+    return lines
 
 
 def main() -> None:

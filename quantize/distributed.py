@@ -16,6 +16,7 @@ whose exchanges return at once: no process group, nothing sent.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -234,5 +235,7 @@ def _comm_device() -> torch.device:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    """The gist of a backend's error: its first sentence, without gloo's source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(e).strip())
+    text = text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+    return text[:160]
