@@ -37,14 +37,10 @@ def main() -> None:
 
     peak = {"bytes": 0, "where": None}
 
-    def sampled(fn, where: str, after: bool = False):
+    def sampled(fn, where: str):
         def call(*a, **k):
-            if not after:
-                sample(where)
-            result = fn(*a, **k)
-            if after:
-                sample(where)
-            return result
+            sample(where)
+            return fn(*a, **k)
         return call
 
     def sample(where: str) -> None:
@@ -55,7 +51,22 @@ def main() -> None:
     driver._solve_linear = sampled(driver._solve_linear, "solve")
     driver.save_layer = sampled(driver.save_layer, "save")
     distributed.Ranks.send_to_primary = sampled(distributed.Ranks.send_to_primary, "save")
-    torch.distributed.all_gather = sampled(torch.distributed.all_gather, "Hessian rows exchanged", after=True)
+    # the first band of each Hessian's rows (the later ones hold as much): one gc scan per sum, not per band
+    first_band = {"next": False}
+    sum_rows, all_gather = distributed.Ranks.sum_rows, torch.distributed.all_gather
+
+    def summing(self, *a, **k):
+        first_band["next"] = True
+        return sum_rows(self, *a, **k)
+
+    def gathering(*a, **k):
+        result = all_gather(*a, **k)
+        if first_band["next"]:
+            first_band["next"] = False
+            sample("Hessian rows exchanged")
+        return result
+
+    distributed.Ranks.sum_rows, torch.distributed.all_gather = summing, gathering
     code = 0
     try:
         app(args, standalone_mode=False)
