@@ -119,6 +119,32 @@ def evaluate_recorded(name: str, quantized: Path, base: Path, dataset: str, devi
     return summary
 
 
+def time_solve(device: torch.device, n: int, k: int) -> dict:
+    """One GPTQ solve of a [n, k] Linear (Phi-4's down_proj: 5120 x 17920) on a random Hessian: the wall time of
+    the whole solve and of its K x K factorisation alone; the rest is the column sweep, given per column."""
+    from lowbit.quantize.gptq import GPTQConfig, gptq_quantize
+    from lowbit.quantize.hessian_factor import damped_inverse_factor_
+
+    def synced() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.time()
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(min(4 * k, 8192), k, device=device, generator=generator)
+    hessian = x.T @ x / x.shape[0]
+    del x
+    weight = torch.randn(n, k, device=device, generator=generator) * 0.02
+    started = synced()
+    damped_inverse_factor_(hessian.clone(), 0.01)
+    factor_s = synced() - started
+    started = synced()
+    gptq_quantize(weight, hessian, GPTQConfig(bits=4, group_size=128), consume_hessian=True)
+    solve_s = synced() - started
+    return {"shape": [n, k], "solve_s": round(solve_s, 2), "factor_s": round(factor_s, 2),
+            "sweep_us_per_column": round(1e6 * max(solve_s - factor_s, 0.0) / k, 1)}
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -139,6 +165,11 @@ def markdown(results: dict, command: str) -> str:
         for e in results["eval"]:
             lines.append(f"| {e['name']} | {e['seconds']} s | {e['ppl_base']} | {e['ppl']} | {e['kld']} | "
                          f"{e['same_top']} |")
+    if results.get("solve"):
+        solve = results["solve"]
+        lines += ["", f"One GPTQ solve of a {solve['shape'][0]} x {solve['shape'][1]} Linear (4-bit g128, random "
+                  f"Hessian): {solve['solve_s']} s, of which the K x K factorisation {solve['factor_s']} s; the "
+                  f"column sweep {solve['sweep_us_per_column']} us a column."]
     if results.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(results["skipped"]) + "."]
     return "\n".join(lines)
@@ -191,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.reduced:
             results["eval"].append(evaluate_recorded("Phi-4 shape (reduced)", work / "phi4-gptq", model, eval_data,
                                                      device, 2, 32))
+    results["solve"] = time_solve(device, *((512, 1792) if args.reduced else (5120, 17920)))
     command = "python benchmarks/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
     title = "GPU check" if not args.reduced else "GPU check (reduced rehearsal on the CPU)"
     replace_section(args.benchmarks, "gpu" if not args.reduced else "gpu-reduced", title, markdown(results, command))

@@ -40,6 +40,7 @@ PHASES = [
     ("lowbit.quantize.driver", "run_layer", "window passes"),
     ("lowbit.quantize.driver", "run_attention_residual", "window passes"),
     ("lowbit.quantize.driver", "run_mlp_residual", "window passes"),
+    ("lowbit.quantize.driver", "run_down_residual", "window passes"),
     ("lowbit.quantize.driver", "steps_match_layer", "window passes"),
     ("lowbit.quantize.driver:HessianAccumulator", "add", "Hessian accumulation"),
     ("lowbit.quantize.driver:HessianAccumulator", "result", "Hessian accumulation"),

@@ -357,7 +357,7 @@ def plan(
                                              true_sequential=true_sequential)
     except InvalidSetting as e:
         raise bad_option(e) from None
-    settings = PlanSettings.from_settings(quantize_settings, calibrated=method == Method.GPTQ or calibrated,
+    settings = PlanSettings(quantize=quantize_settings, calibrated=method == Method.GPTQ or calibrated,
                                           nsamples=nsamples, seqlen=seqlen, device="cuda" if gpu is not None else "cpu",
                                           offload=offload, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
                                           eval_chunk=eval_chunk)

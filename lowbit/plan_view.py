@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lowbit.quantize.plan import ALLOCATOR_SLACK, CUDA_CONTEXT, gib
+from lowbit.quantize.fit import gib
+from lowbit.quantize.plan import ALLOCATOR_SLACK, CUDA_CONTEXT
 
 
 def render(result: dict) -> list[str]:

@@ -25,7 +25,6 @@ from lowbit.quantize.assemble import assemble
 from lowbit.quantize.distributed import SINGLE, RankFailed, Ranks, joined, rank_device
 from lowbit.quantize.checkpoint import (
     ModelSource,
-    SafetensorsCheckpoint,
     check_remote_code,
     load_config_dict,
     open_checkpoint,
@@ -33,8 +32,8 @@ from lowbit.quantize.checkpoint import (
 )
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions
 from lowbit.quantize.fit import should_offload
-from lowbit.quantize.mixed import check_target
-from lowbit.quantize.plan import PlanSettings
+from lowbit.quantize.shape_check import check_shapes
+from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import open_progress, progress_fingerprint, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
@@ -49,6 +48,7 @@ from lowbit.quantize.stream import (
     pick_dtype,
     release_free_heap,
     run_attention_residual,
+    run_down_residual,
     run_layer,
     run_layer_until,
     run_mlp_residual,
@@ -148,28 +148,6 @@ def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings,
     return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
 
-def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:
-    """Every Linear must exist, and its shape must fit the packing and the group size (and the budget)."""
-    shapes = []
-    for i in range(arch.num_layers):
-        for name in arch.linear_names():
-            full = arch.layer_prefix(i) + name + ".weight"
-            if full not in reader:
-                raise UsageError(f"checkpoint lacks {full} (is it a complete {arch.name} checkpoint?)")
-            n, k = reader.info(full).shape
-            shapes.append((n, k))
-            if not settings.gptq_format:
-                continue
-            if settings.group_size > 0 and k % settings.group_size:
-                raise UsageError(f"group size {settings.group_size} does not divide in_features {k} of "
-                                 f"{full[:-7]} (choose a group size that divides it, or -1)")
-            if (k * settings.bits) % 32 or (n * settings.bits) % 32:
-                raise UsageError(f"{full[:-7]} is {n}x{k}: {settings.bits}-bit GPTQ packing needs both "
-                                 f"dimensions to fill whole 32-bit words")
-    if settings.target_bpw is not None:
-        check_target(shapes, settings.bits, settings.group_size, settings.target_bpw)
-
-
 def _calibration_windows(source: ModelSource, calibration, options: RunOptions):
     from transformers import AutoTokenizer
 
@@ -220,7 +198,7 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
     windows = windows[block]
     offload = options.offload
     if offload is None:
-        plan = PlanSettings.from_settings(settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
+        plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
                                           compute_bytes=dtype.itemsize)
         offload = should_offload(config, plan, device, "quantize")
     start = progress["layers_done"]
@@ -232,13 +210,13 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
-    stepwise = None
+    steps = None
     for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
                                                report if ranks.primary else None, "quantize"):
-        if stepwise is None:  # once a run, as rank 0 finds (its first window is the first of all)
-            stepwise = ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device))
+        if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
+            steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, stepwise, Solvers(ranks, i))
+                                                 acts, device, *steps, Solvers(ranks, i))
         if ranks.primary:
             save_layer(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
         else:
@@ -246,19 +224,26 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         del out, candidates
 
 
-def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations, device) -> bool:
-    """Whether true-sequential can take the stepwise passes (_sequential_steps): the architecture's
-    layout is described, and computing a layer from its steps gives what its forward gives."""
+def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
+                       device) -> tuple[bool, bool]:
+    """(Whether true-sequential can take the stepwise passes (_sequential_steps), whether they keep down_proj's
+    inputs): the architecture's layout is described, computing a layer from its steps gives what its forward
+    gives, and down_proj's inputs are small enough to keep (plan.down_inputs_kept)."""
     if not settings.true_sequential or arch.norms is None or len(arch.groups) != 4:
-        return False
-    if steps_match_layer(layer, arch.norms, layer.get_submodule(arch.groups[1][0]), acts, device):
-        return True
+        return False, False
+    o_proj, down = layer.get_submodule(arch.groups[1][0]), layer.get_submodule(arch.groups[3][0])
+    windows, seqlen = acts.hidden.shape[:2]
+    if down_inputs_kept(windows, seqlen, down.in_features, acts.hidden.element_size()):
+        if steps_match_layer(layer, arch.norms, o_proj, acts, device, down):
+            return True, True
+    if steps_match_layer(layer, arch.norms, o_proj, acts, device):
+        return True, False
     log.warning("%s layers do not compute as their layout describes; re-running each layer per group", arch.name)
-    return False
+    return False, False
 
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
-                    solvers: Solvers = Solvers()):
+                    keep_down_inputs: bool = False, solvers: Solvers = Solvers()):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
     each other candidate format under a size budget, by format tag); under torchrun complete on rank 0."""
@@ -295,7 +280,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             keep_candidates(candidates, stat, prefix + name, solved)
 
     if stepwise:
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group)
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs)
         return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
@@ -309,7 +294,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     return out, stats, candidates
 
 
-def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group) -> None:
+def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
+                      keep_down_inputs: bool = False) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -317,9 +303,10 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     2. o_proj: one pass through attention, keeping o_proj's input for every window.
     3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
        attention, which replaces the layer input in place; the MLP's input comes from it.
-    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time
-       (its [seqlen, intermediate] input is never kept).
-    5. the MLP's second half again, with down_proj quantized: the layer's outputs.
+    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time.
+       Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
+       at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
+    5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
     """
     attention_in, o_group, mlp_in, down_group = arch.groups
     module = layer.get_submodule
@@ -335,8 +322,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
-    # in host memory: as large as the activations, it would otherwise set the GPU's peak (Phi-4: 2.5 GiB)
-    kept = torch.empty((*acts.hidden.shape[:2], o_proj.in_features), dtype=acts.hidden.dtype, device="cpu")
+    kept = acts.input_buffer(o_proj.in_features)
     hessian = hessian_of(o_group)
 
     def keep(i, x):
@@ -359,11 +345,23 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
     down = module(down_group[0])
     hessian = hessian_of(down_group)
-    if hessian is not None:
-        run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: lambda i, x: hessian.add(x)})
-        solve_group(down_group, hessian)
-    del hessian
-    run_mlp_residual(layer, arch.norms, acts, device)
+    if hessian is None:  # down_proj skipped: the layer's second half as it is
+        run_mlp_residual(layer, arch.norms, acts, device)
+        return
+    kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
+
+    def measure(i, x):
+        hessian.add(x)
+        if kept is not None:
+            kept[i] = x.to(kept.device)
+
+    run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
+    solve_group(down_group, hessian)
+    del hessian, measure
+    if kept is not None:
+        run_down_residual(layer, arch.norms, acts, down, kept, device)
+    else:
+        run_mlp_residual(layer, arch.norms, acts, device)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:

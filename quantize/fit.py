@@ -14,16 +14,24 @@ from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
 from lowbit.quantize.plan_ranks import rank_eval_phases, rank_quantize_phases
 from lowbit.quantize.plan import (
     ALLOCATOR_SLACK,
+    CUDA_CONTEXT,
     GiB,
     Peak,
     PlanSettings,
     eval_phases,
-    gib,
-    gpu_needed,
     output_size,
     peaks,
     quantize_phases,
 )
+
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def gpu_needed(allocated: int) -> int:
+    """Card memory for a peak of allocated tensor bytes: the allocator's slack and the CUDA context on top."""
+    return int(allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if allocated else 0
+
 
 OPTION_NAMES = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_chunk": "--chunk-tokens",
                 "eval_windows": "--max-windows"}  # as `lowbit quantize` / `lowbit eval` spell them

@@ -11,7 +11,7 @@ driver uses the same figures to decide whether activations go to host memory.
 Sizes: h hidden, I intermediate, V vocabulary, K/N a Linear's in/out features,
 n x S calibration windows, c bytes of the compute dtype (4 on the CPU, 2 on a
 GPU), s bytes of the checkpoint's dtype. GPU figures are allocated tensor
-bytes (what torch.cuda.max_memory_allocated reports); `gpu_needed` adds the
+bytes (what torch.cuda.max_memory_allocated reports); fit.gpu_needed adds the
 CUDA context and the caching allocator's slack.
 """
 
@@ -73,11 +73,6 @@ class PlanSettings:
         if self.compute_bytes is not None:
             return self.compute_bytes
         return FLOAT32 if self.device == "cpu" else 2
-
-    @classmethod
-    def from_settings(cls, settings: QuantizeSettings, **run) -> PlanSettings:
-        """QUANTIZE's settings with the run's (windows, device, ...) as keywords."""
-        return cls(quantize=settings, **run)
 
     @property
     def uses_activations(self) -> bool:
@@ -201,6 +196,15 @@ def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ..
     return [norm + qkv, attention, norm + width * 2 * shape.intermediate, max(attention, mlp)][stage]
 
 
+DOWN_INPUTS_KEPT_UP_TO = 2**30  # bytes: above this, down_proj's inputs are recomputed (gate/up run once more)
+
+
+def down_inputs_kept(nsamples: int, seqlen: int, intermediate: int, c: int) -> int:
+    """Bytes of down_proj's inputs true-sequential keeps for every window (0: too large, not kept)."""
+    size = nsamples * seqlen * intermediate * c
+    return size if size <= DOWN_INPUTS_KEPT_UP_TO else 0
+
+
 def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
     """HessianAccumulator.add: the input in float32 (a copy unless it is), a band of x^T x and its float64 cast."""
     return (0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32) + 3 * min(linear.in_features ** 2 * FLOAT32, PRODUCT_BYTES)
@@ -242,11 +246,15 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
     batches = [[g] for g in shape.groups] if s.true_sequential else [list(shape.groups)]
-    # true sequential keeps o_proj's input of every window from the attention pass to the residual pass
+    # true sequential keeps o_proj's input of every window from the attention pass to the residual pass,
+    # and down_proj's from its Hessian pass to the layer's outputs where that is small
     o_inputs = s.nsamples * s.seqlen * shape.groups[1][0].in_features * c
+    down_inputs = down_inputs_kept(s.nsamples, s.seqlen, shape.groups[-1][0].in_features, c)
+    kept_by_step = {1: {"o_proj inputs kept": o_inputs}, 2: {"o_proj inputs kept": o_inputs},
+                    3: {"down_proj inputs kept": down_inputs} if down_inputs else {}}
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * 2 * FLOAT32 for g in batch)}  # float64 sums (solve.py)
-        kept_here = {"o_proj inputs kept": o_inputs} if s.true_sequential and index in (1, 2) else {}
+        kept_here = kept_by_step.get(index, {}) if s.true_sequential else {}
         kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
                             device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
@@ -264,18 +272,19 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 hessian_copy = ({} if linear is group[-1] else
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
                 resident = {**layer, **acts_device, **quantized, **hessians, **weight_copy, **hessian_copy,
-                            **(kept if index == 1 else {})}
+                            **(kept if index in (1, 3) else {})}
                 solver = gptq_solver_bytes(linear, s.group_size) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
-                                    host={**host, **(kept_host if index == 1 else {})}))
+                                    host={**host, **(kept_host if index in (1, 3) else {})}))
                 if s.method != "gptq":
                     phases.append(Phase(f"check {linear.name}", device={**resident, "packed codes": linear.weights // 2},
                                         host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))
+    kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # the last step's: down_proj's inputs
     phases.append(Phase("run the layer to move activations on",
-                        device={**layer, **acts_device, **window, **quantized,
+                        device={**layer, **acts_device, **window, **quantized, **kept,
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
-                        host=host))
+                        host={**host, **kept_host}))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
     phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized},
                         host={**host, **copy, "quantized Linears copied to the host": packed}))
@@ -371,10 +380,6 @@ def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
 
 
 # ---- peaks and verdicts ----
-def gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"
-
-
 def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
     """(device peak, host peak); on the CPU the device is host memory, and the device peak is empty."""
     baseline = HOST_BASELINE + (HOST_CUDA_RUNTIME if s.device != "cpu" else 0)
@@ -393,8 +398,3 @@ def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
 
     device = Peak(0, "none", {}) if s.device == "cpu" else peak_of(lambda p: p.device)
     return device, peak_of(host_parts)
-
-
-def gpu_needed(allocated: int) -> int:
-    """Card memory for a peak of allocated tensor bytes: the allocator's slack and the CUDA context on top."""
-    return int(allocated * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if allocated else 0

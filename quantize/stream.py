@@ -170,6 +170,11 @@ class Activations:
     def layer_kwargs(self) -> dict:
         return self.kwargs_by_layer[self.depth]
 
+    def input_buffer(self, features: int) -> torch.Tensor:
+        """Room for a module's input [seqlen, features] of every window, in host memory: as large as the
+        activations or more, it would otherwise set the GPU's peak (Phi-4's o_proj inputs: 2.5 GiB)."""
+        return torch.empty((*self.hidden.shape[:2], features), dtype=self.hidden.dtype, device="cpu")
+
     def window(self, i: int, device: torch.device) -> torch.Tensor:
         return self.hidden[i : i + 1].to(device)
 
@@ -305,6 +310,20 @@ def run_mlp_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, dev
         acts.depth += 1
 
 
+def run_down_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, down: nn.Module,
+                      down_inputs: torch.Tensor, device: torch.device) -> None:
+    """The layer's outputs from the residual stream after attention and down_proj's kept inputs: the MLP's
+    output is down_proj's (no gate/up recomputed). Each window's output replaces its input."""
+    after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
+    with torch.no_grad():
+        for i in range(acts.hidden.shape[0]):
+            out = down(down_inputs[i : i + 1].to(device))
+            if after_mlp is not None:
+                out = after_mlp(out)
+            acts.hidden[i] = (acts.window(i, device) + out)[0].to(acts.hidden.device)
+    acts.depth += 1
+
+
 @contextmanager
 def _input_hooks(on_input: dict[nn.Module, InputFn], stop_at: nn.Module | None):
     """Forward pre-hooks calling fn(window, input) and, on stop_at, raising StopForward after them.
@@ -332,17 +351,29 @@ def _input_hooks(on_input: dict[nn.Module, InputFn], stop_at: nn.Module | None):
 
 
 def steps_match_layer(layer: nn.Module, norms: LayerNorms, o_proj: nn.Module, acts: Activations,
-                      device: torch.device) -> bool:
+                      device: torch.device, down: nn.Module | None = None) -> bool:
     """Whether o_proj's input plus run_attention_residual and run_mlp_residual give what the layer's own
-    forward gives, on the first window (a transformers release could change a layer's layout)."""
+    forward gives, on the first window (a transformers release could change a layer's layout); with down,
+    also run_down_residual from down_proj's input."""
     kept = {}
-    with _input_hooks({o_proj: lambda i, x: kept.setdefault("x", x.clone())}, None), torch.no_grad():
+    hooks = {o_proj: lambda i, x: kept.setdefault("o", x.clone())}
+    if down is not None:
+        hooks[down] = lambda i, x: kept.setdefault("down", x.clone())
+    with _input_hooks(hooks, None), torch.no_grad():
         whole = layer(acts.window(0, device), **acts.layer_kwargs)
     whole = whole[0] if isinstance(whole, tuple) else whole
+    close = lambda steps: torch.allclose(steps, whole, rtol=1e-3, atol=1e-5 * float(whole.abs().max()))  # noqa: E731
     one = Activations(hidden=acts.window(0, device).clone(), kwargs_by_layer=acts.kwargs_by_layer, depth=acts.depth)
-    run_attention_residual(layer, norms, one, o_proj, kept["x"][None], device, lambda i, x: None)
+    run_attention_residual(layer, norms, one, o_proj, kept["o"][None], device, lambda i, x: None)
+    after_attention = one.hidden.clone()
     run_mlp_residual(layer, norms, one, device)
-    return torch.allclose(one.hidden, whole, rtol=1e-3, atol=1e-5 * float(whole.abs().max()))
+    if not close(one.hidden):
+        return False
+    if down is None:
+        return True
+    one.hidden, one.depth = after_attention, acts.depth
+    run_down_residual(layer, norms, one, down, kept["down"][None], device)
+    return close(one.hidden)
 
 
 def add_input_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]):

@@ -29,3 +29,6 @@ def test_the_gpu_check_runs_reduced_on_the_cpu_and_writes_its_section(tmp_path):
     text = benchmarks.read_text()
     assert "<!-- gpu-reduced:begin -->" in text and "python benchmarks/gpu.py --reduced" in text
     assert "Phi-4 shape, 1 layers" in text
+    solve = results["solve"]  # the down_proj-shaped solve, timed as a whole and its factorisation alone
+    assert solve["shape"] == [512, 1792] and solve["solve_s"] > 0 and solve["sweep_us_per_column"] >= 0
+    assert "column sweep" in text

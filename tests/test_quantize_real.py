@@ -173,12 +173,12 @@ def test_only_one_decoder_layer_is_materialised(tmp_path, monkeypatch, arch):
         return run
 
     monkeypatch.setattr(driver, "build_skeleton", build)
-    for name in ("run_layer", "run_layer_until", "run_attention_residual", "run_mlp_residual"):
+    for name in ("run_layer", "run_layer_until", "run_attention_residual", "run_mlp_residual", "run_down_residual"):
         monkeypatch.setattr(driver, name, record(getattr(driver, name)))
     settings = QuantizeSettings(method="gptq", bits=4, group_size=32)
     quantize_model(str(folder), tmp_path / "q", settings, CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))
     layer_bytes = sum(p.numel() * 4 for p in skeletons[-1].model.layers[0].parameters())
-    assert len(live) >= 5 * 5  # per layer: to q/k/v, to o_proj, the residual, to down_proj, the MLP
+    assert len(live) >= 5 * 5  # per layer: to q/k/v, to o_proj, the residual, to down_proj, the outputs
     assert max(n for _, n in live) == 1
     assert max(b for b, _ in live) == layer_bytes  # one layer in float32; no embedding, no head
 

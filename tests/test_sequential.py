@@ -41,12 +41,35 @@ def quantize_and_count(model, output, monkeypatch) -> tuple[dict[str, torch.Tens
 def test_stepwise_passes_give_the_same_codes_as_rerunning_the_layer(tmp_path, monkeypatch, arch):
     model = save_tiny_model(tmp_path / "model", arch, layers=2)
     new, new_calls = quantize_and_count(model, tmp_path / "stepwise", monkeypatch)
-    monkeypatch.setattr(driver, "_stepwise_possible", lambda *args: False)
+    monkeypatch.setattr(driver, "_stepwise_possible", lambda *args: (False, False))
     old, old_calls = quantize_and_count(model, tmp_path / "whole", monkeypatch)
     assert new_calls == {"stepwise": 2, "whole layer": 0}
     assert old_calls == {"stepwise": 0, "whole layer": 2}
     assert new.keys() == old.keys() and any(k.endswith("down_proj.qweight") for k in new)
     assert [k for k in new if not torch.equal(new[k], old[k])] == []  # same codes, scales, zeros, bit for bit
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_kept_down_proj_inputs_give_the_same_codes_without_running_gate_up_again(tmp_path, monkeypatch, arch):
+    """Where down_proj's inputs are small they are kept from its Hessian pass, and the layer's outputs come from
+    them: the MLP's first half runs once a layer, not twice, and the checkpoint is the same bit for bit."""
+    model = save_tiny_model(tmp_path / "model", arch, layers=2)
+    mlp_passes = {"n": 0}
+    real_mlp = driver.run_mlp_residual
+
+    def counted(*args, **kwargs):
+        mlp_passes["n"] += 1
+        return real_mlp(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "run_mlp_residual", counted)
+    kept, _ = quantize_and_count(model, tmp_path / "kept", monkeypatch)
+    assert mlp_passes["n"] == 2  # one a layer: up to down_proj's input
+    monkeypatch.setattr(driver, "down_inputs_kept", lambda *args: 0)  # as if too large to keep
+    mlp_passes["n"] = 0
+    recomputed, _ = quantize_and_count(model, tmp_path / "recomputed", monkeypatch)
+    assert mlp_passes["n"] == 4
+    assert kept.keys() == recomputed.keys()
+    assert [k for k in kept if not torch.equal(kept[k], recomputed[k])] == []
 
 
 def test_a_layout_that_does_not_compute_the_layer_falls_back_to_whole_layer_passes(tmp_path, monkeypatch):
@@ -90,4 +113,6 @@ def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
     device = torch.device("cpu")
     o_proj = layer.self_attn.o_proj
     assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device)
+    assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device,
+                                    down=layer.mlp.down_proj)  # its outputs from down_proj's kept input too
     assert not stream.steps_match_layer(layer, arch_module.PRE_NORM, o_proj, acts, device)
