@@ -173,7 +173,15 @@ def render(results: list[dict], identical: bool, args, model: Path) -> str:
     for world in (1, 2, 4, 8):
         t = projected(single, world)
         lines.append(f"| {world} | {t:.1f} | {total / t:.2f}x |")
-    return "\n".join(lines + ["", *memory_per_rank()])
+    notes = ["", "The machine's load average is in the first table: on a shared machine wall figures are indicative "
+             "only and CPU figures move less; re-run the command on a quiet one. The projection assumes the CPU's "
+             "proportions of passes to solves (a GPU's were not measured here); the CPU run's gloo exchanges, mostly "
+             "a rank waiting for the owner of a solve ('exchange: quantized weights'), are left out of it.", ""]
+    cost = ["", "A single process holds 1.20 GiB more at that peak than before the Hessian sums became float64 "
+            "(5.24 GiB at commit 5387f05): the price of any split of the windows giving the same checkpoint "
+            "(DESIGN.md, \"Many ranks, one checkpoint\"). Each further rank takes away its share of the "
+            "activations only: the layer, the Hessians and an owner's solve are a single process's."]
+    return "\n".join(lines + notes + memory_per_rank() + cost)
 
 
 def memory_per_rank() -> list[str]:
