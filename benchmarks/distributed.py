@@ -177,10 +177,8 @@ def render(results: list[dict], identical: bool, args, model: Path) -> str:
              "only and CPU figures move less; re-run the command on a quiet one. The projection assumes the CPU's "
              "proportions of passes to solves (a GPU's were not measured here); the CPU run's gloo exchanges, mostly "
              "a rank waiting for the owner of a solve ('exchange: quantized weights'), are left out of it.", ""]
-    cost = ["", "A single process holds 1.20 GiB more at that peak than before the Hessian sums became float64 "
-            "(5.24 GiB at commit 5387f05): the price of any split of the windows giving the same checkpoint "
-            "(DESIGN.md, \"Many ranks, one checkpoint\"). Each further rank takes away its share of the "
-            "activations only: the layer, the Hessians and an owner's solve are a single process's."]
+    cost = ["", "Each further rank takes away its share of the activations only: the layer, the Hessians (float32 "
+            "sums, added in rank order) and an owner's solve are a single process's."]
     return "\n".join(lines + notes + memory_per_rank() + cost)
 
 
@@ -192,7 +190,7 @@ def memory_per_rank() -> list[str]:
 
     lines = ["Memory of each rank, `lowbit plan PHI4 --gpu 80GiB --ranks N` (Phi-4's config, GPTQ 4-bit g128, "
              "128 x 2048 windows, 16-bit compute):", "",
-             "| N | GPU peak per rank | at | activations | Hessians (float64 sums) |", "|---|---|---|---|---|"]
+             "| N | GPU peak per rank | at | activations | Hessians |", "|---|---|---|---|---|"]
     for world in (1, 2, 4, 8):
         q = plan(PHI4_CONFIG, PlanSettings(device="cuda"), 80 * GiB, None, world)["quantize"]
         parts = q["gpu_parts"]

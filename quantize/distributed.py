@@ -65,7 +65,7 @@ class Ranks:
     # ---- the exchanges: each returns at once in a single process ----
 
     def sum_rows(self, total: torch.Tensor, keep: bool) -> torch.Tensor | None:
-        """Add up every rank's TOTAL (a float64 [K, K] partial sum) in rank order, in place where KEEP;
+        """Add up every rank's TOTAL (a float32 [K, K] partial sum) in rank order, in place where KEEP;
         returns it on the ranks that keep it, None on the others (their partial is then spent)."""
         if self.world == 1:
             return total

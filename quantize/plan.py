@@ -24,7 +24,6 @@ from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
-from lowbit.quantize.solve import PRODUCT_BYTES
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -206,8 +205,8 @@ def down_inputs_kept(nsamples: int, seqlen: int, intermediate: int, c: int) -> i
 
 
 def _hook_bytes(linear: Linear, seqlen: int, c: int) -> int:
-    """HessianAccumulator.add: the input in float32 (a copy unless it is), a band of x^T x and its float64 cast."""
-    return (0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32) + 3 * min(linear.in_features ** 2 * FLOAT32, PRODUCT_BYTES)
+    """HessianAccumulator.add for one window: its input in float32 (a copy unless it is); x^T x adds in place."""
+    return 0 if c == FLOAT32 else seqlen * linear.in_features * FLOAT32
 
 
 def _packed_layer_bytes(shape: ModelShape, s: PlanSettings) -> int:
@@ -253,7 +252,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     kept_by_step = {1: {"o_proj inputs kept": o_inputs}, 2: {"o_proj inputs kept": o_inputs},
                     3: {"down_proj inputs kept": down_inputs} if down_inputs else {}}
     for index, batch in enumerate(batches):
-        hessians = {"Hessians": sum(g[0].in_features ** 2 * 2 * FLOAT32 for g in batch)}  # float64 sums (solve.py)
+        hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
         kept_here = kept_by_step.get(index, {}) if s.true_sequential else {}
         kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",

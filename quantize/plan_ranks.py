@@ -35,7 +35,7 @@ def rank_quantize_phases(shape: ModelShape, s: PlanSettings, ranks: int) -> list
                         if not own.true_sequential or phase.name.endswith(g[-1].name))
             out.append(Phase("sum the Hessians over the ranks",
                              device={**_without_pass(phase.device),
-                                     "Hessian rows being summed": gather_bytes(width * width * 2 * FLOAT32)},
+                                     "Hessian rows being summed": gather_bytes(width * width * FLOAT32)},
                              host=phase.host))
         if phase.name.startswith("save the layer"):
             window = own.seqlen * shape.hidden * own.c  # on the GPU under NCCL, in host memory under gloo

@@ -1,7 +1,9 @@
 """torchrun: two ranks on the CPU (gloo), started by the tests, split the windows and give what one process gives.
 
 Each run is a subprocess with one compute thread (OMP_NUM_THREADS=1), as its single-process twin is:
-the same arithmetic in both. SOURCE_DATE_EPOCH pins the manifest's time, so outputs compare byte for byte.
+the same arithmetic in both. SOURCE_DATE_EPOCH pins the manifest's time, so runs of one kind compare byte for
+byte. Two ranks add their float32 Hessian sums in rank order, one process sums window by window: the same
+products grouped otherwise, so their checkpoints agree up to float32 rounding (solve.HessianAccumulator).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, save_tiny_model
 from tests.test_resume import assert_same_files, one_line
@@ -71,13 +74,45 @@ def single(work, quantize_args) -> tuple[Path, int]:
     return out, json.loads((work / "single-memory").read_text())["peak_bytes"]
 
 
+def assert_same_up_to_rounding(out: Path, reference: Path, model: Path) -> None:
+    """The same tensors (names, shapes, dtypes), all but a few codes equal, scales equal to float16 rounding,
+    and the same perplexity on the same windows within 0.5 %."""
+    from safetensors.torch import load_file
+
+    from lowbit.quantize.pack import unpack_rows
+
+    def tensors(folder: Path) -> dict:
+        return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(shard)).items()}
+
+    ours, theirs = tensors(out), tensors(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
+    codes = [k for k in ours if k.endswith(".qweight")]
+    equal = sum(int((unpack_rows(ours[k], 4, ours[k].shape[0] * 8) == unpack_rows(theirs[k], 4, ours[k].shape[0] * 8))
+                    .sum()) for k in codes)
+    total = sum(ours[k].numel() * 8 for k in codes)
+    assert equal / total >= 0.99, equal / total  # measured: see BENCHMARKS.md, "Many ranks"
+    for k in (k for k in ours if k.endswith(".scales")):
+        assert torch.allclose(ours[k].float(), theirs[k].float(), rtol=2e-2), k
+    text = out.parent / "perplexity.txt"
+    text.write_text("A checkpoint made by two ranks must score what one process's scores. " * 40)
+    ppl = []
+    for folder in (out, reference):
+        scored = run(alone("eval", folder, "--base", model, "--dataset", text, "--seqlen", "64", "--max-windows", "4",
+                           "--device", "cpu", "--no-attach", "--json", out.parent / f"{folder.name}-ppl.json"))
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        ppl.append(json.loads((out.parent / f"{folder.name}-ppl.json").read_text())["ppl_quantized"])
+    assert abs(ppl[0] / ppl[1] - 1) <= 0.005, ppl
+    print(f"two ranks against one: {equal}/{total} codes equal, perplexity {ppl[0]:.6g} against {ppl[1]:.6g}")
+
+
 def test_two_ranks_write_the_single_process_checkpoint_holding_less_each(work, quantize_args, single):
     reference, single_peak = single
     out = work / "two-ranks"
     result = run(torchrun(script=measured(work / "rank-memory", *quantize_args, "-o", out)))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    assert_same_files(out, reference)  # the manifest (per-Linear errors included) too
+    assert_same_up_to_rounding(out, reference, work / "model")
     assert f"wrote {out}" in one_line(result.stdout) and result.stdout.count("wrote") == 1  # rank 0 alone reports
     assert not (work / "two-ranks.lock").exists()
     peaks = [json.loads((work / f"rank-memory.{rank}").read_text())["peak_bytes"] for rank in (0, 1)]
@@ -136,7 +171,7 @@ def test_a_killed_rank_ends_the_run_with_one_line_and_a_rerun_resumes(work, quan
     resumed = run(torchrun(*quantize_args, "-o", out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from layer {layers_done}" in one_line(resumed.stdout)
-    assert_same_files(out, single[0])
+    assert_same_files(out, work / "two-ranks")  # what the uninterrupted two ranks wrote, to the byte
 
 
 def test_eval_under_torchrun_gives_the_single_process_report(work, single):
