@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.markdown import replace_section  # noqa: E402
 from benchmarks.peer_llmcompressor import (  # noqa: E402
-    LLMC_VERSION, PEER_BEST_CANDIDATES, PEER_CONFIGS, ChildFailed, ensure_llmc_venv, llmc_command, ppl_command,
+    LLMC_VERSION, PEER_CONFIGS, ChildFailed, ensure_llmc_venv, llmc_command, ppl_command,
     timed_child)
 from benchmarks.quality_report import markdown  # noqa: E402
 

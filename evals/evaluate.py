@@ -36,6 +36,7 @@ from lowbit.evals.datasets import eval_windows, load_eval_text
 from lowbit.errors import UsageError
 from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.checkpoint import load_config_dict, resolve_model
+from lowbit.quantize.distributed import Ranks, joined, rank_device
 from lowbit.network import hub_token
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, load_windows, read_manifest
 from lowbit.quantize.loader import DenseWeights
@@ -160,18 +161,33 @@ def targets_of(windows: Tensor, window: int, start: int, end: int, device: torch
 
 def perplexity(hidden: Tensor, windows: Tensor, head: Tensor, chunk_tokens: int = 512) -> dict:
     """Perplexity of one model from its final hidden states; computed on the head's device."""
+    return perplexity_of(token_nll(hidden, windows, head, chunk_tokens))
+
+
+def token_nll(hidden: Tensor, windows: Tensor, head: Tensor, chunk_tokens: int = 512) -> Tensor:
+    """Every predicted token's negative log-likelihood, window by window, in host memory."""
     nll = []
     for i in range(windows.shape[0]):
         for start, end in position_chunks(windows.shape[1], chunk_tokens):
             log_probs = chunk_log_probs(hidden[i, start:end], head)
             nll.append(-log_probs.gather(1, targets_of(windows, i, start, end, head.device))[:, 0].cpu())
-    nll_all = torch.cat(nll).double()
-    return {"ppl": float(nll_all.mean().exp()), "tokens": nll_all.numel()}
+    return torch.cat(nll)
+
+
+def perplexity_of(nll: Tensor) -> dict:
+    nll = nll.double()
+    return {"ppl": float(nll.mean().exp()), "tokens": nll.numel()}
 
 
 def score(base_hidden: Tensor, quant_hidden: Tensor, windows: Tensor, base_head: Tensor, quant_head: Tensor,
           chunk_tokens: int = 512, on_progress: ProgressFn | None = None) -> dict:
-    """Compare two models' next-token distributions position by position (llama.cpp's figures).
+    """Compare two models' next-token distributions position by position (llama.cpp's figures)."""
+    return summarize(*token_scores(base_hidden, quant_hidden, windows, base_head, quant_head, chunk_tokens, on_progress))
+
+
+def token_scores(base_hidden: Tensor, quant_hidden: Tensor, windows: Tensor, base_head: Tensor, quant_head: Tensor,
+                 chunk_tokens: int = 512, on_progress: ProgressFn | None = None) -> tuple[Tensor, ...]:
+    """Per predicted token, window by window: the base's and the quantized model's NLL, the KLD, same top.
 
     Heads are float32 [vocab, hidden] on the device to compute on; hidden states
     move there a chunk at a time.
@@ -189,7 +205,7 @@ def score(base_hidden: Tensor, quant_hidden: Tensor, windows: Tensor, base_head:
             kld.append((log_p.exp() * (log_p - log_q)).sum(dim=-1).cpu())  # KL(base || quantized)
             same_top.append((log_p.argmax(dim=-1) == log_q.argmax(dim=-1)).cpu())
         report("score", i + 1, windows.shape[0])
-    return summarize(torch.cat(nll_base), torch.cat(nll_quant), torch.cat(kld), torch.cat(same_top))
+    return torch.cat(nll_base), torch.cat(nll_quant), torch.cat(kld), torch.cat(same_top)
 
 
 def summarize(nll_base: Tensor, nll_quant: Tensor, kld: Tensor, same_top: Tensor) -> dict:
@@ -217,8 +233,18 @@ def summarize(nll_base: Tensor, nll_quant: Tensor, kld: Tensor, same_top: Tensor
 
 
 def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: EvalOptions = EvalOptions(),
-             on_progress: ProgressFn | None = None, base_revision: str | None = None) -> dict:
-    """The report of `lowbit eval`: base vs quantized on the same windows; only the perplexity when base is None."""
+             on_progress: ProgressFn | None = None, base_revision: str | None = None) -> dict | None:
+    """The report of `lowbit eval`: base vs quantized on the same windows; only the perplexity when base is None.
+
+    Under torchrun each rank scores its own block of the windows and rank 0 puts the per-token figures
+    together in window order (the report is a single process's); the other ranks return None."""
+    with joined(rank_device(pick_device(options.device))) as ranks:
+        return _evaluate(quantized, base, dataset, options, on_progress if ranks.primary else None, base_revision,
+                         ranks)
+
+
+def _evaluate(quantized: Path, base: Path | str | None, dataset: str, options: EvalOptions,
+              on_progress: ProgressFn | None, base_revision: str | None, ranks: Ranks) -> dict | None:
     started = time.time()
     report = on_progress or (lambda stage, done, total: None)
     quantized = Path(quantized)
@@ -228,9 +254,10 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
         check_same_vocabulary(config, load_config_dict(base_folder))
     tokenizer = load_tokenizer(quantized if has_tokenizer(quantized) or base_folder is None else base_folder)
     text, provenance = load_eval_text(dataset)
-    windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows)
+    all_windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows)
+    windows = all_windows[ranks.windows(all_windows.shape[0])]
 
-    device = pick_device(options.device)
+    device = rank_device(pick_device(options.device))
     dtype = pick_dtype(options.dtype, device, model_dtype(config))
     if options.offload is None:
         offload = should_offload(config, windows, options.chunk_tokens, dtype, device, with_base=base_folder is not None)
@@ -241,7 +268,8 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
     if base_folder is None:
         hidden = final_hidden_states(quantized, windows, options, stage(report, "quantized"))
         head = head_on(DenseWeights(quantized).lm_head_weight(), device)
-        figures = perplexity(hidden, windows, head, options.chunk_tokens)
+        nll = ranks.concat_on_primary(token_nll(hidden, windows, head, options.chunk_tokens))
+        figures = perplexity_of(nll) if ranks.primary else None
     else:
         base_hidden = final_hidden_states(base_folder, windows, options, stage(report, "base"))
         quant_hidden = final_hidden_states(quantized, windows, options, stage(report, "quantized"))
@@ -250,7 +278,11 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
         same_head = base_head.dtype == quant_head.dtype and torch.equal(base_head, quant_head)
         base_head = head_on(base_head, device)
         quant_head = base_head if same_head else head_on(quant_head, device)  # one copy when the head is shared
-        figures = score(base_hidden, quant_hidden, windows, base_head, quant_head, options.chunk_tokens, report)
+        scores = token_scores(base_hidden, quant_hidden, windows, base_head, quant_head, options.chunk_tokens, report)
+        scores = [ranks.concat_on_primary(s) for s in scores]  # in window order: rank 0's block first
+        figures = summarize(*scores) if ranks.primary else None
+    if not ranks.primary:
+        return None
 
     return {
         **figures,
@@ -261,8 +293,8 @@ def evaluate(quantized: Path, base: Path | str | None, dataset: str, options: Ev
         "dataset_sha256": provenance["sha256"],
         "protocol": provenance["protocol"],
         "scoring": SCORING,
-        "windows": windows.shape[0],
-        "seqlen": windows.shape[1],
+        "windows": all_windows.shape[0],
+        "seqlen": all_windows.shape[1],
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "chunk_tokens": options.chunk_tokens,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -31,6 +32,7 @@ def main(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and tracebacks for internal errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only errors and results."),
 ) -> None:
+    quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun rank 0 speaks for the run
     state.update(verbose=verbose, quiet=quiet)
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.INFO
     handler = RichHandler(console=stderr, show_time=False, show_path=False)
@@ -105,6 +107,8 @@ def quantize(
     with progress_bar() as progress:
         result = quantize_model(model, output, settings, calib, options, on_progress=progress_callback(progress))
     manifest = result.manifest
+    if not result.primary:  # torchrun's other ranks: rank 0 reports
+        return
     if json_out:
         print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "manifest": manifest})
         return
@@ -219,6 +223,8 @@ def eval_command(
     hub_token()
     with progress_bar() as progress:
         report = evaluate(quantized, base, dataset, options, on_progress=progress_callback(progress), base_revision=revision)
+    if report is None:  # torchrun's other ranks: rank 0 reports
+        return
     gates = Gates(max_ppl_delta=max_ppl_delta, max_ppl_ratio=max_ppl_ratio, max_kld=max_kld, min_same_top=min_same_top)
     failures = check_gates(report, gates)
     report["gates"] = {"passed": not failures, "failures": failures, **{k: v for k, v in vars(gates).items() if v is not None}}
@@ -331,6 +337,7 @@ def plan(
     eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget, as lowbit quantize takes it: "
                                                "its candidate solves' memory and its size."),
+    ranks: int = typer.Option(1, help="torchrun's processes (--nproc-per-node): the memory of each."),
     revision: Optional[str] = typer.Option(None, help="Hub revision of MODEL."),
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
@@ -354,10 +361,10 @@ def plan(
     except InvalidSetting as e:
         raise bad_option(e) from None
     settings = PlanSettings(quantize=quantize_settings, calibrated=method == Method.GPTQ or calibrated,
-                                          nsamples=nsamples, seqlen=seqlen, device="cuda" if gpu is not None else "cpu",
-                                          offload=offload, eval_windows=eval_windows, eval_seqlen=eval_seqlen,
-                                          eval_chunk=eval_chunk)
-    result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"])
+                            nsamples=nsamples, seqlen=seqlen, device="cuda" if gpu is not None else "cpu",
+                            offload=offload, eval_windows=eval_windows, eval_seqlen=eval_seqlen, eval_chunk=eval_chunk)
+    result = make_plan(read_config(model, revision, hub_token()), settings, limits["--gpu"], limits["--host-memory"],
+                       ranks)
     if json_out:
         print_json(result)
     else:

@@ -16,7 +16,8 @@ def render(result: dict) -> list[str]:
              + (f", calibration {s['nsamples']} x {s['seqlen']}{' (offloaded)' if s['offload'] else ''}"
                 if s["calibrated"] else ", no calibration")
              + f"; eval {s['eval_windows']} x {s['eval_seqlen']}, "
-             + f"chunk {s['eval_chunk']}; on {device}",
+             + f"chunk {s['eval_chunk']}; on {device}"
+             + (f", each of {s['ranks']} ranks" if s.get("ranks", 1) > 1 else ""),
              f"{'':10}{'GPU peak':>12}{'GPU needed':>13}{'host peak':>12}  fits"]
     on_gpu = s["device"] != "cpu"
     for name in ("quantize", "evaluate"):

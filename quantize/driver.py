@@ -21,11 +21,13 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.quantize.arch import Architecture
 from lowbit.quantize.assemble import assemble
+from lowbit.quantize.distributed import SINGLE, Ranks, joined, rank_device
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
 from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
 from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
 from lowbit.quantize.stream import (
     Activations,
@@ -33,6 +35,7 @@ from lowbit.quantize.stream import (
     each_layer,
     embed_windows,
     load_config,
+    pick_device,
     release_free_heap,
     run_attention_residual,
     run_down_residual,
@@ -46,13 +49,13 @@ from lowbit.quantize.writer import output_lock, publish_folder
 log = logging.getLogger("lowbit")
 
 
-
 @dataclass
 class QuantizeResult:
     output: Path
     manifest: dict
     seconds: float
     resumed_from_layer: int = 0
+    primary: bool = True  # False on torchrun's other ranks: rank 0 wrote the output
 
 
 def quantize_model(
@@ -65,30 +68,35 @@ def quantize_model(
 ) -> QuantizeResult:
     """The whole `lowbit quantize`: returns once OUTPUT holds a complete checkpoint."""
     output = Path(output)
-    with output_lock(output):
-        return _quantize_model_locked(model, output, settings, calibration, options, on_progress)
+    with joined(rank_device(pick_device(options.device))) as ranks:
+        if not ranks.primary:  # rank 0 alone touches OUTPUT
+            return _quantize_model_locked(model, output, settings, calibration, options, None, ranks)
+        with output_lock(output):
+            return _quantize_model_locked(model, output, settings, calibration, options, on_progress, ranks)
 
 
 def _quantize_model_locked(model: str, output: Path, settings: QuantizeSettings, calibration, options: RunOptions,
-                           on_progress: ProgressFn | None) -> QuantizeResult:
+                           on_progress: ProgressFn | None, ranks: Ranks = SINGLE) -> QuantizeResult:
     started = time.time()
-    job = open_job(model, output, settings, calibration, options, on_progress)
+    job = open_job(model, output, settings, calibration, options, on_progress, ranks)
     layers_done = job.progress["layers_done"]
-    if layers_done:
+    if layers_done and ranks.primary:
         log.info("resuming %s from layer %d of %d", output, layers_done, job.arch.num_layers)
     with cleanup_on_bad_input(job):
-        solve_layers(job)
+        solve_layers(job, ranks)
+        if not ranks.primary:
+            return QuantizeResult(output, {}, time.time() - started, layers_done, primary=False)
         manifest = assemble(job)
     publish_folder(job.work, output)
     return QuantizeResult(output, manifest, time.time() - started, resumed_from_layer=layers_done)
 
 
-def solve_layers(job: QuantizeJob) -> None:
+def solve_layers(job: QuantizeJob, ranks: Ranks = SINGLE) -> None:
     """Every decoder layer not yet in the progress folder, quantized and saved there (with its candidates)."""
     solve = make_solver(job.settings)
     if job.windows is not None:
-        _quantize_calibrated(job, solve)
-    else:
+        _quantize_calibrated(job, solve, ranks)
+    elif ranks.primary:  # nothing to split without calibration windows: rank 0 does it all
         _quantize_weights_only(job, solve)
 
 
@@ -121,12 +129,15 @@ def _quantize_weights_only(job: QuantizeJob, solve) -> None:
         report("quantize", i + 1, arch.num_layers)
 
 
-def _quantize_calibrated(job: QuantizeJob, solve) -> None:
-    """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on."""
+def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None:
+    """GPTQ's layer-by-layer loop: Hessians from the activations, solve each Linear, move on.
+    Under torchrun each rank runs its own block of the windows (quantize/distributed.py)."""
     source, config, arch, reader, settings, options = job.source, job.config, job.arch, job.reader, job.settings, job.options
     windows, device, dtype, progress_dir, progress, report = (job.windows, job.device, job.dtype, job.progress_dir,
                                                              job.progress, job.report)
     skeleton = build_skeleton(load_config(source.folder, options.trust_remote_code), options.trust_remote_code)
+    block, count = ranks.windows(windows.shape[0]), windows.shape[0]
+    windows = windows[block]
     offload = options.offload
     if offload is None:
         plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1],
@@ -138,28 +149,32 @@ def _quantize_calibrated(job: QuantizeJob, solve) -> None:
         acts = embed_windows(skeleton, embed, windows, device, dtype, offload)
     else:  # the layer arguments come from one window; the hidden states from disk
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
-        hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors")
+        hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     steps = None
-    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start, report,
-                                               "quantize"):
-        if steps is None:  # once a run
-            steps = _stepwise_possible(layer, arch, settings, acts, device)
-        residual = residual_energy(acts.hidden)  # before the layer moves it on
+    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
+                                               report if ranks.primary else None, "quantize"):
+        if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
+            steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
+        residual = residual_energy(acts.hidden, ranks)  # before the layer moves it on
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, *steps)
-        for entry in stats.values():
-            entry["residual_energy"] = residual
-        save_layer(progress_dir, i, out, progress, stats, acts, candidates)
+                                                 acts, device, *steps, Solvers(ranks, i))
+        if ranks.primary:
+            for entry in stats.values():
+                entry["residual_energy"] = residual
+            save_layer(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
+        else:
+            ranks.send_to_primary(acts.hidden)
         del out, candidates
 
 
-def residual_energy(hidden: torch.Tensor) -> float:
-    """Mean ||h||^2 over the tokens entering a layer: the scale its Linears' output errors are set against
-    when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy of them all."""
-    total = sum(float(window.float().square().sum()) for window in hidden)
-    return total / max(hidden.shape[0] * hidden.shape[1], 1)
+def residual_energy(hidden: torch.Tensor, ranks: Ranks = SINGLE) -> float:
+    """Mean ||h||^2 over the tokens entering a layer (all ranks' windows): the scale its Linears' output errors
+    are set against when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy
+    of them all."""
+    total = ranks.sum_float(sum(float(window.float().square().sum()) for window in hidden))
+    return total / max(ranks.sum_count(hidden.shape[0]) * hidden.shape[1], 1)
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
@@ -181,10 +196,10 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
 
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
-                    keep_down_inputs: bool = False):
+                    keep_down_inputs: bool = False, solvers: Solvers = Solvers()):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
-    each other candidate format under a size budget, by format tag)."""
+    each other candidate format under a size budget, by format tag); under torchrun complete on rank 0."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -192,20 +207,30 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     def wanted(group) -> bool:
         return not all(settings.is_skipped(prefix + m) for m in group)
 
-    def solve_group(group, hessian: torch.Tensor) -> None:
+    ranks, order = solvers.ranks, arch.linear_names()
+
+    def solve_group(group, accumulator: HessianAccumulator) -> None:
         names = [name for name in group if not settings.is_skipped(prefix + name)]
-        for name in names:
-            for key in ("weight", "bias"):
-                out.pop(f"{prefix}{name}.{key}", None)
-            # the solver consumes the Hessian: the group's last Linear gets it, the others a copy
-            shared = hessian if name == names[-1] else hessian.clone()
+        owners = solvers.owners(names, order)
+        mine = [name for name in names if owners[name] == ranks.rank]
+        hessian = group_hessian(accumulator, ranks, keep=bool(mine))
+        solved_here = {}
+        for name in mine:
+            # the solver consumes the Hessian: the last Linear solved here gets it, the others a copy
+            shared = hessian if name == mine[-1] else hessian.clone()
             try:
-                solved, stats[prefix + name] = _solve_linear(layer, name, solve, source_tensors, shared,
-                                                             consume_hessian=True)
+                solved, stat = _solve_linear(layer, name, solve, source_tensors, shared, consume_hessian=True)
             except LowbitError as e:
                 raise type(e)(f"{prefix}{name}: {e}") from None
+            solved_here[name] = (without_dequantized(solved, layer.get_submodule(name).weight.data), stat)
+            del shared
+        del hessian
+        for name, (solved, stat) in share_solves(layer, owners, solved_here, ranks):  # rank 0's part
+            for key in ("weight", "bias"):
+                out.pop(f"{prefix}{name}.{key}", None)
+            stats[prefix + name] = stat
             out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
-            keep_candidates(candidates, stats[prefix + name], prefix + name, solved)
+            keep_candidates(candidates, stat, prefix + name, solved)
 
     if stepwise:
         _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs)
@@ -216,7 +241,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     for batch in batches:
         hessians = _collect_hessians(layer, batch, acts, device)
         for group, hessian in zip(batch, hessians):
-            solve_group(group, hessian.hessian)
+            solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
     run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
     return out, stats, candidates
@@ -246,7 +271,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     if hessian is not None:
         run_layer_until(layer, acts, device, stop_at=module(attention_in[0]),
                         on_input={module(attention_in[0]): lambda i, x: hessian.add(x)})
-        solve_group(attention_in, hessian.hessian)
+        solve_group(attention_in, hessian)
     del hessian  # each K x K Hessian is gone before the next is made
 
     o_proj = module(o_group[0])
@@ -260,7 +285,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
     run_layer_until(layer, acts, device, stop_at=o_proj, on_input={o_proj: keep})
     if hessian is not None:
-        solve_group(o_group, hessian.hessian)
+        solve_group(o_group, hessian)
     del hessian, keep
 
     hessian = hessian_of(mlp_in)
@@ -268,7 +293,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
                            on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None))
     del kept
     if hessian is not None:
-        solve_group(mlp_in, hessian.hessian)
+        solve_group(mlp_in, hessian)
     del hessian
 
     down = module(down_group[0])
@@ -284,7 +309,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
             kept[i] = x.to(kept.device)
 
     run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
-    solve_group(down_group, hessian.hessian)
+    solve_group(down_group, hessian)
     del hessian, measure
     if kept is not None:
         run_down_residual(layer, arch.norms, acts, down, kept, device)
@@ -311,17 +336,6 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
     return solved, stats
-
-
-def keep_candidates(candidates: dict[str, dict[str, torch.Tensor]], stats: dict, module: str,
-                    solved: SolvedLinear) -> None:
-    """File a Linear's other candidate formats: tensors by format tag, errors in its stats."""
-    if not solved.candidates:
-        return
-    stats["candidates"] = {}
-    for fmt, (tensors, error) in solved.candidates.items():
-        candidates.setdefault(fmt.tag, {}).update({f"{module}.{k}": v for k, v in tensors.items()})
-        stats["candidates"][fmt.tag] = error
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

@@ -12,6 +12,7 @@ from lowbit.errors import UsageError
 from lowbit.quantize.arch import ModelShape, model_shape
 from lowbit.quantize.mixed import budget_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS
+from lowbit.quantize.plan_ranks import rank_eval_phases, rank_quantize_phases
 from lowbit.quantize.plan import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT,
@@ -48,11 +49,16 @@ OPTION_NAMES = {"nsamples": "--nsamples", "seqlen": "--seqlen", "eval_chunk": "-
                 "eval_windows": "--max-windows"}  # as `lowbit quantize` / `lowbit eval` spell them
 
 
-def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes: int | None = None) -> dict:
-    """Everything `lowbit plan` prints: peaks of quantization and evaluation, output size, fits, suggestions."""
+def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes: int | None = None,
+         ranks: int = 1) -> dict:
+    """Everything `lowbit plan` prints: peaks of quantization and evaluation, output size, fits, suggestions;
+    with RANKS, those of each rank under torchrun (quantize/plan_ranks.py)."""
     shape = model_shape(config)
     check_settings(shape, s)
-    result = _verdict(shape, s, gpu_bytes, host_bytes)
+    if not 1 <= ranks <= min(s.nsamples, s.eval_windows):
+        raise UsageError(f"ranks must be at least 1 and at most the windows ({s.nsamples} calibration, "
+                         f"{s.eval_windows} evaluation), not {ranks}")
+    result = _verdict(shape, s, gpu_bytes, host_bytes, ranks)
     size, bits_per_weight = output_size(shape, s)
     result.update(
         model={"architecture": shape.architecture, "layers": shape.layers, "hidden": shape.hidden,
@@ -62,11 +68,11 @@ def plan(config: dict, s: PlanSettings, gpu_bytes: int | None = None, host_bytes
                   "nsamples": s.nsamples,
                   "seqlen": s.seqlen, "device": s.device, "compute_bytes": s.c, "offload": s.offload,
                   "eval_windows": s.eval_windows, "eval_seqlen": s.eval_seqlen, "eval_chunk": s.eval_chunk,
-                  "eval_offload": s.eval_offload},
+                  "eval_offload": s.eval_offload, "ranks": ranks},
         output_bytes=size, bits_per_weight=round(bits_per_weight, 4),
         limits={"gpu_bytes": gpu_bytes, "host_bytes": host_bytes},
     )
-    result["suggestions"] = [] if result["fits"] else suggestions(shape, s, gpu_bytes, host_bytes)
+    result["suggestions"] = [] if result["fits"] else suggestions(shape, s, gpu_bytes, host_bytes, ranks)
     return result
 
 
@@ -80,9 +86,10 @@ def check_settings(shape: ModelShape, s: PlanSettings) -> None:
             raise UsageError(f"group size {s.group_size} does not divide in_features of {bad[0]}")
 
 
-def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> dict:
-    q_device, q_host = peaks(quantize_phases(shape, s), s)
-    e_device, e_host = peaks(eval_phases(shape, s), s)
+def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None,
+             ranks: int = 1) -> dict:
+    q_device, q_host = peaks(rank_quantize_phases(shape, s, ranks), s)
+    e_device, e_host = peaks(rank_eval_phases(shape, s, ranks), s)
 
     def entry(device: Peak, host: Peak) -> dict:
         needed = gpu_needed(device.bytes)
@@ -96,7 +103,8 @@ def _verdict(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_byt
     return {"quantize": quantize, "evaluate": evaluate, "fits": quantize["fits"] and evaluate["fits"]}
 
 
-def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None) -> list[dict]:
+def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_bytes: int | None,
+                ranks: int = 1) -> list[dict]:
     """Changes of settings that make the part that does not fit fit, each with what it costs.
 
     Tried in order of cost: offloading, then (with offloading if it alone is not enough) halving the
@@ -104,11 +112,11 @@ def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_
     fewer windows. A part nothing rescues gets an entry without an option.
     """
     out: list[dict] = []
-    base = _verdict(shape, s, gpu_bytes, host_bytes)
+    base = _verdict(shape, s, gpu_bytes, host_bytes, ranks)
     on_gpu = s.device != "cpu"
 
     def fits(option: str, changed: PlanSettings, part: str, cost: str) -> bool:
-        verdict = _verdict(shape, changed, gpu_bytes, host_bytes)[part]
+        verdict = _verdict(shape, changed, gpu_bytes, host_bytes, ranks)[part]
         if verdict["fits"]:
             gpu_needed = verdict["gpu_needed_bytes"] if changed.device != "cpu" else None
             out.append({"for": part, "option": option, "gpu_needed_bytes": gpu_needed,

@@ -13,6 +13,7 @@ import torch
 
 from lowbit.errors import LowbitError, UsageError
 from lowbit.quantize.arch import Architecture, architecture_of
+from lowbit.quantize.distributed import SINGLE, RankFailed, Ranks, rank_device
 from lowbit.quantize.checkpoint import (
     ModelSource,
     SafetensorsCheckpoint,
@@ -69,12 +70,15 @@ class QuantizeJob:
 
 
 def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=None,
-             options: RunOptions = RunOptions(), on_progress: ProgressFn | None = None) -> QuantizeJob:
-    """Resolve the source, check it, draw the calibration windows and open (or resume) OUTPUT.partial's progress."""
+             options: RunOptions = RunOptions(), on_progress: ProgressFn | None = None,
+             ranks: Ranks = SINGLE) -> QuantizeJob:
+    """Resolve the source, check it, draw the calibration windows and open (or resume) OUTPUT.partial's progress.
+    Under torchrun rank 0 alone opens the progress; the others hear where it stands."""
     report = on_progress or (lambda stage, done, total: None)
     if settings.method == "gptq" and calibration is None:
         raise UsageError("gptq needs calibration data (--calibration)")
-    check_output_free(output, options.force)
+    if ranks.primary:
+        check_output_free(output, options.force)
     source = resolve_model(model, options.revision, options.token)
     config = load_config_dict(source.folder)
     architecture_of(config)  # refuse an unsupported model before opening its weights
@@ -82,17 +86,19 @@ def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=N
     reader = open_checkpoint(source.folder, options.allow_pickle)
     arch = architecture_of(config, reader.names())
     check_shapes(arch, reader, settings)
-    device = pick_device(options.device)
+    device = rank_device(pick_device(options.device))
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
 
     settings = settings.resolved(calibration is not None)
     windows, calibration_info = None, None
     if settings.calibrated(calibration is not None):
         windows, calibration_info = _calibration_windows(source, calibration, options)
+        ranks.windows(windows.shape[0])  # refuses fewer windows than ranks
 
     work = output.with_name(output.name + ".partial")
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
-    progress = open_progress(work, work / ".lowbit-progress", fingerprint, options.force)
+    progress = open_progress(work, work / ".lowbit-progress", fingerprint, options.force) if ranks.primary else {}
+    progress["layers_done"] = ranks.from_primary(progress.get("layers_done"))
     return QuantizeJob(source, config, arch, reader, settings, options, device, dtype, windows, calibration_info,
                        work, progress, report)
 
@@ -103,6 +109,8 @@ def cleanup_on_bad_input(job: QuantizeJob):
     makes this progress stale anyway. A crash or a kill keeps it for the next run to resume."""
     try:
         yield
+    except RankFailed:
+        raise  # another rank stopped: the progress stays, for the next run to resume
     except OSError as e:
         error = disk_full_error(e, job.work, job.reader.total_bytes())
         if error is None:

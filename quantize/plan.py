@@ -375,7 +375,6 @@ def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
 
 
 # ---- peaks and verdicts ----
-
 def peaks(phases: list[Phase], s: PlanSettings) -> tuple[Peak, Peak]:
     """(device peak, host peak); on the CPU the device is host memory, and the device peak is empty."""
     baseline = HOST_BASELINE + (HOST_CUDA_RUNTIME if s.device != "cpu" else 0)

@@ -18,14 +18,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from lowbit.errors import OutputExistsError
 from lowbit.files import write_json
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.settings import QuantizeSettings
+from lowbit.quantize.distributed import SINGLE, Ranks
 from lowbit.quantize.stream import Activations
+from lowbit.quantize.writer import write_in_blocks
 
 
 def progress_fingerprint(settings: QuantizeSettings, reader: SafetensorsCheckpoint, config: dict, calibration_info: dict | None) -> str:
@@ -84,11 +86,13 @@ def candidates_dir(progress_dir: Path, tag: str) -> Path:
 
 def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
                 layer_stats: dict, acts: Activations | None,
-                candidates: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+                candidates: dict[str, dict[str, torch.Tensor]] | None = None, ranks: Ranks = SINGLE,
+                windows: int = 0) -> None:
     """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state.
 
     candidates: under a size budget, each other format's tensors of this layer, by format tag: kept in a
-    folder per format, under the same names as the layer file's, until assemble chooses."""
+    folder per format, under the same names as the layer file's, until assemble chooses.
+    Under torchrun (rank 0 only): the hidden states of all WINDOWS, each rank's block in turn."""
     for tag, tensors_of_tag in (candidates or {}).items():
         folder = candidates_dir(progress_dir, tag)
         folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,9 @@ def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
     _save_layer_file(progress_dir, index, tensors)
     if acts is not None:
         tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
-        save_tensors({"hidden": acts.hidden.detach().to("cpu").contiguous()}, tmp)
+        hidden = acts.hidden
+        count = windows or hidden.shape[0]
+        write_in_blocks(tmp, "hidden", ranks.blocks_on_primary(hidden, count), hidden.dtype, (count, *hidden.shape[1:]))
         tmp.replace(progress_dir / f"activations-{index + 1:05d}.safetensors")
     progress["layers_done"] = index + 1
     progress["layers"].update(layer_stats)
@@ -105,8 +111,10 @@ def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
     old.unlink(missing_ok=True)
 
 
-def read_activations(path: Path) -> torch.Tensor:
-    return load_file(str(path))["hidden"]
+def read_activations(path: Path, windows: slice = slice(None)) -> torch.Tensor:
+    """The hidden states saved with a layer, of the WINDOWS asked for (a rank's block) only."""
+    with safe_open(str(path), "pt") as f:
+        return f.get_slice("hidden")[windows]
 
 
 def _save_layer_file(folder: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:

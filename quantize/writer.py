@@ -98,6 +98,24 @@ def _write_shard(path: Path, tensors: list[PendingTensor]) -> str:
     return sha.hexdigest()
 
 
+def write_in_blocks(path: Path, name: str, blocks: Iterator[torch.Tensor], dtype: torch.dtype,
+                    shape: tuple[int, ...]) -> None:
+    """A safetensors file of one tensor NAME, written from BLOCKS of its first dimension in order: the
+    whole tensor is never in one place (each rank's hidden states, quantize/distributed.py)."""
+    with open(path, "wb") as f:
+        f.write(_header([PendingTensor(name, dtype, shape, lambda: None)]))
+        written = 0
+        for block in blocks:
+            data = block.detach().to("cpu").contiguous()
+            if data.dtype != dtype or tuple(data.shape[1:]) != shape[1:]:
+                raise RuntimeError(f"{name}: planned {dtype}{shape}, got a block {data.dtype}{tuple(data.shape)}")
+            f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()) if data.numel() else b"")
+            written += data.shape[0]
+            del data
+        if written != shape[0]:
+            raise RuntimeError(f"{name}: planned {shape[0]} rows, got {written}")
+
+
 def write_sharded(folder: Path, units: list[list[PendingTensor]], max_shard_bytes: int,
                   on_tensor: Callable[[str], None] | None = None) -> dict[str, dict]:
     """Write model-0000i-of-0000n.safetensors and the index; return {file: {sha256, size}}."""

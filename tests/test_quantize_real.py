@@ -44,7 +44,7 @@ def real_linears_with_hessians(smollm2_dir, n_layers: int = 2):
         hessians = driver._collect_hessians(layer, list(arch.groups), acts, device)
         for group, acc in zip(arch.groups, hessians):
             for name in group:
-                yield i, name, layer.get_submodule(name).weight.detach().float(), acc.hessian
+                yield i, name, layer.get_submodule(name).weight.detach().float(), acc.mean()
         stream.run_layer(layer, acts, device)
         stream.free_weights(layer)
 
