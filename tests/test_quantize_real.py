@@ -43,8 +43,9 @@ def real_linears_with_hessians(smollm2_dir, n_layers: int = 2):
         stream.load_weights(layer, reader.read_prefix(arch.layer_prefix(i)), device, torch.float32)
         hessians = driver._collect_hessians(layer, list(arch.groups), acts, device)
         for group, acc in zip(arch.groups, hessians):
+            hessian = acc.mean()  # the group's Linears share it
             for name in group:
-                yield i, name, layer.get_submodule(name).weight.detach().float(), acc.mean()
+                yield i, name, layer.get_submodule(name).weight.detach().float(), hessian
         stream.run_layer(layer, acts, device)
         stream.free_weights(layer)
 
