@@ -98,8 +98,8 @@ def main() -> None:
     best = {mode: min(t for _, t in figures) for mode, figures in runs.items()}
     body = "\n".join([
         f"SmolLM2-135M, first {args.layers} decoder layers, GPTQ 4-bit g64 (lowbit's defaults), {args.nsamples} x "
-        f"{args.seqlen} c4 windows, CPU, the two modes alternating in one process (the same machine load for both; "
-        f"the machine was shared with other jobs, so compare the rows, not the figures with other sections).",
+        f"{args.seqlen} c4 windows, CPU, the two modes alternating in one process (the same machine load for both: "
+        f"compare the rows, not the figures with other sections).",
         "", *rows, "",
         f"Whole run, best of each: {best['kept']:.1f} against {best['recomputed']:.1f} CPU s "
         f"({best['kept'] / best['recomputed']:.2f}x). Matrix-product work of the window passes: "
