@@ -157,12 +157,14 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
                                                report if ranks.primary else None, "quantize"):
         if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
             steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
-        residual = residual_energy(acts.hidden, ranks)  # before the layer moves it on
+        # a size budget's weighting needs it, before the layer moves the stream on
+        residual = residual_energy(acts.hidden, ranks) if settings.target_bpw is not None else None
         out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
                                                  acts, device, *steps, Solvers(ranks, i))
         if ranks.primary:
-            for entry in stats.values():
-                entry["residual_energy"] = residual
+            if residual is not None:
+                for entry in stats.values():
+                    entry["residual_energy"] = residual
             save_layer(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
         else:
             ranks.send_to_primary(acts.hidden)
