@@ -82,17 +82,17 @@ class Ranks:
                 del parts
         return total if keep else None
 
-    def sum_count(self, count: int) -> int:
-        return int(self._sum(count, torch.int64))
+    def sum_count(self, count: int, what: str) -> int:
+        return int(self._sum(count, torch.int64, what))
 
-    def sum_float(self, value: float) -> float:
-        return float(self._sum(value, torch.float64))
+    def sum_float(self, value: float, what: str) -> float:
+        return float(self._sum(value, torch.float64, what))
 
-    def _sum(self, value, dtype: torch.dtype):
+    def _sum(self, value, dtype: torch.dtype, what: str):
         if self.world == 1:
             return value
         total = torch.tensor([value], dtype=dtype, device=_comm_device())
-        with _exchange("summing Hessians"):
+        with _exchange(what):
             torch.distributed.all_reduce(total)
         return total.item()
 

@@ -175,8 +175,9 @@ def residual_energy(hidden: torch.Tensor, ranks: Ranks = SINGLE) -> float:
     """Mean ||h||^2 over the tokens entering a layer (all ranks' windows): the scale its Linears' output errors
     are set against when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy
     of them all."""
-    total = ranks.sum_float(sum(float(window.float().square().sum()) for window in hidden))
-    return total / max(ranks.sum_count(hidden.shape[0]) * hidden.shape[1], 1)
+    what = "summing the residual stream's energy"
+    total = ranks.sum_float(sum(float(window.float().square().sum()) for window in hidden), what)
+    return total / max(ranks.sum_count(hidden.shape[0], what) * hidden.shape[1], 1)
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,

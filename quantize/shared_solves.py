@@ -34,7 +34,7 @@ def group_hessian(accumulator: HessianAccumulator, ranks: Ranks, keep: bool) -> 
     """The group's float32 Hessian over every rank's windows (their partial sums added in rank order) where
     KEEP (a Linear of the group is solved here); None elsewhere. The accumulator is spent."""
     total = ranks.sum_rows(accumulator.sum, keep)
-    accumulator.rows = ranks.sum_count(accumulator.rows)
+    accumulator.rows = ranks.sum_count(accumulator.rows, "summing Hessians")
     hessian = accumulator.mean() if total is not None else None
     accumulator.sum = None
     return hessian
