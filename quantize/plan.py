@@ -131,9 +131,9 @@ def nf4_solver_bytes(linear: Linear) -> int:
                                                            scale_search_bytes(linear, BNB_BLOCKSIZE, temporaries=4))
 
 
-def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 3) -> int:
-    """grid.searched_grid_params: about three float32 [candidates, rows, group] temporaries, their rows
-    chunked to at most SEARCH_CHUNK values each; nf4.searched_absmax about four (its int32 buckets, which
+def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 1) -> int:
+    """grid.searched_grid_params: one float32 [candidates, rows, group] temporary, worked in place, its rows
+    chunked to at most SEARCH_CHUNK values; nf4.searched_absmax about four (its int32 buckets, which
     indexing widens to int64, and the values looked up)."""
     group = linear.in_features if group_size == -1 else group_size
     return temporaries * FLOAT32 * min(len(CLIP_RATIOS) * linear.out_features * group, SEARCH_CHUNK)
