@@ -218,3 +218,27 @@ def test_the_column_loop_launches_ten_kernels_a_column():
         counts[n_cols] = counter.compute
     per_column = (counts[512] - counts[256]) / 256
     assert per_column <= 11.5, per_column  # the loop before 2026-12-01 made 19.3 a column
+
+
+# --- the Hessian ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("columns", [64, 200, 576, 1000])
+def test_hessian_from_its_upper_bands_is_the_full_mean(columns):
+    from lowbit.quantize.solve import HESSIAN_BAND, HessianAccumulator, hessian_bands
+
+    bands = hessian_bands(columns)
+    assert bands[0][0] == 0 and bands[-1][1] == columns
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert all(end - start <= HESSIAN_BAND for start, end in bands)
+    gen = torch.Generator().manual_seed(columns)
+    batches = [torch.randn(rows, columns, generator=gen) * torch.logspace(-1, 1, columns) for rows in (100, 37, 256)]
+    accumulator = HessianAccumulator(columns, torch.device("cpu"))
+    for x in batches:
+        accumulator.add(x)
+    hessian = accumulator.mean()
+    x = torch.cat(batches).double()
+    expected = 2 / x.shape[0] * x.T @ x
+    assert torch.equal(hessian, hessian.T)  # mirrored exactly
+    torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert accumulator.sum is None  # the mean took the sum's buffer
