@@ -91,7 +91,7 @@ class HessianAccumulator:
     Under torchrun each rank sums its own block of windows and the ranks' sums are added in rank order
     (quantize/shared_solves.py): the same products grouped otherwise, so N ranks differ from one process
     by float32 rounding. A float64 sum would make them agree to the byte, at 4 K^2 more bytes at the
-    peak (Phi-4 on one GPU: 6.44 GiB allocated instead of 5.24; Llama-3.1-405B offloaded: 10.6 GiB more,
+    peak (Phi-4 on one GPU: 6.39 GiB allocated instead of 5.19; Llama-3.1-405B offloaded: 10.6 GiB more,
     past the 32 GiB it must fit): not worth it.
     """
 
