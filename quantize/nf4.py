@@ -41,8 +41,8 @@ effective scales a loader computes from them.
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import bitsandbytes.functional as bnb
 import torch
 from torch import Tensor
 
@@ -51,6 +51,18 @@ from lowbit.quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, outpu
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.hessian_factor import damped_inverse_factor_
 from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings, check_damp
+
+if TYPE_CHECKING:
+    import bitsandbytes.functional as bnb
+
+
+def _bnb():
+    """bitsandbytes, imported when first used: its import loads torch's compiler stack (about 4 s on the CPU),
+    which a GPTQ run, a plan or an eval of a GPTQ checkpoint never needs."""
+    import bitsandbytes.functional
+
+    return bitsandbytes.functional
+
 
 log = logging.getLogger("lowbit")
 
@@ -102,7 +114,7 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
         raise CorruptInputError("weight contains NaN or inf")
     n_rows, n_cols = weight.shape
     weight = weight.detach().contiguous()
-    packed, state = bnb.quantize_4bit(
+    packed, state = _bnb().quantize_4bit(
         weight, blocksize=config.blocksize, compress_statistics=config.double_quant, quant_type=config.quant_type
     )
     stats = {"calibrated": False, "damp": None, "loss": None, "dead_inputs": None}
@@ -138,17 +150,17 @@ def dequantize_bnb(tensors: dict[str, Tensor], shape: tuple[int, int]) -> Tensor
         raise CorruptInputError(f"incomplete bitsandbytes 4-bit tensors: {sorted(tensors)}")
     state_dict = {key.removeprefix("weight."): value for key, value in tensors.items() if key != "weight"}
     data = tensors["weight"]
-    state = bnb.QuantState.from_dict(state_dict, device=data.device)
+    state = _bnb().QuantState.from_dict(state_dict, device=data.device)
     if tuple(state.shape) != tuple(shape):
         raise CorruptInputError(f"bitsandbytes quant state has shape {tuple(state.shape)}, expected {tuple(shape)}")
-    return bnb.dequantize_4bit(data, state).to(torch.float32)
+    return _bnb().dequantize_4bit(data, state).to(torch.float32)
 
 
-def effective_absmax(state: bnb.QuantState) -> Tensor:
+def effective_absmax(state: "bnb.QuantState") -> Tensor:
     """float32 [n_blocks]: the scale of each block as dequantize_4bit computes it."""
     if not state.nested:
         return state.absmax.to(torch.float32)
-    absmax = bnb.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = _bnb().dequantize_blockwise(state.absmax, state.state2) + state.offset
     return absmax.to(torch.float32)
 
 
@@ -190,15 +202,15 @@ def block_rounding_error(w: Tensor, scale: Tensor, importance: Tensor, bounds: T
     return value.sub_(w).square_() @ importance
 
 
-def state_with_absmax(state: bnb.QuantState, absmax: Tensor, double_quant: bool) -> bnb.QuantState:
+def state_with_absmax(state: "bnb.QuantState", absmax: Tensor, double_quant: bool) -> "bnb.QuantState":
     """state with its block scales replaced by absmax [n_blocks], stored as quantize_4bit stores its own."""
     absmax = absmax.to(device=state.code.device, dtype=torch.float32)
     if not double_quant:
-        return bnb.QuantState(absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+        return _bnb().QuantState(absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
                               code=state.code, quant_type=state.quant_type)
     offset = absmax.mean()
-    qabsmax, state2 = bnb.quantize_blockwise(absmax - offset, blocksize=256)
-    return bnb.QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
+    qabsmax, state2 = _bnb().quantize_blockwise(absmax - offset, blocksize=256)
+    return _bnb().QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
                           code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
 
 
