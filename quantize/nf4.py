@@ -207,11 +207,11 @@ def state_with_absmax(state: "bnb.QuantState", absmax: Tensor, double_quant: boo
     absmax = absmax.to(device=state.code.device, dtype=torch.float32)
     if not double_quant:
         return _bnb().QuantState(absmax=absmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
-                              code=state.code, quant_type=state.quant_type)
+                                 code=state.code, quant_type=state.quant_type)
     offset = absmax.mean()
     qabsmax, state2 = _bnb().quantize_blockwise(absmax - offset, blocksize=256)
     return _bnb().QuantState(absmax=qabsmax, shape=state.shape, dtype=state.dtype, blocksize=state.blocksize,
-                          code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
+                             code=state.code, quant_type=state.quant_type, offset=offset, state2=state2)
 
 
 def bnb_quantization_config(config: BnbConfig, skip_modules: list[str], compute_dtype: str = "bfloat16") -> dict:
