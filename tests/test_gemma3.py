@@ -14,7 +14,7 @@ from lowbit.evals.evaluate import EvalOptions, final_hidden_states, perplexity
 from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.loader import DenseWeights, load_dequantized_model
 from lowbit.quantize.settings import QuantizeSettings
-from lowbit.quantize.stream import build_skeleton, embed_windows, load_config
+from lowbit.quantize.stream import build_skeleton, embed_windows, load_config, without_plain_causal_mask
 from lowbit.checkpoint_info import tensor_problems
 from tests.conftest import save_tiny_model
 
@@ -78,6 +78,31 @@ def test_each_layer_gets_the_mask_and_rotary_embedding_of_its_type(gemma, window
     # embeddings scaled by sqrt(hidden), as Gemma3TextScaledWordEmbedding does
     embed = DenseWeights(gemma).read("model.embed_tokens.weight").float()
     torch.testing.assert_close(acts.hidden[0], embed[windows[0]] * HIDDEN ** 0.5)
+
+
+def test_a_mask_that_is_plain_causal_is_dropped_and_the_outputs_stay_exact(gemma):
+    # windows no longer than the sliding window (8): the sliding layers' masks are plain causal
+    short = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    skeleton = build_skeleton(load_config(gemma))
+    acts = embed_windows(skeleton, DenseWeights(gemma).read("model.embed_tokens.weight"), short,
+                         torch.device("cpu"), torch.float32)
+    assert all(kwargs.get("attention_mask") is None for kwargs in acts.kwargs_by_layer)
+    model = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        expected = model.model(input_ids=short).last_hidden_state
+    hidden = final_hidden_states(gemma, short, EvalOptions(seqlen=8, device="cpu", dtype="float32"))
+    torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_a_plain_causal_mask_on_a_causal_layer_is_dropped(gemma):
+    layer = build_skeleton(load_config(gemma)).model.layers[0]
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
+    sliding = causal & ~torch.ones(8, 8, dtype=torch.bool).tril(-4)[None, None]
+    assert without_plain_causal_mask({"attention_mask": causal, "x": 1}, layer) == {"attention_mask": None, "x": 1}
+    assert without_plain_causal_mask({"attention_mask": sliding}, layer)["attention_mask"] is sliding
+    assert without_plain_causal_mask({"attention_mask": causal.repeat(2, 1, 1, 1)}, layer)["attention_mask"] is not None
+    layer.self_attn.is_causal = False  # bidirectional attention: a causal mask is what makes it causal
+    assert without_plain_causal_mask({"attention_mask": causal}, layer)["attention_mask"] is causal
 
 
 def test_layer_run_on_another_layers_arguments_is_refused(gemma, windows):
