@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from lowbit.quantize.grid import column_codes, grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
+from lowbit.quantize.grid import grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
 from lowbit.quantize.settings import QuantizeSettings, check_bits, check_damp, check_group_size
 
@@ -152,16 +152,31 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
 
 @dataclass
 class _Grid:
-    """One config's codes and group params while a sweep runs over its rows W of the (stacked) weights."""
+    """One config's group params while a sweep runs over its rows W of the (stacked) weights.
+
+    The column loop reads each group's params through per-group row views (lists): a Python index, no
+    tensor op. Codes are not kept in the loop: a swept column keeps the value it was rounded from (later
+    updates reach only the columns after it), so they are taken from W in bulk once the sweep is done.
+    """
 
     config: GPTQConfig
     group_size: int
-    scales: Tensor
+    scales: Tensor  # [n_groups, N]
     zeros: Tensor
-    codes: Tensor
-    original_group: list[int]
+    lowest: Tensor  # -zero: the least code minus zero, per group and row
+    highest: Tensor  # maxq - zero
+    sweep_group: list[int]  # the group of each sweep column
     sweep_importance: Tensor | None
     W: Tensor | None = None  # its rows of the swept matrix, in sweep order
+
+    def __post_init__(self) -> None:
+        self.scale_rows, self.lowest_rows, self.highest_rows = (list(t.unbind(0)) for t in
+                                                                (self.scales, self.lowest, self.highest))
+
+    def set_params(self, g: int, scale: Tensor, zero: Tensor) -> None:
+        self.scales[g], self.zeros[g] = scale, zero
+        torch.neg(zero, out=self.lowest[g])
+        torch.sub(2**self.config.bits - 1, zero, out=self.highest[g])
 
 
 def _new_grid(W0: Tensor, perm: Tensor, importance: Tensor | None, config: GPTQConfig) -> _Grid:
@@ -170,40 +185,51 @@ def _new_grid(W0: Tensor, perm: Tensor, importance: Tensor | None, config: GPTQC
     n_groups = n_cols // group_size
     if config.static_groups:  # groups of original columns, params from the original weights
         scales, zeros = grid_params_per_group(W0, group_size, config.bits, config.sym, importance)
+        sweep_group = (perm // group_size).tolist()
     else:  # groups of consecutive columns in the sweep, params filled in as each group starts
         scales = torch.zeros(n_groups, n_rows, device=W0.device)
         zeros = torch.zeros(n_groups, n_rows, device=W0.device)
-    return _Grid(config, group_size, scales, zeros, torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W0.device),
-                 (perm // group_size).tolist(), None if importance is None else importance[perm])
+        sweep_group = [col // group_size for col in range(n_cols)]
+    return _Grid(config, group_size, scales, zeros, -zeros, (2**config.bits - 1) - zeros, sweep_group,
+                 None if importance is None else importance[perm])
 
 
 def _quantize_column(grid: _Grid, col: int, w: Tensor) -> Tensor:
-    """Round column col (sweep order) of the grid's rows; returns its dequantized value."""
-    config, group_size = grid.config, grid.group_size
-    if config.static_groups:
-        g = grid.original_group[col]
-    else:
-        g = col // group_size
-        if col % group_size == 0:  # params from the weights as updated so far (see _block_size)
-            w_group = grid.W[:, col : col + group_size]
-            if grid.sweep_importance is None:
-                grid.scales[g], grid.zeros[g] = grid_params(w_group, config.bits, config.sym)
-            else:
-                grid.scales[g], grid.zeros[g] = searched_grid_params(
-                    w_group, grid.sweep_importance[col : col + group_size], config.bits, config.sym)
-    scale, zero = grid.scales[g], grid.zeros[g]
-    q = column_codes(w, scale, zero, config.bits)
-    grid.codes[:, col] = q
-    return q.sub_(zero).mul_(scale)  # dequantized: scale * (code - zero), as dequantize_codes computes it
+    """Round column col (sweep order) of the grid's rows; returns its dequantized value, scale * (code - zero).
+
+    clamp(round(w / scale), -zero, maxq - zero) is code - zero exactly (small integers in float32).
+    """
+    g = grid.sweep_group[col]
+    if not grid.config.static_groups and col % grid.group_size == 0:  # params from the weights updated so far
+        w_group = grid.W[:, col : col + grid.group_size]
+        if grid.sweep_importance is None:
+            grid.set_params(g, *grid_params(w_group, grid.config.bits, grid.config.sym))
+        else:
+            grid.set_params(g, *searched_grid_params(w_group, grid.sweep_importance[col : col + grid.group_size],
+                                                     grid.config.bits, grid.config.sym))
+    scale = grid.scale_rows[g]
+    return torch.div(w, scale).round_().clamp_(grid.lowest_rows[g], grid.highest_rows[g]).mul_(scale)
+
+
+def _swept_codes(grid: _Grid) -> Tensor:
+    """uint8 codes [N, K] in sweep order, from the swept W: column by column what _quantize_column rounded."""
+    codes = torch.empty(grid.W.shape, dtype=torch.uint8, device=grid.W.device)
+    group = torch.tensor(grid.sweep_group, device=grid.W.device)
+    for start in range(0, codes.shape[1], grid.config.block_size):
+        cols = slice(start, start + grid.config.block_size)
+        scale, zero = grid.scales[group[cols]].T, grid.zeros[group[cols]].T
+        codes[:, cols] = torch.div(grid.W[:, cols], scale).round_().add_(zero).clamp_(0, 2**grid.config.bits - 1)
+    return codes
 
 
 def _quantized(grid: _Grid, perm: Tensor) -> QuantizedWeight:
-    n_cols = grid.codes.shape[1]
+    codes = _swept_codes(grid)
+    n_cols = codes.shape[1]
     inverse_perm = torch.argsort(perm)
     # The group of original column k: k // G with static groups, else its position in the sweep // G.
-    g_idx = torch.arange(n_cols, device=grid.codes.device) if grid.config.static_groups else inverse_perm
+    g_idx = torch.arange(n_cols, device=codes.device) if grid.config.static_groups else inverse_perm
     return QuantizedWeight(
-        codes=grid.codes[:, inverse_perm].contiguous(),
+        codes=codes[:, inverse_perm].contiguous(),
         scales=grid.scales,
         zeros=grid.zeros.round().to(torch.int32),
         g_idx=(g_idx // grid.group_size).to(torch.int32),
@@ -278,6 +304,7 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
     value. Its error, scaled by the inverse Hessian's diagonal, is subtracted from the
     columns not yet quantized: at once inside the block, in one matmul past it.
     Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2); row_loss [N], when given, gets it row by row.
+    Afterwards each column of W holds the value it was rounded from (updates reach only later columns).
 
     The column loop runs once per input column (17920 times for Phi-4's down_proj), so it is kept to a few
     operations a column, each a kernel launch on a GPU: the error is written in place into the block's
@@ -292,11 +319,11 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
         diagonal = Hinv1.diagonal().tolist()  # one device sync a block, not one a column
         errors = torch.empty(end - start, n_rows, device=W.device)  # row i: column i's scaled error, contiguous
         with _one_thread_on_cpu(W.device):
-            for i in range(end - start):
-                err = errors[i]
-                torch.sub(W1[:, i], quantize_column(start + i, W1[:, i]), out=err)
+            for i, (column, err) in enumerate(zip(W1.unbind(1), errors)):
+                torch.sub(column, quantize_column(start + i, column), out=err)
                 err.div_(diagonal[i])
-                W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
+                if i + 1 < end - start:
+                    W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
         loss += errors.square().sum(dim=0) / 2
         W[:, end:].addmm_(errors.T, Hinv[start:end, end:], alpha=-1)
     return float(loss.sum())

@@ -120,12 +120,6 @@ def quantize_to_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tens
     return codes.clamp(0, maxq).to(torch.int32)
 
 
-def column_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    """quantize_to_codes for one column w [N] (float32) and its rows' scale and zero [N], as float32 values:
-    the fewest operations, for GPTQ's column loop."""
-    return torch.round(w / scale).add_(zero).clamp_(0, 2**bits - 1)
-
-
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     """Values of codes [N, M] on the grid of each row: scale * (codes - zero), float32."""
     return scale.unsqueeze(1) * (codes.to(torch.float32) - zero.unsqueeze(1))
