@@ -18,7 +18,7 @@ from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.grid import grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
-from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_along_, permute_symmetric_
+from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_columns_, permute_symmetric_
 from lowbit.quantize.settings import QuantizeSettings, check_bits, check_damp, check_group_size
 
 log = logging.getLogger("lowbit")
@@ -252,7 +252,7 @@ def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Ten
     if len(configs) == 1 and in_place:
         W = W0
         if act_order:
-            permute_along_(W, perm.tolist(), dim=1)
+            permute_columns_(W, perm)
     else:
         W = (W0[:, perm] if act_order else W0).repeat(len(configs), 1)
     for c, grid in enumerate(grids):

@@ -6,6 +6,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import lowbit.quantize.gptq as gptq
 from lowbit.quantize.gptq import GPTQConfig, gptq_quantize
+from lowbit.quantize import hessian_factor
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_symmetric_
 
 
@@ -50,12 +51,18 @@ def test_no_second_k_by_k_matrix_is_allocated():
     assert max(sizes) <= k * 256 * 4  # one [K, 256] panel at most, a quarter of one K x K matrix
 
 
-def test_permutation_in_place():
+@pytest.mark.parametrize("band_bytes", [2**21, 3 * 40 * 4])  # one band; bands of 3 rows, the last of 1
+def test_permutation_in_place(monkeypatch, band_bytes):
+    monkeypatch.setattr(hessian_factor, "PERMUTE_BAND_BYTES", band_bytes)
     H = hessian(40)
     perm = torch.randperm(40)
     work = H.clone()
     permute_symmetric_(work, perm)
     assert torch.equal(work, H[perm][:, perm])
+    W = torch.randn(7, 40)
+    moved = W.clone()
+    hessian_factor.permute_columns_(moved, perm)
+    assert torch.equal(moved, W[:, perm])
 
 
 @pytest.mark.parametrize("act_order, static_groups", [(False, False), (True, False), (True, True)])
