@@ -124,7 +124,8 @@ def final_hidden_states(folder: Path, windows: Tensor, options: EvalOptions = Ev
         offload = should_offload(weights.config, windows, options.chunk_tokens, dtype, device, with_base=False)
     model = dense_skeleton(Path(folder))
     acts = embed_windows(model, weights.read(arch.embed_name), windows, device, dtype, offload)
-    for _, layer, _ in each_layer(model, arch, weights.read_prefix, device, dtype, report=report):
+    for _, layer, _ in each_layer(model, arch, weights.read_prefix, device, dtype, report=report,
+                                  prefetch=weights.checkpoint.prefetch_prefix):
         run_layer(layer, acts, device, update=True)
     apply_final_norm(model.model.norm, weights.read_prefix(arch.norm_prefix), acts, device, dtype)
     return acts.hidden

@@ -107,6 +107,8 @@ def _quantize_weights_only(job: QuantizeJob, solve) -> None:
     linears = set(arch.linear_names())
     for i in range(progress["layers_done"], arch.num_layers):
         prefix = arch.layer_prefix(i)
+        if i + 1 < arch.num_layers:
+            reader.prefetch_prefix(arch.layer_prefix(i + 1))
         out: dict[str, torch.Tensor] = {}
         stats: dict[str, dict] = {}
         candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -154,7 +156,8 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
     del embed
     steps = None
     for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
-                                               report if ranks.primary else None, "quantize"):
+                                               report if ranks.primary else None, "quantize",
+                                               prefetch=reader.prefetch_prefix):
         if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
             steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
         # a size budget's weighting needs it, before the layer moves the stream on

@@ -133,15 +133,19 @@ _LIBC = _glibc()
 
 def each_layer(model: nn.Module, arch: Architecture, read_prefix: Callable[[str], dict[str, torch.Tensor]],
                device: torch.device, dtype: torch.dtype, start: int = 0,
-               report: Callable[[str, int, int], None] | None = None, stage: str = "layers"):
+               report: Callable[[str, int, int], None] | None = None, stage: str = "layers",
+               prefetch: Callable[[str], None] | None = None):
     """The one layer loop of quantize and eval: yields (index, layer, its tensors as read) for every decoder
     layer from START, with only that layer's weights materialised; once the caller is done with it, the
-    weights go back to meta and the freed heap to the system, and REPORT hears (stage, done, total)."""
+    weights go back to meta and the freed heap to the system, and REPORT hears (stage, done, total).
+    PREFETCH(prefix), when given, hears of the next layer as soon as this one is read."""
     report = report or (lambda stage_, done, total: None)
     report(stage, start, arch.num_layers)
     for i in range(start, arch.num_layers):
         layer = model.model.layers[i]
         tensors = read_prefix(arch.layer_prefix(i))
+        if prefetch is not None and i + 1 < arch.num_layers:
+            prefetch(arch.layer_prefix(i + 1))
         load_weights(layer, tensors, device, dtype)
         yield i, layer, tensors
         free_weights(layer)

@@ -376,3 +376,23 @@ def test_hub_snapshot_with_symlinked_shards_is_read(model, tmp_path):
 
     assert result.exit_code == 0, result.output
     assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_next_layer_is_read_ahead_by_the_kernel_while_one_is_solved(model, tmp_path, monkeypatch, method):
+    import os
+
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+    from lowbit.quantize.driver import quantize_model
+    from lowbit.quantize.settings import QuantizeSettings
+
+    tensors = SafetensorsCheckpoint(model).tensors
+    advised = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, start, length, advice: advised.append((start, length, advice)))
+    calibration = CalibrationConfig(source="pydoc", nsamples=2, seqlen=16) if method == "gptq" else None
+    quantize_model(str(model), tmp_path / "q", QuantizeSettings(method=method, bits=4, group_size=32), calibration)
+    # the second of two layers, every byte of each of its tensors, once, as the first was read
+    expected = [(info.start, info.nbytes, os.POSIX_FADV_WILLNEED) for name, info in tensors.items()
+                if name.startswith("model.layers.1.")]
+    assert expected and sorted(advised) == sorted(expected)
