@@ -47,6 +47,7 @@ PHASES = [
     ("lowbit.quantize.gptq", "inverse_hessian_factor", "solve: Cholesky and inverse"),
     ("lowbit.quantize.gptq", "gptq_sweep", "solve: column sweep"),
     ("lowbit.quantize.driver", "_solve_linear", "solve: rest (copies, grid, dequantize)"),
+    ("lowbit.quantize.driver", "_solve_together", "solve: rest (copies, grid, dequantize)"),
     ("lowbit.quantize.solve", "pack_gptq_v1", "solve: packing"),
     ("lowbit.quantize.driver", "relative_output_error", "solve: error check"),
     ("lowbit.quantize.driver", "save_layer", "save layer progress"),

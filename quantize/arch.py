@@ -68,7 +68,7 @@ class LayerNorms:
     """The norms around a decoder layer's two residual branches, by module name (None: no such norm).
 
     With them, true-sequential quantization runs the layer's second half itself, from the residual
-    stream after attention, instead of re-running attention for every group (quantize/stream.py).
+    stream after attention, instead of re-running attention for every group (quantize/steps.py).
     """
 
     before_mlp: str = "post_attention_layernorm"

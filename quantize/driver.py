@@ -28,22 +28,12 @@ from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
-from lowbit.quantize.solve import HessianAccumulator, SolvedLinear, make_solver, relative_output_error
-from lowbit.quantize.stream import (
-    Activations,
-    build_skeleton,
-    each_layer,
-    embed_windows,
-    load_config,
-    pick_device,
-    release_free_heap,
-    run_attention_residual,
-    run_down_residual,
-    run_layer,
-    run_layer_until,
-    run_mlp_residual,
-    steps_match_layer,
-)
+from lowbit.quantize.solve import (HessianAccumulator, SolvedLinear, make_solver, relative_output_error,
+                                  solve_stacked, solved_together)
+from lowbit.quantize.steps import (run_attention_residual, run_down_residual, run_layer_until, run_mlp_residual,
+                                  steps_match_layer)
+from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, pick_device,
+                                   release_free_heap, run_layer)
 from lowbit.quantize.writer import output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
@@ -221,15 +211,19 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         mine = [name for name in names if owners[name] == ranks.rank]
         hessian = group_hessian(accumulator, ranks, keep=bool(mine))
         solved_here = {}
-        for name in mine:
-            # the solver consumes the Hessian: the last Linear solved here gets it, the others a copy
-            shared = hessian if name == mine[-1] else hessian.clone()
+        shapes = lambda names_: [tuple(layer.get_submodule(n).weight.shape) for n in names_]  # noqa: E731
+        together = solved_together(shapes(mine), shapes(order), settings)
+        for chunk in ([mine] if together else [[name] for name in mine]):
+            # the solver consumes the Hessian: the last solve here gets it, the others a copy
+            shared = hessian if chunk[-1] == mine[-1] else hessian.clone()
             try:
-                solved, stat = _solve_linear(layer, name, solve, source_tensors, shared, consume_hessian=True)
+                solves = (_solve_together(layer, chunk, settings, source_tensors, shared) if together else
+                          [_solve_linear(layer, chunk[0], solve, source_tensors, shared, consume_hessian=True)])
             except LowbitError as e:
-                raise type(e)(f"{prefix}{name}: {e}") from None
-            solved_here[name] = (without_dequantized(solved, layer.get_submodule(name).weight.data), stat)
-            del shared
+                raise type(e)(f"{prefix}{'+'.join(chunk)}: {e}") from None
+            for name, (solved, stat) in zip(chunk, solves):
+                solved_here[name] = (without_dequantized(solved, layer.get_submodule(name).weight.data), stat)
+            del shared, solves
         del hessian
         for name, (solved, stat) in share_solves(layer, owners, solved_here, ranks):  # rank 0's part
             for key in ("weight", "bias"):
@@ -331,17 +325,34 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
 
     A function of its own so that the float32 weight and dequantized copies die with it.
     """
-    linear = layer.get_submodule(name)
-    # in the source dtype (bitsandbytes records it): where the layer computes in a copy of the tensor as read
-    # (the CPU, float32), that tensor itself; elsewhere the layer's weight cast back, lossless
-    source = source_tensors[name + ".weight"]
-    weight = source if source.device == linear.weight.device else linear.weight.detach().to(source.dtype)
+    weight = _weight_as_read(layer, name, source_tensors)
     solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian)
+    return solved, _put_in_layer(layer, name, solved, weight, hessian)
+
+
+def _solve_together(layer, names, settings, source_tensors, hessian) -> list[tuple[SolvedLinear, dict]]:
+    """_solve_linear for the Linears of one group at once (solve.solve_stacked); the Hessian is consumed."""
+    weights = [_weight_as_read(layer, name, source_tensors) for name in names]
+    biases = [source_tensors.get(name + ".bias") for name in names]
+    solved = solve_stacked(settings, weights, hessian, biases, consume_hessian=True)
+    return [(one, _put_in_layer(layer, name, one, weight, None)) for name, one, weight in zip(names, solved, weights)]
+
+
+def _weight_as_read(layer, name, source_tensors) -> torch.Tensor:
+    """The Linear's weight in the source dtype (bitsandbytes records it): where the layer computes in a copy of
+    the tensor as read (the CPU, float32), that tensor itself; elsewhere the layer's weight cast back, lossless."""
+    source, linear = source_tensors[name + ".weight"], layer.get_submodule(name)
+    return source if source.device == linear.weight.device else linear.weight.detach().to(source.dtype)
+
+
+def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian) -> dict:
+    """The solve's dequantized weight into the layer's Linear; returns its stats, with the output error."""
+    linear = layer.get_submodule(name)
     linear.weight.data = solved.dequantized.to(linear.weight.dtype)
     stats = dict(solved.stats)
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
-    return solved, stats
+    return stats
 
 
 def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:

@@ -4,13 +4,12 @@ Columns of W [N, K] are quantized one at a time, left to right. After each colum
 its rounding error is spread over the columns not yet quantized, weighted by the
 inverse Hessian, so that W @ X changes as little as possible (H = 2/n X X^T).
 Errors are applied inside a block of columns at once and to the rest of the
-matrix in one matmul per block ("lazy batch updates").
+matrix in one matmul per block ("lazy batch updates"). That sweep, shared with calibrated
+NF4, is quantize/sweep.py; this module is the uniform grid's side of it.
 """
 
 import logging
 import math
-from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +19,13 @@ from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.grid import grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_columns_, permute_symmetric_
 from lowbit.quantize.settings import QuantizeSettings, check_bits, check_damp, check_group_size
+from lowbit.quantize.sweep import (ROWS_AT_ONCE, all_finite, drop_dead_inputs, gptq_sweep, output_energy,
+                                  relative_error_from_loss, working_hessian)
 
 log = logging.getLogger("lowbit")
 
-ROWS_AT_ONCE = 512  # bounds the [rows, K] float32 temporaries of dequantizing and of the error metric
 SEARCH_WEIGHTS = ("sweep", "diag")
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -73,6 +74,11 @@ class QuantizedWeight:
             out[rows] = self.dequantize_rows(rows)
         return out
 
+    def rows(self, rows: slice) -> "QuantizedWeight":
+        """The weight of these output rows alone (one Linear of a stacked solve), in tensors of its own."""
+        return QuantizedWeight(codes=self.codes[rows].clone(), scales=self.scales[:, rows].clone(),
+                               zeros=self.zeros[:, rows].clone(), g_idx=self.g_idx.clone(), bits=self.bits)
+
     def dequantize_rows(self, rows: slice) -> Tensor:
         group = self.g_idx.long()
         scales, zeros = self.scales[:, rows], self.zeros[:, rows]
@@ -107,13 +113,28 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
     configs that share act_order and damp share both: the K x K factorisation is paid once, each
     extra config costs one sweep. This is how a size budget scores its candidates (quantize/mixed.py).
     """
+    return [each[0] for each in gptq_quantize_stacked([weight], hessian, configs, consume_hessian)]
+
+
+def gptq_quantize_stacked(weights: list[Tensor], hessian: Tensor, configs: list[GPTQConfig],
+                          consume_hessian: bool = False) -> list[list[tuple[QuantizedWeight, GPTQStats]]]:
+    """gptq_quantize_each for Linears [N_i, K] that share their input, so its Hessian (q/k/v): their rows
+    stacked [sum N_i, K] in one sweep per config, results[config][linear]. GPTQ never mixes rows (every
+    update acts row by row), so each Linear gets the codes it would get alone, bit for bit, for one
+    factorisation and one column loop in all.
+    """
     first = configs[0]
     if any(c.act_order != first.act_order or c.damp != first.damp for c in configs):
         raise ValueError("configs swept against one factor must share act_order and damp")
-    n_cols = weight.shape[1]
-    W = weight.detach().to(torch.float32)
-    if W.data_ptr() == weight.data_ptr():  # the sweep works in place: never in the caller's weight
-        W = W.clone()
+    n_cols = weights[0].shape[1]
+    parts, start = [], 0
+    for weight in weights:
+        parts.append(slice(start, start + weight.shape[0]))
+        start += weight.shape[0]
+    # the sweep works in place, so in a float32 copy, never in the caller's weights
+    W = torch.empty(start, n_cols, dtype=torch.float32, device=weights[0].device)
+    for rows, weight in zip(parts, weights):
+        W[rows].copy_(weight.detach())
     H = working_hessian(hessian, W.device, consume_hessian)
     if not (all_finite(W) and all_finite(H)):
         raise CorruptInputError("weight or Hessian contains NaN or inf")
@@ -122,7 +143,8 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
     searched = any(c.scale_search for c in configs)
     importance = H.diagonal().clone() if searched else None  # mean squared activation of each input
     perm = torch.argsort(H.diagonal(), descending=True) if first.act_order else torch.arange(n_cols, device=W.device)
-    signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    signals = [output_energy(W[rows], H) for rows in parts]  # before H becomes the factor
+    mean_diag = float(H.diagonal().mean())
     if first.act_order:
         permute_symmetric_(H, perm)
     damp = damped_inverse_factor_(H, first.damp)
@@ -134,7 +156,7 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
     batches: dict[int, list[int]] = {}
     for index, config in enumerate(configs):
         batches.setdefault(_block_size(config.block_size, _group_size(config, n_cols), n_cols), []).append(index)
-    swept: dict[int, tuple[QuantizedWeight, float]] = {}
+    swept: dict[int, tuple[QuantizedWeight, Tensor]] = {}
     for number, (block, indices) in enumerate(batches.items()):
         in_place = number == len(batches) - 1  # W may be overwritten by the last sweep
         batch = [configs[i] for i in indices]
@@ -143,10 +165,15 @@ def gptq_quantize_each(weight: Tensor, hessian: Tensor, configs: list[GPTQConfig
         swept.update(zip(indices, _sweep_stacked(W, H, perm, importances, batch, block, in_place)))
     results = []
     for index in range(len(configs)):
-        quantized, loss = swept[index]
-        error = relative_error_from_loss(loss, damp * mean_diag, weight, quantized.dequantize_rows, dead, signal)
-        results.append((quantized, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error,
-                                                 output_energy=signal / 2)))  # H = 2/n sum x x^T
+        quantized, row_loss = swept[index]
+        each = []
+        for rows, weight, signal in zip(parts, weights, signals):
+            part = quantized if len(parts) == 1 else quantized.rows(rows)
+            loss = float(row_loss[rows].sum())
+            error = relative_error_from_loss(loss, damp * mean_diag, weight, part.dequantize_rows, dead, signal)
+            each.append((part, GPTQStats(damp=damp, loss=loss, dead_inputs=int(dead.sum()), error=error,
+                                         output_energy=signal / 2)))  # H = 2/n sum x x^T
+        results.append(each)
     return results
 
 
@@ -238,7 +265,7 @@ def _quantized(grid: _Grid, perm: Tensor) -> QuantizedWeight:
 
 
 def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Tensor | None],
-                   configs: list[GPTQConfig], block_size: int, in_place: bool) -> list[tuple[QuantizedWeight, float]]:
+                   configs: list[GPTQConfig], block_size: int, in_place: bool) -> list[tuple[QuantizedWeight, Tensor]]:
     """GPTQ's sweep of W0 [N, K] (original column order, dead inputs zeroed) for each config at once, against
     the factor Hinv of the permuted Hessian: each config gets its own copy of the rows, stacked [C*N, K].
 
@@ -265,8 +292,7 @@ def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Ten
 
     row_loss = torch.zeros(W.shape[0], device=W.device)
     gptq_sweep(W, Hinv, quantize_column, block_size, row_loss)
-    return [(_quantized(grid, perm), float(row_loss[c * n_rows : (c + 1) * n_rows].sum()))
-            for c, grid in enumerate(grids)]
+    return [(_quantized(grid, perm), row_loss[c * n_rows : (c + 1) * n_rows]) for c, grid in enumerate(grids)]
 
 
 def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None = None) -> QuantizedWeight:
@@ -296,64 +322,6 @@ def rtn_quantize(weight: Tensor, config: GPTQConfig, importance: Tensor | None =
     )
 
 
-def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor], Tensor], block_size: int,
-               row_loss: Tensor | None = None) -> float:
-    """The heart of GPTQ, for any grid: quantize W [N, K] column by column, in place.
-
-    quantize_column(col, w) rounds the current column w [N] and returns its dequantized
-    value. Its error, scaled by the inverse Hessian's diagonal, is subtracted from the
-    columns not yet quantized: at once inside the block, in one matmul past it.
-    Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2); row_loss [N], when given, gets it row by row.
-    Afterwards each column of W holds the value it was rounded from (updates reach only later columns).
-
-    The column loop runs once per input column (17920 times for Phi-4's down_proj), so it is kept to a few
-    operations a column, each a kernel launch on a GPU: the error is written in place into the block's
-    buffer, one rank-1 update, the diagonal read once a block, the loss once a block.
-    """
-    n_rows, n_cols = W.shape
-    loss = torch.zeros(n_rows, device=W.device) if row_loss is None else row_loss
-    for start in range(0, n_cols, block_size):
-        end = min(start + block_size, n_cols)
-        W1 = W[:, start:end]  # a view: updates inside the block land in W itself
-        Hinv1 = Hinv[start:end, start:end]
-        diagonal = Hinv1.diagonal().tolist()  # one device sync a block, not one a column
-        errors = torch.empty(end - start, n_rows, device=W.device)  # row i: column i's scaled error, contiguous
-        with _one_thread_on_cpu(W.device):
-            for i, (column, err) in enumerate(zip(W1.unbind(1), errors)):
-                torch.sub(column, quantize_column(start + i, column), out=err)
-                err.div_(diagonal[i])
-                if i + 1 < end - start:
-                    W1[:, i + 1 :].addr_(err, Hinv1[i, i + 1 :], alpha=-1)
-        loss += errors.square().sum(dim=0) / 2
-        W[:, end:].addmm_(errors.T, Hinv[start:end, end:], alpha=-1)
-    return float(loss.sum())
-
-
-@contextmanager
-def _one_thread_on_cpu(device: torch.device):
-    """Many small ops: CPU threads only add synchronisation (10x slower on a busy machine)."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def drop_dead_inputs(W: Tensor, H: Tensor) -> Tensor:
-    """Inputs never active in calibration (diag(H) == 0) carry no information: zero their
-    weights and make H invertible there. In place; returns the mask."""
-    dead = H.diagonal() == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    return dead
-
-
 def _group_size(config: GPTQConfig, n_cols: int) -> int:
     group_size = n_cols if config.group_size == -1 else config.group_size
     if n_cols % group_size:
@@ -374,36 +342,3 @@ def _block_size(block_size: int, group_size: int, n_cols: int) -> int:
         return block_size // group_size * group_size
     return math.gcd(group_size, block_size)
 
-
-def all_finite(t: Tensor) -> bool:
-    """torch.isfinite(t).all() a few rows at a time: isfinite builds a float temporary as large as t."""
-    return all(bool(torch.isfinite(rows).all()) for rows in t.split(ROWS_AT_ONCE))
-
-
-def working_hessian(hessian: Tensor, device: torch.device, consume: bool) -> Tensor:
-    """The float32 Hessian on device that the solver may overwrite: the caller's own buffer only if consume."""
-    H = hessian.detach().to(device=device, dtype=torch.float32)
-    if H.data_ptr() == hessian.data_ptr() and not consume:
-        H = H.clone()
-    return H
-
-
-def output_energy(W: Tensor, H: Tensor) -> float:
-    """trace(W H W^T) = ||W X||^2 (up to H's 2/n scale), a few rows at a time."""
-    return sum(float(((rows @ H) * rows).sum()) for rows in W.split(ROWS_AT_ONCE))
-
-
-def relative_error_from_loss(loss: float, damping: float, weight: Tensor, dequantize_rows: Callable[[slice], Tensor],
-                             dead: Tensor, signal: float) -> float:
-    """||(W - Q) X||^2 / ||W X||^2 from the sweep's objective, with no copy of H kept.
-
-    2 * loss = trace(D (H + damping I) D^T) for D = W - Q (W's dead inputs zeroed, where Q is zero too),
-    so the undamped error is 2 * loss - damping * ||D||^2.
-    """
-    squared = 0.0
-    for start in range(0, weight.shape[0], ROWS_AT_ONCE):
-        rows = slice(start, start + ROWS_AT_ONCE)
-        delta = weight[rows].to(torch.float32) - dequantize_rows(rows)
-        delta[:, dead] = 0
-        squared += float(delta.square().sum())
-    return max(2 * loss - damping * squared, 0.0) / max(signal, 1e-30)

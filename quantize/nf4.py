@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from lowbit.quantize.gptq import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
+from lowbit.quantize.sweep import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.hessian_factor import damped_inverse_factor_
 from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings, check_damp

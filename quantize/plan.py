@@ -25,6 +25,7 @@ from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_
 from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
+from lowbit.quantize.solve import solved_as
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -63,10 +64,6 @@ class PlanSettings:
     @property
     def group_size(self) -> int:
         return self.quantize.group_size
-
-    @property
-    def true_sequential(self) -> bool:
-        return self.quantize.true_sequential
 
     @property
     def c(self) -> int:
@@ -239,7 +236,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                     device={**({} if shares_source else {"embedding (compute dtype)": shape.embedding_params * c}),
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
-    batches = [[g] for g in shape.groups] if s.true_sequential else [list(shape.groups)]
+    batches = [[g] for g in shape.groups] if s.quantize.true_sequential else [list(shape.groups)]
     # true sequential keeps o_proj's input of every window from the attention pass to the residual pass,
     # and down_proj's from its Hessian pass to the layer's outputs where that is small
     o_inputs = s.nsamples * s.seqlen * shape.groups[1][0].in_features * c
@@ -248,7 +245,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                     3: {"down_proj inputs kept": down_inputs} if down_inputs else {}}
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
-        kept_here = kept_by_step.get(index, {}) if s.true_sequential else {}
+        kept_here = kept_by_step.get(index, {}) if s.quantize.true_sequential else {}
         kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
                             device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
@@ -256,14 +253,15 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                     "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
                             host={**host, **kept_host}))
         for group in batch:
-            for linear in group:
+            solves = solved_as(group, shape.linears, s.quantize)
+            for linear in solves:
                 # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
                 weight_copy = ({} if c == FLOAT32 or s.method == "gptq" else
                                {"weight in float32": linear.weights * FLOAT32})
                 if on_gpu and c != src:  # driver._solve_linear casts the weight back to the source dtype
                     weight_copy["weight in the source dtype"] = linear.weights * src
-                # the solver consumes the Hessian: every Linear of the group but the last gets a copy
-                hessian_copy = ({} if linear is group[-1] else
+                # the solver consumes the Hessian: every solve of the group but the last gets a copy
+                hessian_copy = ({} if linear is solves[-1] else
                                 {"copy of the group's Hessian": linear.in_features ** 2 * FLOAT32})
                 resident = {**layer, **acts_device, **quantized, **candidates, **hessians, **weight_copy,
                             **hessian_copy, **(kept if index in (1, 3) else {})}

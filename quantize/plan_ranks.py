@@ -32,7 +32,7 @@ def rank_quantize_phases(shape: ModelShape, s: PlanSettings, ranks: int) -> list
         out.append(phase)
         if phase.name.startswith("Hessian pass up to"):
             width = max(g[0].in_features for g in shape.groups
-                        if not own.true_sequential or phase.name.endswith(g[-1].name))
+                        if not own.quantize.true_sequential or phase.name.endswith(g[-1].name))
             out.append(Phase("sum the Hessians over the ranks",
                              device={**_without_pass(phase.device),
                                      "Hessian rows being summed": gather_bytes(width * width * FLOAT32)},

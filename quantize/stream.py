@@ -4,12 +4,12 @@ Quantization and evaluation both run every window through decoder layer i
 before layer i+1, keeping only the hidden states between layers. The
 skeleton is built from the config without allocating weights; a layer gets
 its weights (`load_weights`), runs, and gives them back (`free_weights`).
+True-sequential's passes through parts of a layer are quantize/steps.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from lowbit.errors import UsageError
-from lowbit.quantize.arch import Architecture, LayerNorms
+from lowbit.quantize.arch import Architecture
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -276,132 +276,6 @@ def run_layer(layer: nn.Module, acts: Activations, device: torch.device, update:
                 acts.hidden[i] = out[0].to(acts.hidden.device)
     if update:
         acts.depth += 1
-
-
-class StopForward(Exception):
-    """Raised by a hook to end a forward early, once the inputs we measure have been seen."""
-
-
-InputFn = Callable[[int, torch.Tensor], None]  # (window index, the module's input [seqlen, in_features])
-
-
-def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, stop_at: nn.Module,
-                    on_input: dict[nn.Module, InputFn] | None = None) -> None:
-    """Run every window through the layer until `stop_at` is about to run (it and what follows do not);
-    on_input[m](i, x) sees module m's input for window i on the way."""
-    acts.check_layer(layer)
-    with _input_hooks(on_input or {}, stop_at) as current:
-        with torch.no_grad():
-            for i in range(acts.hidden.shape[0]):
-                current[0] = i
-                try:
-                    layer(acts.window(i, device), **acts.layer_kwargs)
-                except StopForward:
-                    pass
-
-
-def run_attention_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, o_proj: nn.Module,
-                           o_proj_inputs: torch.Tensor, device: torch.device, on_mlp_input: InputFn) -> None:
-    """Replace each window's layer input by the residual stream after attention, from o_proj's kept
-    inputs (no attention recomputed); on_mlp_input(i, x) sees the MLP's input."""
-    after_attention = layer.get_submodule(norms.after_attention) if norms.after_attention else None
-    before_mlp = layer.get_submodule(norms.before_mlp)
-    with torch.no_grad():
-        for i in range(acts.hidden.shape[0]):
-            out = o_proj(o_proj_inputs[i : i + 1].to(device))
-            if after_attention is not None:
-                out = after_attention(out)
-            hidden = acts.window(i, device) + out
-            acts.hidden[i] = hidden[0].to(acts.hidden.device)
-            on_mlp_input(i, before_mlp(hidden)[0])
-
-
-def run_mlp_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, device: torch.device,
-                     stop_at: nn.Module | None = None, on_input: dict[nn.Module, InputFn] | None = None) -> None:
-    """The layer's second half, from the residual stream after attention (run_attention_residual).
-    Without stop_at, each window's output replaces its input; with it, the MLP stops there."""
-    before_mlp = layer.get_submodule(norms.before_mlp)
-    after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
-    with _input_hooks(on_input or {}, stop_at) as current:
-        with torch.no_grad():
-            for i in range(acts.hidden.shape[0]):
-                current[0] = i
-                hidden = acts.window(i, device)
-                try:
-                    out = layer.mlp(before_mlp(hidden))
-                except StopForward:
-                    continue
-                if after_mlp is not None:
-                    out = after_mlp(out)
-                acts.hidden[i] = (hidden + out)[0].to(acts.hidden.device)
-    if stop_at is None:  # the hidden states now enter the next layer
-        acts.depth += 1
-
-
-def run_down_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, down: nn.Module,
-                      down_inputs: torch.Tensor, device: torch.device) -> None:
-    """The layer's outputs from the residual stream after attention and down_proj's kept inputs: the MLP's
-    output is down_proj's (no gate/up recomputed). Each window's output replaces its input."""
-    after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
-    with torch.no_grad():
-        for i in range(acts.hidden.shape[0]):
-            out = down(down_inputs[i : i + 1].to(device))
-            if after_mlp is not None:
-                out = after_mlp(out)
-            acts.hidden[i] = (acts.window(i, device) + out)[0].to(acts.hidden.device)
-    acts.depth += 1
-
-
-@contextmanager
-def _input_hooks(on_input: dict[nn.Module, InputFn], stop_at: nn.Module | None):
-    """Forward pre-hooks calling fn(window, input) and, on stop_at, raising StopForward after them.
-    Yields a one-item list the caller sets to the current window index."""
-    current = [0]
-
-    def hook_for(fn: InputFn):
-        def hook(module, inputs):
-            x = inputs[0]
-            fn(current[0], x.reshape(-1, x.shape[-1]))
-
-        return hook
-
-    def stop(module, inputs):
-        raise StopForward
-
-    handles = [module.register_forward_pre_hook(hook_for(fn)) for module, fn in on_input.items()]
-    if stop_at is not None:
-        handles.append(stop_at.register_forward_pre_hook(stop))  # after the input hooks: they run first
-    try:
-        yield current
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def steps_match_layer(layer: nn.Module, norms: LayerNorms, o_proj: nn.Module, acts: Activations,
-                      device: torch.device, down: nn.Module | None = None) -> bool:
-    """Whether o_proj's input plus run_attention_residual and run_mlp_residual give what the layer's own
-    forward gives, on the first window (a transformers release could change a layer's layout); with down,
-    also run_down_residual from down_proj's input."""
-    kept = {}
-    hooks = {o_proj: lambda i, x: kept.setdefault("o", x.clone())}
-    if down is not None:
-        hooks[down] = lambda i, x: kept.setdefault("down", x.clone())
-    with _input_hooks(hooks, None), torch.no_grad():
-        whole = layer(acts.window(0, device), **acts.layer_kwargs)
-    whole = whole[0] if isinstance(whole, tuple) else whole
-    close = lambda steps: torch.allclose(steps, whole, rtol=1e-3, atol=1e-5 * float(whole.abs().max()))  # noqa: E731
-    one = Activations(hidden=acts.window(0, device).clone(), kwargs_by_layer=acts.kwargs_by_layer, depth=acts.depth)
-    run_attention_residual(layer, norms, one, o_proj, kept["o"][None], device, lambda i, x: None)
-    after_attention = one.hidden.clone()
-    run_mlp_residual(layer, norms, one, device)
-    if not close(one.hidden):
-        return False
-    if down is None:
-        return True
-    one.hidden, one.depth = after_attention, acts.depth
-    run_down_residual(layer, norms, one, down, kept["down"][None], device)
-    return close(one.hidden)
 
 
 def add_input_hook(module: nn.Module, fn: Callable[[torch.Tensor], None]):

@@ -38,7 +38,15 @@ def quantize_tiny(tmp_path, monkeypatch, **settings):
             return solved
         return wrapped
 
+    solve_stacked = driver.solve_stacked
+
+    def recording_stacked(*args, **kwargs):  # q/k/v, solved as one
+        solved = solve_stacked(*args, **kwargs)
+        produced.extend(one.dequantized.clone() for one in solved)
+        return solved
+
     monkeypatch.setattr(driver, "make_solver", recording_solver)
+    monkeypatch.setattr(driver, "solve_stacked", recording_stacked)
     output = tmp_path / "out"
     driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=GROUP, **settings),
                           CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))

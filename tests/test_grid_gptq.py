@@ -242,3 +242,23 @@ def test_hessian_from_its_upper_bands_is_the_full_mean(columns):
     assert torch.equal(hessian, hessian.T)  # mirrored exactly
     torch.testing.assert_close(hessian.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert accumulator.sum is None  # the mean took the sum's buffer
+
+
+@pytest.mark.parametrize("config", [
+    GPTQConfig(bits=4, group_size=32),
+    GPTQConfig(bits=3, group_size=32, act_order=True, static_groups=True, scale_search=True),
+    GPTQConfig(bits=4, group_size=-1, sym=False, act_order=True, scale_search=True),
+], ids=["plain", "default", "asym-act-order"])
+def test_linears_swept_stacked_get_the_codes_of_their_own_solves(config):
+    from lowbit.quantize.gptq import gptq_quantize_stacked
+
+    W, _, H = correlated_problem(n_rows=40, n_cols=128)
+    weights = [W[:24], W[24:32], W[32:]]
+    (stacked,) = gptq_quantize_stacked(weights, H, [config])
+    for weight, (q, stats) in zip(weights, stacked):
+        alone, alone_stats = gptq_quantize(weight, H, config)
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(q, field), getattr(alone, field)), field
+        assert stats.loss == pytest.approx(alone_stats.loss, rel=1e-6)
+        assert stats.error == pytest.approx(alone_stats.error, rel=1e-6)
+        assert stats.output_energy == pytest.approx(alone_stats.output_energy, rel=1e-6)

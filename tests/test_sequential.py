@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from lowbit.calibration.windows import CalibrationConfig
 from lowbit.quantize import arch as arch_module
 from lowbit.quantize import driver
+from lowbit.quantize import solve as solve_module
 from tests.conftest import save_tiny_model
 
 
@@ -86,7 +87,7 @@ def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
     """Gemma 3 normalises both branches' outputs: its entry in LAYER_NORMS computes its layer, Llama's does not."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from lowbit.quantize import stream
+    from lowbit.quantize import steps, stream
 
     config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                               num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=16,
@@ -112,7 +113,50 @@ def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
     acts = stream.Activations(hidden=hidden.clone(), kwargs_by_layer=[kwargs])
     device = torch.device("cpu")
     o_proj = layer.self_attn.o_proj
-    assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device)
-    assert stream.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device,
+    assert steps.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device)
+    assert steps.steps_match_layer(layer, arch_module.LAYER_NORMS["Gemma3ForCausalLM"], o_proj, acts, device,
                                     down=layer.mlp.down_proj)  # its outputs from down_proj's kept input too
-    assert not stream.steps_match_layer(layer, arch_module.PRE_NORM, o_proj, acts, device)
+    assert not steps.steps_match_layer(layer, arch_module.PRE_NORM, o_proj, acts, device)
+
+
+@pytest.mark.parametrize("arch,solves", [
+    ("llama", [3, 1, 1, 1, 1]),  # q/k/v as one (64 + 32 + 32 rows of 64: no more than down_proj's 64 x 128)
+    ("phi3", [1, 1, 1, 1]),  # qkv_proj and gate_up_proj are fused already
+    ("gemma3", [1] * 7),  # q/k/v: 128 + 64 + 64 rows of 64, past down_proj's 64 x 128
+])
+def test_q_k_v_solved_as_one_give_the_codes_of_one_solve_each(tmp_path, monkeypatch, arch, solves):
+    """q/k/v share their input: GPTQ sweeps their stacked rows once (solve.solve_stacked) where that stays
+    within the layer's largest Linear, and the checkpoint is the one that solving them one by one gives,
+    bit for bit. gate/up would stack past down_proj and stay apart."""
+    from lowbit.quantize import gptq
+
+    model = save_tiny_model(tmp_path / "model", arch, layers=2)
+    stacked_rows = []
+    real = gptq.gptq_quantize_stacked
+
+    def counted(weights, *args, **kwargs):
+        stacked_rows.append(len(weights))
+        return real(weights, *args, **kwargs)
+
+    monkeypatch.setattr(gptq, "gptq_quantize_stacked", counted)  # gptq_quantize_each's
+    monkeypatch.setattr(solve_module, "gptq_quantize_stacked", counted)  # solve_stacked's
+    together, _ = quantize_and_count(model, tmp_path / "together", monkeypatch)
+    assert sorted(stacked_rows) == sorted(solves * 2)
+    monkeypatch.setattr(driver, "solved_together", lambda *args: False)
+    apart, _ = quantize_and_count(model, tmp_path / "apart", monkeypatch)
+    assert together.keys() == apart.keys() and any(k.endswith("o_proj.qweight") for k in together)
+    assert [k for k in together if not torch.equal(together[k], apart[k])] == []
+
+
+def test_what_is_solved_together():
+    from lowbit.quantize.settings import QuantizeSettings
+    from lowbit.quantize.solve import solved_together
+
+    qkv, gate_up, down = [(64, 32), (16, 32), (16, 32)], [(128, 32)] * 2, [(32, 128)]
+    layer = qkv + gate_up + down
+    gptq = QuantizeSettings(group_size=32)
+    assert solved_together(qkv, layer, gptq)
+    assert not solved_together(gate_up, layer, gptq)  # 2 x 128 x 32 rows stacked: past down_proj's 32 x 128
+    assert not solved_together([(64, 32)], layer, gptq)  # a fused Linear is one solve already
+    assert not solved_together(qkv, layer, QuantizeSettings(group_size=32, target_bpw=5.0))
+    assert not solved_together(qkv, layer, QuantizeSettings(method="nf4"))
