@@ -64,6 +64,7 @@ LOWBIT_METHODS = {
     "gptq-ss-ao": (["--method", "gptq", "--scale-search", "--act-order", "--static-groups"], True, True),
     "gptq-default": (["--method", "gptq"], True, True),
     "gptq-asym": (["--method", "gptq", "--asym"], True, True),
+    "gptq-bf16": (["--method", "gptq", "--dtype", "bfloat16"], True, True),  # the layers in a GPU's compute dtype
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),
     "nf4-cal": (["--method", "nf4", "?--no-scale-search"], True, False),
     "nf4-cal-ss": (["--method", "nf4", "--scale-search"], True, False),
