@@ -51,6 +51,8 @@ PHASES = [
     ("lowbit.quantize.solve", "pack_gptq_v1", "solve: packing"),
     ("lowbit.quantize.driver", "relative_output_error", "solve: error check"),
     ("lowbit.quantize.driver", "save_layer", "save layer progress"),
+    # the calibrated loop's; its state (activations, progress.json) is written in a thread, beside the next layer
+    ("lowbit.quantize.progress", "save_layer_tensors", "save layer progress"),
     ("lowbit.quantize.driver", "release_free_heap", "save layer progress"),
     ("lowbit.quantize.driver", "assemble", "write output shards"),
 ]

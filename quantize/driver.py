@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from lowbit.quantize.distributed import SINGLE, Ranks, joined, rank_device
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
 from lowbit.quantize.plan import PlanSettings, down_inputs_kept
-from lowbit.quantize.progress import read_activations, save_layer
+from lowbit.quantize.progress import LayerSaver, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
 from lowbit.quantize.solve import (HessianAccumulator, SolvedLinear, make_solver, relative_output_error,
@@ -145,23 +146,25 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     steps = None
-    for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
-                                               report if ranks.primary else None, "quantize",
-                                               prefetch=reader.prefetch_prefix):
-        if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
-            steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
-        # a size budget's weighting needs it, before the layer moves the stream on
-        residual = residual_energy(acts.hidden, ranks) if settings.target_bpw is not None else None
-        out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve, source_tensors,
-                                                 acts, device, *steps, Solvers(ranks, i))
-        if ranks.primary:
-            if residual is not None:
-                for entry in stats.values():
-                    entry["residual_energy"] = residual
-            save_layer(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
-        else:
-            ranks.send_to_primary(acts.hidden)
-        del out, candidates
+    with LayerSaver(in_background=acts.hidden.device.type == "cpu" and ranks.world == 1) as saver:
+        for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
+                                                   report if ranks.primary else None, "quantize",
+                                                   prefetch=reader.prefetch_prefix):
+            if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
+                steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
+            # a size budget's weighting needs it, before the layer moves the stream on
+            residual = residual_energy(acts.hidden, ranks) if settings.target_bpw is not None else None
+            out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve,
+                                                     source_tensors, acts, device, *steps, Solvers(ranks, i),
+                                                     before_update=saver.wait)
+            if ranks.primary:
+                if residual is not None:
+                    for entry in stats.values():
+                        entry["residual_energy"] = residual
+                saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
+            else:
+                ranks.send_to_primary(acts.hidden)
+            del out, candidates
 
 
 def residual_energy(hidden: torch.Tensor, ranks: Ranks = SINGLE) -> float:
@@ -192,10 +195,12 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
 
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
-                    keep_down_inputs: bool = False, solvers: Solvers = Solvers()):
+                    keep_down_inputs: bool = False, solvers: Solvers = Solvers(),
+                    before_update: Callable[[], None] = lambda: None):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
-    each other candidate format under a size budget, by format tag); under torchrun complete on rank 0."""
+    each other candidate format under a size budget, by format tag); under torchrun complete on rank 0.
+    BEFORE_UPDATE runs before the first write to the activations (the last layer's save may still read them)."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -233,7 +238,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             keep_candidates(candidates, stat, prefix + name, solved)
 
     if stepwise:
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs)
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update)
         return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
@@ -243,12 +248,13 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         for group, hessian in zip(batch, hessians):
             solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
+    before_update()
     run_layer(layer, acts, device, update=True)  # the next layer sees the quantized layer's outputs
     return out, stats, candidates
 
 
 def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
-                      keep_down_inputs: bool = False) -> None:
+                      keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -289,6 +295,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     del hessian, keep
 
     hessian = hessian_of(mlp_in)
+    before_update()  # steps 1 and 2 only read the layer input; step 3 replaces it
     run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
                            on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None))
     del kept

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
@@ -88,16 +89,29 @@ def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
                 layer_stats: dict, acts: Activations | None,
                 candidates: dict[str, dict[str, torch.Tensor]] | None = None, ranks: Ranks = SINGLE,
                 windows: int = 0) -> None:
-    """Persist one finished layer; progress.json is written last, so a crash leaves a consistent state.
+    """Persist one finished layer: its tensors, then its state; progress.json is written last, so a crash
+    leaves a consistent state.
 
     candidates: under a size budget, each other format's tensors of this layer, by format tag: kept in a
     folder per format, under the same names as the layer file's, until assemble chooses.
     Under torchrun (rank 0 only): the hidden states of all WINDOWS, each rank's block in turn."""
+    save_layer_tensors(progress_dir, index, tensors, candidates)
+    save_layer_state(progress_dir, index, progress, layer_stats, acts, ranks, windows)
+
+
+def save_layer_tensors(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
+                       candidates: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """The layer file (and a size budget's candidates): the layer is not done until save_layer_state."""
     for tag, tensors_of_tag in (candidates or {}).items():
         folder = candidates_dir(progress_dir, tag)
         folder.mkdir(parents=True, exist_ok=True)
         _save_layer_file(folder, index, tensors_of_tag)
     _save_layer_file(progress_dir, index, tensors)
+
+
+def save_layer_state(progress_dir: Path, index: int, progress: dict, layer_stats: dict, acts: Activations | None,
+                     ranks: Ranks = SINGLE, windows: int = 0) -> None:
+    """The hidden states leaving the layer, then progress.json: from here a resumed run starts after it."""
     if acts is not None:
         tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
         hidden = acts.hidden
@@ -109,6 +123,45 @@ def save_layer(progress_dir: Path, index: int, tensors: dict[str, torch.Tensor],
     write_json(progress_dir / "progress.json", progress)
     old = progress_dir / f"activations-{index:05d}.safetensors"
     old.unlink(missing_ok=True)
+
+
+class LayerSaver:
+    """save_layer for the calibrated loop, its state (the activations, 75 MB a layer for SmolLM2 at 64 x 512,
+    and progress.json) in a thread of its own where IN_BACKGROUND (activations in host memory, one process):
+    written while the next layer's first passes run, which only read the activations; `wait` comes before
+    anything writes them. The layer file is written at once, so nothing stays referenced longer than
+    before (the same memory). Leaving the `with` waits for the last save; a save's error is raised by the
+    next wait."""
+
+    def __init__(self, in_background: bool = False):
+        self.pool = ThreadPoolExecutor(max_workers=1) if in_background else None
+        self.pending: Future | None = None
+
+    def save(self, progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
+             layer_stats: dict, acts: Activations, candidates=None, ranks: Ranks = SINGLE, windows: int = 0) -> None:
+        self.wait()
+        save_layer_tensors(progress_dir, index, tensors, candidates)
+        state = (progress_dir, index, progress, layer_stats, acts, ranks, windows)
+        if self.pool is None:
+            save_layer_state(*state)
+        else:
+            self.pending = self.pool.submit(save_layer_state, *state)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "LayerSaver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 def read_activations(path: Path, windows: slice = slice(None)) -> torch.Tensor:

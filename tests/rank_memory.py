@@ -33,7 +33,7 @@ def main() -> None:
     if "RANK" in os.environ:
         out = out.with_name(f"{out.name}.{os.environ['RANK']}")
     from lowbit.cli import app
-    from lowbit.quantize import distributed, driver
+    from lowbit.quantize import distributed, driver, progress
 
     peak = {"bytes": 0, "where": None}
 
@@ -50,6 +50,7 @@ def main() -> None:
 
     driver._solve_linear = sampled(driver._solve_linear, "solve")
     driver.save_layer = sampled(driver.save_layer, "save")
+    progress.save_layer_tensors = sampled(progress.save_layer_tensors, "save")  # the calibrated loop's
     distributed.Ranks.send_to_primary = sampled(distributed.Ranks.send_to_primary, "save")
     # the first band of each Hessian's rows (the later ones hold as much): one gc scan per sum, not per band
     first_band = {"next": False}

@@ -186,3 +186,36 @@ def test_changed_source_weights_refuse_stale_progress(model, tmp_path, monkeypat
 
     assert refused.exit_code == 4, refused.output
     assert "other settings or inputs" in one_line(refused.stderr)
+
+
+def test_a_layer_is_saved_while_the_next_one_starts_and_its_activations_do_not_move_under_it(model, tmp_path,
+                                                                                             monkeypatch):
+    """On the CPU a layer's state (its activations, then progress.json) is written in a thread of its own
+    (progress.LayerSaver) while the next layer's first passes run; nothing writes the activations until
+    it is done."""
+    from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.quantize import progress as progress_module
+    from lowbit.quantize import steps
+
+    events, save_state, run_until = [], progress_module.save_layer_state, steps.run_layer_until
+
+    def slow_save(progress_dir, index, progress, stats, acts, *args):
+        before = acts.hidden.clone()
+        events.append(("save starts", index))
+        time.sleep(0.5)
+        save_state(progress_dir, index, progress, stats, acts, *args)
+        events.append(("save ends", index, torch.equal(before, acts.hidden)))
+
+    def pass_until(*args, **kwargs):
+        events.append(("pass",))
+        return run_until(*args, **kwargs)
+
+    monkeypatch.setattr(progress_module, "save_layer_state", slow_save)
+    monkeypatch.setattr(driver, "run_layer_until", pass_until)
+    driver.quantize_model(str(model), tmp_path / "q", driver.QuantizeSettings(group_size=32),
+                          CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))
+    ends = [e for e in events if e[0] == "save ends"]
+    assert [e[1] for e in ends] == [0, 1, 2] and all(e[2] for e in ends)  # every save, on unchanged activations
+    first_save = events.index(("save starts", 0))
+    assert ("pass",) in events[first_save : events.index(ends[0])]  # layer 1's first pass ran during layer 0's save
+    assert (tmp_path / "q" / "config.json").exists() and not (tmp_path / "q.partial").exists()
