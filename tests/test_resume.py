@@ -101,15 +101,18 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
 
 
 def interrupt_after_layers(monkeypatch, layers: int) -> None:
-    """Make the next run stop like a Ctrl-C once `layers` decoder layers are saved."""
-    save_layer = driver.save_layer
+    """Make the next run stop like a Ctrl-C once `layers` decoder layers are saved (a layer is saved with its
+    state, progress.save_layer_state: in the calibrated loop on the CPU in a thread, whose error the loop raises)."""
+    from lowbit.quantize import progress
+
+    save_state = progress.save_layer_state
 
     def save_then_stop(progress_dir, index, *args):
-        save_layer(progress_dir, index, *args)
+        save_state(progress_dir, index, *args)
         if index + 1 >= layers:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(driver, "save_layer", save_then_stop)
+    monkeypatch.setattr(progress, "save_layer_state", save_then_stop)
 
 
 @pytest.fixture
