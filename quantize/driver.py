@@ -31,8 +31,8 @@ from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
 from lowbit.quantize.solve import (HessianAccumulator, SolvedLinear, make_solver, relative_output_error,
                                   solve_stacked, solved_together)
-from lowbit.quantize.steps import (run_attention_residual, run_down_residual, run_layer_until, run_mlp_residual,
-                                  steps_match_layer)
+from lowbit.quantize.steps import (UpdateShare, run_attention_residual, run_down_residual, run_layer_until,
+                                  run_mlp_residual, steps_match_layer)
 from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, pick_device,
                                    release_free_heap, run_layer)
 from lowbit.quantize.writer import output_lock, publish_folder
@@ -152,28 +152,14 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
                                                    prefetch=reader.prefetch_prefix):
             if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
                 steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
-            # a size budget's weighting needs it, before the layer moves the stream on
-            residual = residual_energy(acts.hidden, ranks) if settings.target_bpw is not None else None
             out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve,
                                                      source_tensors, acts, device, *steps, Solvers(ranks, i),
                                                      before_update=saver.wait)
             if ranks.primary:
-                if residual is not None:
-                    for entry in stats.values():
-                        entry["residual_energy"] = residual
                 saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
             else:
                 ranks.send_to_primary(acts.hidden)
             del out, candidates
-
-
-def residual_energy(hidden: torch.Tensor, ranks: Ranks = SINGLE) -> float:
-    """Mean ||h||^2 over the tokens entering a layer (all ranks' windows): the scale its Linears' output errors
-    are set against when a size budget weighs them (quantize/mixed.py). One window at a time: no float copy
-    of them all."""
-    what = "summing the residual stream's energy"
-    total = ranks.sum_float(sum(float(window.float().square().sum()) for window in hidden), what)
-    return total / max(ranks.sum_count(hidden.shape[0], what) * hidden.shape[1], 1)
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
@@ -238,7 +224,10 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             keep_candidates(candidates, stat, prefix + name, solved)
 
     if stepwise:
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update)
+        shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares)
+        if shares is not None:
+            _record_update_shares(stats, prefix, arch, shares, ranks)
         return out, stats, candidates
     groups = [g for g in arch.groups if wanted(g)]
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
@@ -253,8 +242,20 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     return out, stats, candidates
 
 
+def _record_update_shares(stats: dict, prefix: str, arch: Architecture, shares, ranks: Ranks) -> None:
+    """Each Linear's sublayer share (steps.UpdateShare, over all ranks' windows) into its stats: a size
+    budget's "update" weighting reads it (quantize/mixed.py)."""
+    what = "summing the sublayers' shares of the residual stream"
+    for groups, share in ((arch.groups[:2], shares[0]), (arch.groups[2:], shares[1])):
+        value = ranks.sum_float(share.total, what) / max(ranks.sum_count(share.tokens, what), 1)
+        for name in (n for group in groups for n in group):
+            if prefix + name in stats:
+                stats[prefix + name]["update_share"] = value
+
+
 def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
-                      keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None) -> None:
+                      keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None,
+                      shares: tuple[UpdateShare, UpdateShare] | None = None) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -266,7 +267,9 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
        Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
        at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
     5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
+    shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare).
     """
+    attention_share, mlp_share = shares or (None, None)
     attention_in, o_group, mlp_in, down_group = arch.groups
     module = layer.get_submodule
 
@@ -297,7 +300,8 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     hessian = hessian_of(mlp_in)
     before_update()  # steps 1 and 2 only read the layer input; step 3 replaces it
     run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
-                           on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None))
+                           on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None),
+                           share=attention_share)
     del kept
     if hessian is not None:
         solve_group(mlp_in, hessian)
@@ -306,7 +310,7 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     down = module(down_group[0])
     hessian = hessian_of(down_group)
     if hessian is None:  # down_proj skipped: the layer's second half as it is
-        run_mlp_residual(layer, arch.norms, acts, device)
+        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
         return
     kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
 
@@ -319,9 +323,9 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
     solve_group(down_group, hessian)
     del hessian, measure
     if kept is not None:
-        run_down_residual(layer, arch.norms, acts, down, kept, device)
+        run_down_residual(layer, arch.norms, acts, down, kept, device, share=mlp_share)
     else:
-        run_mlp_residual(layer, arch.norms, acts, device)
+        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:

@@ -13,14 +13,13 @@ A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down):
 input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
 
 How errors are weighed (`error_weight`): "relative", the default, sums each Linear's relative output
-error as it is; "residual" weighs each by its output energy over the residual stream's at its layer,
-i.e. sums the absolute errors ||(W - Q) X||^2 / ||h||^2. Both come from the layer loop (no second pass).
-benchmarks/mixed.py measured both on the same candidates (BENCHMARKS.md, "A size budget"): relative
-had the lower KLD in 4 of 4 budget pairs on SmolLM2 and on Gemma-3-270M (and the lower perplexity delta
-in 4 of 4 on SmolLM2, 2 of 4 on Gemma, where 8 evaluation windows make it noisy). Why residual loses:
-the residual stream's energy grows with depth (massive activations: 7.6 entering layer 0, 1e4 at layer 3,
-1e6 from layer 12 on), so the weight falls by five orders of magnitude and at +0.25 bpw the budget went
-to layers 0-11 and 28-29 only, where relative spread it over all 30.
+error as it is; "update" weighs each by its sublayer's share of the residual stream (steps.UpdateShare:
+the mean over tokens of ||u||^2 / ||h + u||^2, attention's update for q/k/v/o, the MLP's for gate/up/down),
+so that the sum estimates how far each Linear's error moves the stream it writes to. Both come from the
+layer loop (no second pass). An earlier "residual" weighting divided the absolute error by the stream's
+mean energy; it lost to relative on every budget (BENCHMARKS.md, "A size budget") because a few tokens
+with massive activations (1e6 times the others' energy in SmolLM2 from layer 12 on) set that mean, which
+the per-token share of "update" avoids. benchmarks/mixed.py measures the two side by side.
 """
 
 from __future__ import annotations
@@ -158,22 +157,21 @@ class LinearScore:
     errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
 
 
-WEIGHTINGS = ("relative", "residual")
+WEIGHTINGS = ("relative", "update")
 DEFAULT_WEIGHTING = "relative"  # benchmarks/mixed.py measured both: see the module docstring
 
 
 def error_weight(stats: dict, weighting: str) -> float:
     """What one unit of a Linear's relative output error counts for in the total (see the module's docstring).
 
-    relative: 1, every Linear alike. residual: ||W X||^2 / ||h||^2, the Linear's output energy over the
-    residual stream's entering its layer, so that the weighted error is the absolute ||(W - Q) X||^2 set
-    against the stream it perturbs. Both figures come from the layer loop (gptq: output_energy;
-    driver: residual_energy); a run without a Hessian has neither, and counts every Linear alike."""
+    relative: 1, every Linear alike. update: its sublayer's share of the residual stream, which the layer
+    loop's stepwise passes measure (driver: _record_update_shares); a run without them (RTN, plain NF4, a
+    layer whose layout the steps do not describe) counts every Linear alike."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
-    if weighting == "relative" or "output_energy" not in stats or "residual_energy" not in stats:
+    if weighting == "relative":
         return 1.0
-    return stats["output_energy"] / max(stats["residual_energy"], 1e-30)
+    return stats.get("update_share", 1.0)
 
 
 def base_format(settings: QuantizeSettings) -> LinearFormat:

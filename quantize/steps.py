@@ -24,6 +24,21 @@ class StopForward(Exception):
 InputFn = Callable[[int, torch.Tensor], None]  # (window index, the module's input [seqlen, in_features])
 
 
+class UpdateShare:
+    """How much of the residual stream a sublayer's update makes up: the mean over tokens of
+    ||u||^2 / ||h + u||^2, u the update (attention's or the MLP's, after any post-norm) and h + u the stream
+    it leaves. Per token, so that the few tokens with massive activations do not drown the rest.
+    A size budget weighs a Linear's relative output error by its sublayer's share (quantize/mixed.py)."""
+
+    def __init__(self) -> None:
+        self.total, self.tokens = 0.0, 0
+
+    def add(self, hidden: torch.Tensor, update: torch.Tensor) -> None:
+        after = (hidden + update).float().square().sum(-1)
+        self.total += float((update.float().square().sum(-1) / after.clamp_min(1e-30)).sum())
+        self.tokens += after.numel()
+
+
 def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, stop_at: nn.Module,
                     on_input: dict[nn.Module, InputFn] | None = None) -> None:
     """Run every window through the layer until `stop_at` is about to run (it and what follows do not);
@@ -40,9 +55,10 @@ def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, s
 
 
 def run_attention_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, o_proj: nn.Module,
-                           o_proj_inputs: torch.Tensor, device: torch.device, on_mlp_input: InputFn) -> None:
+                           o_proj_inputs: torch.Tensor, device: torch.device, on_mlp_input: InputFn,
+                           share: UpdateShare | None = None) -> None:
     """Replace each window's layer input by the residual stream after attention, from o_proj's kept
-    inputs (no attention recomputed); on_mlp_input(i, x) sees the MLP's input."""
+    inputs (no attention recomputed); on_mlp_input(i, x) sees the MLP's input; share measures the update."""
     after_attention = layer.get_submodule(norms.after_attention) if norms.after_attention else None
     before_mlp = layer.get_submodule(norms.before_mlp)
     with torch.no_grad():
@@ -50,15 +66,19 @@ def run_attention_residual(layer: nn.Module, norms: LayerNorms, acts: Activation
             out = o_proj(o_proj_inputs[i : i + 1].to(device))
             if after_attention is not None:
                 out = after_attention(out)
+            if share is not None:
+                share.add(acts.window(i, device), out)
             hidden = acts.window(i, device) + out
             acts.hidden[i] = hidden[0].to(acts.hidden.device)
             on_mlp_input(i, before_mlp(hidden)[0])
 
 
 def run_mlp_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, device: torch.device,
-                     stop_at: nn.Module | None = None, on_input: dict[nn.Module, InputFn] | None = None) -> None:
+                     stop_at: nn.Module | None = None, on_input: dict[nn.Module, InputFn] | None = None,
+                     share: UpdateShare | None = None) -> None:
     """The layer's second half, from the residual stream after attention (run_attention_residual).
-    Without stop_at, each window's output replaces its input; with it, the MLP stops there."""
+    Without stop_at, each window's output replaces its input; with it, the MLP stops there.
+    share measures the MLP's update."""
     before_mlp = layer.get_submodule(norms.before_mlp)
     after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
     with _input_hooks(on_input or {}, stop_at) as current:
@@ -72,22 +92,28 @@ def run_mlp_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, dev
                     continue
                 if after_mlp is not None:
                     out = after_mlp(out)
+                if share is not None:
+                    share.add(hidden, out)
                 acts.hidden[i] = (hidden + out)[0].to(acts.hidden.device)
     if stop_at is None:  # the hidden states now enter the next layer
         acts.depth += 1
 
 
 def run_down_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, down: nn.Module,
-                      down_inputs: torch.Tensor, device: torch.device) -> None:
+                      down_inputs: torch.Tensor, device: torch.device, share: UpdateShare | None = None) -> None:
     """The layer's outputs from the residual stream after attention and down_proj's kept inputs: the MLP's
-    output is down_proj's (no gate/up recomputed). Each window's output replaces its input."""
+    output is down_proj's (no gate/up recomputed). Each window's output replaces its input; share measures
+    the MLP's update."""
     after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
     with torch.no_grad():
         for i in range(acts.hidden.shape[0]):
             out = down(down_inputs[i : i + 1].to(device))
             if after_mlp is not None:
                 out = after_mlp(out)
-            acts.hidden[i] = (acts.window(i, device) + out)[0].to(acts.hidden.device)
+            hidden = acts.window(i, device)
+            if share is not None:
+                share.add(hidden, out)
+            acts.hidden[i] = (hidden + out)[0].to(acts.hidden.device)
     acts.depth += 1
 
 

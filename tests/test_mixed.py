@@ -337,3 +337,44 @@ def test_nf4_under_a_budget_keeps_it_and_transformers_loads_the_skipped_modules_
     shown = run("inspect", out, "--verify")
     assert shown.exit_code == 0 and "formats by layer" in shown.output and " 16 " in f" {shown.output} ".replace("\n", " ")
 
+
+
+# ---- the "update" weighting ----
+
+def test_a_sublayers_share_is_a_mean_over_tokens_that_a_massive_token_does_not_drown():
+    from lowbit.quantize.steps import UpdateShare
+
+    torch.manual_seed(0)
+    hidden, update = torch.randn(1, 8, 16), 0.1 * torch.randn(1, 8, 16)
+    hidden[0, 0] *= 1e4  # one token with massive activations
+    share = UpdateShare()
+    share.add(hidden[:, :4], update[:, :4])  # two windows' worth, added apart
+    share.add(hidden[:, 4:], update[:, 4:])
+    per_token = [float(u.square().sum() / (h + u).square().sum()) for h, u in zip(hidden[0], update[0])]
+    assert share.total / share.tokens == pytest.approx(sum(per_token) / 8, rel=1e-5)
+    energy_ratio = float(update.square().sum() / (hidden + update).square().sum())
+    assert share.total / share.tokens > 100 * energy_ratio  # what a mean over all energies would have given
+
+
+def test_a_budget_run_records_each_sublayers_share_and_the_update_weighting_scales_errors_by_it(
+        tmp_path, calibration, monkeypatch):
+    from lowbit.quantize.mixed import score_of
+
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=2, hidden=64, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    quantize_mixed(model, out, calibration, 5.5, monkeypatch)
+    layers = json.loads((out / "lowbit_manifest.json").read_text())["layers"]
+    arch = architecture_of(json.loads((out / "config.json").read_text()))
+    for i in range(arch.num_layers):
+        attention = {layers[arch.layer_prefix(i) + n]["update_share"] for g in arch.groups[:2] for n in g}
+        mlp = {layers[arch.layer_prefix(i) + n]["update_share"] for g in arch.groups[2:] for n in g}
+        assert len(attention) == 1 and len(mlp) == 1 and attention != mlp
+        assert all(0 < s < 4 for s in attention | mlp)
+
+    settings = QuantizeSettings(method="gptq", bits=4, group_size=64, target_bpw=5.5)
+    stats = layers[arch.layer_prefix(0) + arch.groups[0][0]]  # q_proj, 64 x 64
+    relative, update = (score_of(settings, 64, 64, 2, stats, w).errors for w in ("relative", "update"))
+    assert relative.keys() == update.keys()
+    assert all(update[f] == pytest.approx(stats["update_share"] * relative[f]) for f in relative)
+    with pytest.raises(ValueError, match="weighting"):
+        score_of(settings, 64, 64, 2, stats, "residual")
