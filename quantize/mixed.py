@@ -12,14 +12,17 @@ only lowers.
 A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down): its Linears share an
 input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
 
-How errors are weighed (`error_weight`): "relative", the default, sums each Linear's relative output
-error as it is; "update" weighs each by its sublayer's share of the residual stream (steps.UpdateShare:
-the mean over tokens of ||u||^2 / ||h + u||^2, attention's update for q/k/v/o, the MLP's for gate/up/down),
-so that the sum estimates how far each Linear's error moves the stream it writes to. Both come from the
-layer loop (no second pass). An earlier "residual" weighting divided the absolute error by the stream's
-mean energy; it lost to relative on every budget (BENCHMARKS.md, "A size budget") because a few tokens
-with massive activations (1e6 times the others' energy in SmolLM2 from layer 12 on) set that mean, which
-the per-token share of "update" avoids. benchmarks/mixed.py measures the two side by side.
+How errors are weighed (`error_weight`): "update", the default, weighs each Linear's relative output
+error by its sublayer's share of the residual stream (steps.UpdateShare: the mean over tokens of
+||u||^2 / ||h + u||^2, attention's update for q/k/v/o, the MLP's for gate/up/down), so that the sum
+estimates how far each Linear's error moves the stream it writes to; "relative" sums the relative
+errors as they are. Both come from the layer loop (no second pass). benchmarks/mixed_weighting_probe.py
+scored them on the same candidates (BENCHMARKS.md, "The size budget's weighting"): update had the lower
+KLD in 5 of 6 budget pairs over SmolLM2 and Gemma-3-270M (two of them by under 0.1 %, and lost the
+sixth by 0.04 %), and the lower perplexity delta in 4 of 6.
+An earlier "residual" weighting divided the absolute error by the stream's mean energy; it lost to
+relative on every budget, because a few tokens with massive activations (1e6 times the others' energy
+in SmolLM2 from layer 12 on) set that mean, which the per-token share avoids.
 """
 
 from __future__ import annotations
@@ -158,7 +161,7 @@ class LinearScore:
 
 
 WEIGHTINGS = ("relative", "update")
-DEFAULT_WEIGHTING = "relative"  # benchmarks/mixed.py measured both: see the module docstring
+DEFAULT_WEIGHTING = "update"  # measured against relative: see the module docstring
 
 
 def error_weight(stats: dict, weighting: str) -> float:
