@@ -66,9 +66,10 @@ def run_attention_residual(layer: nn.Module, norms: LayerNorms, acts: Activation
             out = o_proj(o_proj_inputs[i : i + 1].to(device))
             if after_attention is not None:
                 out = after_attention(out)
+            before = acts.window(i, device)  # one read: with offloading, a copy to the device
             if share is not None:
-                share.add(acts.window(i, device), out)
-            hidden = acts.window(i, device) + out
+                share.add(before, out)
+            hidden = before + out
             acts.hidden[i] = hidden[0].to(acts.hidden.device)
             on_mlp_input(i, before_mlp(hidden)[0])
 

@@ -338,7 +338,6 @@ def test_nf4_under_a_budget_keeps_it_and_transformers_loads_the_skipped_modules_
     assert shown.exit_code == 0 and "formats by layer" in shown.output and " 16 " in f" {shown.output} ".replace("\n", " ")
 
 
-
 # ---- the "update" weighting ----
 
 def test_a_sublayers_share_is_a_mean_over_tokens_that_a_massive_token_does_not_drown():
