@@ -2,7 +2,7 @@
 
 It reuses benchmarks/mixed.py's one solve per model (64 x 512 c4 windows, lowbit's defaults: scale search,
 act-order with static groups) and its variants, and scores them on the same wikitext-2 windows. The
-"update" weighting here takes each sublayer's share of the residual stream (steps.UpdateShare's formula)
+"update" weighting here takes each sublayer's share of the residual stream (steps.UpdateShare)
 from the BASE model on 4 c4 windows of 512, because the solve it reuses predates the loop recording it;
 "sqrtupdate" is its square root. The product's "update" measures the same share in the layer loop, on the
 quantized stream.
@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import benchmarks.mixed as bm  # noqa: E402
 from lowbit.quantize import assemble, mixed  # noqa: E402
+from lowbit.quantize.steps import UpdateShare  # noqa: E402
 
 
 def base_shares(model: Path, windows: int = 4, seqlen: int = 512) -> list[tuple[float, float]]:
@@ -44,7 +45,9 @@ def base_shares(model: Path, windows: int = 4, seqlen: int = 512) -> list[tuple[
         hidden = net(ids, output_hidden_states=True).hidden_states
 
     def share(before, after):
-        return float(((after - before).square().sum(-1) / after.square().sum(-1)).mean())
+        measured = UpdateShare()
+        measured.add(before, after - before)
+        return measured.total / measured.tokens
 
     return [(share(hidden[i], mids[i]), share(mids[i], outs[i])) for i in range(len(layers))]
 
