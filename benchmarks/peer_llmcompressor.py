@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# The environment this script was started in, before anything imports lowbit: lowbit sets an OpenMP default for
+# its own processes (lowbit/__init__.py), and a child started from here would inherit it. Every child gets this
+# one, so llm-compressor runs as a user would start it, and `lowbit` sets its own default again.
+STARTING_ENVIRONMENT = dict(os.environ)
 LLMC_VERSION = "0.14.0.1"
 DAMP, BLOCK_SIZE = 0.01, 128
 
@@ -189,7 +193,7 @@ def timed_child(command: list[str], env: dict | None = None) -> dict:
     """Run a child to completion: its wall and CPU seconds, its peak RSS (ru_maxrss), its last JSON stdout line."""
     started = time.time()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:  # files, not pipes: a chatty child never blocks
-        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, env=env)
+        child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=err, env=env or STARTING_ENVIRONMENT)
         _, status, usage = os.wait4(child.pid, 0)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")

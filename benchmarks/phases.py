@@ -25,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `lowbit quantize` sets it, before torch is imported
+import lowbit  # noqa: E402,F401  (its OpenMP setting, as `lowbit quantize` has it, before torch is imported)
 
 SMOLLM2 = Path.home() / ".cache" / "lowbit-tests" / "smollm2-135m-bf16"
 C4 = REPO.parent / "shared" / "data" / "c4" / "c4-sample.jsonl"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.peer_llmcompressor import LLMC_VERSION, PEER_BEST_CANDIDATES
+from benchmarks.peer_llmcompressor import LLMC_VERSION, PEER_BEST_CANDIDATES, STARTING_ENVIRONMENT
 
 LABELS = {
     "rtn": "RTN", "rtn-ss": "RTN + scale search", "gptq": "GPTQ", "gptq-ss": "GPTQ + scale search",
@@ -135,6 +135,12 @@ def applied_rows(results: dict) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def openmp_environment() -> str:
+    """The OpenMP variables every child started with (peer_llmcompressor.STARTING_ENVIRONMENT)."""
+    chosen = {k: v for k, v in STARTING_ENVIRONMENT.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}
+    return ", ".join(f"{k}={v}" for k, v in sorted(chosen.items())) or "no OpenMP variable set"
+
+
 def markdown(results: dict, args, command: str, seconds: float) -> str:
     lines = [
         f"CPU, {torch.get_num_threads()} threads, float32 compute for both tools. Calibration: `{args.calibration}`, "
@@ -145,7 +151,8 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         f"quantize.loader, llm-compressor's decompressed by transformers). 'same top': share of positions whose "
         f"argmax matches the base's. Symmetric grids, damping 0.01, lm_head kept in 16-bit by both tools. Each "
         f"quantization is one child process run alone (wall, CPU, peak RSS from wait4: interpreter start to the "
-        f"written checkpoint); '(reused)' rows come from the cache of an earlier run of this script. "
+        f"written checkpoint), in the environment the script was started in ({openmp_environment()}), so each "
+        f"tool keeps its own OpenMP defaults; '(reused)' rows come from the cache of an earlier run of this script. "
         f"llm-compressor's best configuration is the lowest perplexity of {', '.join(PEER_BEST_CANDIDATES)} "
         f"(all with its default static act-order).",
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see quantize/__init__.py
+import lowbit  # noqa: F401  (first: its OpenMP setting must precede torch's import)
 from pathlib import Path
 
 import pytest
