@@ -152,7 +152,10 @@ def first_layers(model: Path, layers: int, work: Path) -> Path:
     keep = [n for n in reader.names() if not n.startswith("model.layers.") or int(n.split(".")[2]) < layers]
     save_file({n: reader.read(n).contiguous() for n in keep}, str(folder / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((model / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}, indent=2))
+    config["num_hidden_layers"] = layers
+    if "layer_types" in config:  # Gemma 3: one attention type per layer, as many as there are layers
+        config["layer_types"] = config["layer_types"][:layers]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
     for f in model.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
             shutil.copy(f, folder / f.name)

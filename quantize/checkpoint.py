@@ -19,6 +19,7 @@ import torch
 
 from lowbit.errors import CorruptInputError, UsageError
 from lowbit.network import local_only, offline_hint
+from lowbit.quantize.sweep import all_finite
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -345,10 +346,7 @@ def _files_from_index(folder: Path, index_file: Path) -> list[Path]:
 
 
 def check_all_finite(name: str, tensor: torch.Tensor) -> None:
-    if not tensor.is_floating_point():
-        return
-    values = tensor.float() if tensor.element_size() == 1 else tensor  # isfinite has no float8 kernel
-    if not torch.isfinite(values).all():
+    if tensor.is_floating_point() and not all_finite(tensor):
         raise CorruptInputError(f"weight {name} contains NaN or Inf")
 
 

@@ -110,7 +110,7 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
     """
     if weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"expected a 2-D float weight, got {tuple(weight.shape)} {weight.dtype}")
-    if not torch.isfinite(weight).all():
+    if not all_finite(weight):
         raise CorruptInputError("weight contains NaN or inf")
     n_rows, n_cols = weight.shape
     weight = weight.detach().contiguous()

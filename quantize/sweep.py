@@ -70,8 +70,12 @@ def drop_dead_inputs(W: Tensor, H: Tensor) -> Tensor:
 
 
 def all_finite(t: Tensor) -> bool:
-    """torch.isfinite(t).all() a few rows at a time: isfinite builds a float temporary as large as t."""
-    return all(bool(torch.isfinite(rows).all()) for rows in t.split(ROWS_AT_ONCE))
+    """No NaN or Inf in t, read from its least and greatest values (a NaN is both). isfinite would build a mask
+    as large as t, and takes 20x as long: 0.7 s on Gemma 3's 168M-value bfloat16 embedding, 2 CPU threads."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t.float() if t.element_size() == 1 else t)  # no aminmax kernel for float8
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def working_hessian(hessian: Tensor, device: torch.device, consume: bool) -> Tensor:

@@ -92,7 +92,7 @@ def test_a_model_that_does_not_fit_exits_1_with_suggestions_that_do_fit(tmp_path
 
 def test_when_nothing_fits_the_plan_says_what_is_too_large(tmp_path):
     folder = write_config(tmp_path / "phi4", PHI4)
-    data = json.loads(run_plan(str(folder), "--gpu", "4GiB", "--host-memory", "4GiB", "--json").stdout)
+    data = json.loads(run_plan(str(folder), "--gpu", "4GiB", "--host-memory", "2GiB", "--json").stdout)
     assert not data["fits"]
     assert any(tip["option"] is None and "solve mlp.down_proj" in tip["cost"] and "alone is" in tip["cost"]
                for tip in data["suggestions"])

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from lowbit.cli import app
 from lowbit.quantize.checkpoint import read_header
+from lowbit.quantize.sweep import all_finite
 from tests.conftest import save_tiny_model
 
 RTN = ["--method", "rtn", "--group-size", "32"]
@@ -396,3 +397,17 @@ def test_the_next_layer_is_read_ahead_by_the_kernel_while_one_is_solved(model, t
     expected = [(info.start, info.nbytes, os.POSIX_FADV_WILLNEED) for name, info in tensors.items()
                 if name.startswith("model.layers.1.")]
     assert expected and sorted(advised) == sorted(expected)
+
+
+BAD_VALUES = [(dtype, bad) for dtype in (torch.float32, torch.bfloat16, torch.float16)
+              for bad in (float("nan"), float("inf"), float("-inf"))] + [(torch.float8_e4m3fn, float("nan"))]  # no inf
+
+
+@pytest.mark.parametrize(("dtype", "bad"), BAD_VALUES)
+def test_one_bad_value_anywhere_is_found(dtype, bad):
+    values = torch.randn(37, 53).to(dtype)
+    assert all_finite(values) and all_finite(values[:0])
+    for index in (0, 1000, values.numel() - 1):
+        poked = values.clone()
+        poked.view(-1)[index] = torch.tensor(bad).to(dtype)
+        assert not all_finite(poked), (dtype, bad, index)
