@@ -303,6 +303,8 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
                            on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None),
                            share=attention_share)
     del kept
+    if not keep_down_inputs:  # the room kept o_proj's inputs; the MLP's steps do not need it
+        acts.release_buffer()
     if hessian is not None:
         solve_group(mlp_in, hessian)
     del hessian

@@ -11,6 +11,7 @@ from lowbit.calibration.windows import CalibrationConfig
 from lowbit.quantize import arch as arch_module
 from lowbit.quantize import driver
 from lowbit.quantize import solve as solve_module
+from lowbit.quantize import stream
 from tests.conftest import save_tiny_model
 
 
@@ -160,3 +161,15 @@ def test_what_is_solved_together():
     assert not solved_together([(64, 32)], layer, gptq)  # a fused Linear is one solve already
     assert not solved_together(qkv, layer, QuantizeSettings(group_size=32, target_bpw=5.0))
     assert not solved_together(qkv, layer, QuantizeSettings(method="nf4"))
+
+
+def test_kept_inputs_reuse_one_room_paid_for_once():
+    acts = stream.Activations(hidden=torch.zeros(3, 8, 16), kwargs_by_layer=[{}])
+    room = acts.input_buffer(32).data_ptr()
+    assert acts.input_buffer(16).shape == (3, 8, 16)
+    assert acts.input_buffer(16).data_ptr() == room and acts.input_buffer(32).data_ptr() == room
+    grown = acts.input_buffer(64)
+    assert grown.shape == (3, 8, 64) and grown.untyped_storage().nbytes() == 3 * 8 * 64 * 4  # no more than the largest
+    del grown
+    acts.release_buffer()
+    assert acts.input_buffer(8).untyped_storage().nbytes() == 3 * 8 * 8 * 4  # released: made anew, at its own size
