@@ -88,7 +88,7 @@ def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
     """Gemma 3 normalises both branches' outputs: its entry in LAYER_NORMS computes its layer, Llama's does not."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
-    from lowbit.quantize import steps, stream
+    from lowbit.quantize import steps
 
     config = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                               num_key_value_heads=1, head_dim=16, vocab_size=256, sliding_window=16,
