@@ -377,9 +377,10 @@ def plan(
 
 def run() -> None:
     """The `lowbit` command. Under torchrun a finished process leaves without the interpreter's teardown:
-    gloo's worker threads can still hold tensors then, and freeing them during finalization aborted a rank
-    whose run had succeeded ("terminate called without an active exception", exit -6) in about one
-    two-rank eval in ten. Its outputs are written and renamed by then; only the exit code is left to give."""
+    gloo's worker threads can still hold tensors then, and freeing them during finalization is the likely
+    reason a rank whose run had succeeded aborted ("terminate called without an active exception", exit -6)
+    in 3 of about 20 runs of the two-rank eval test. Its outputs are written and renamed by then; only
+    the exit code is left to give."""
     try:
         app()
     except SystemExit as finished:
