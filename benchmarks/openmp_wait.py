@@ -42,8 +42,7 @@ def one_run(setting: dict, args, out: Path) -> dict:
                "--nsamples", str(args.nsamples), "--label", out.name, "--json", str(out)]
     subprocess.run(command, env=env, cwd=REPO, check=True, capture_output=True)
     result = json.loads(out.read_text())
-    return {"wall_s": result["wall_s"], "cpu_s": result["cpu_s"],
-            "passes_s": result["phases"]["window passes"]["wall_s"], "load": result["load_before"][0]}
+    return {"wall_s": result["wall_s"], "cpu_s": result["cpu_s"], "passes_s": result["phases"]["window passes"]["wall_s"]}
 
 
 def measure(busy: int, args, work: Path) -> dict[str, list[dict]]:
@@ -51,8 +50,8 @@ def measure(busy: int, args, work: Path) -> dict[str, list[dict]]:
     try:
         runs: dict[str, list[dict]] = {label: [] for label in SETTINGS}
         for repeat in range(args.repeats):
-            for label, setting in SETTINGS.items():
-                runs[label].append(one_run(setting, args, work / f"busy{busy}-{repeat}-{len(runs[label])}"))
+            for index, (label, setting) in enumerate(SETTINGS.items()):
+                runs[label].append(one_run(setting, args, work / f"busy{busy}-repeat{repeat}-setting{index}.json"))
                 print(f"  busy {busy}, {label}: {runs[label][-1]['wall_s']:.1f} s", flush=True)
         return runs
     finally:
