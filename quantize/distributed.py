@@ -212,9 +212,9 @@ def joined(device: torch.device) -> Iterator[Ranks]:
     previous = signal.signal(signal.SIGTERM, _stopped_by_launcher)
     try:
         yield Ranks(rank, world)
-        # every rank done before any leaves: a gloo group torn down while a peer still talks to it
-        # aborted that peer ("terminate called without an active exception") in 2 of about 9 runs of the
-        # two-rank eval test on one Xeon
+        # every rank done before any tears the group down while a peer may still talk to it. It did not
+        # cure the abort at exit ("terminate called without an active exception") of the two-rank eval
+        # test, which the interpreter's teardown causes: lowbit.cli.run leaves without it under torchrun
         with _exchange("finishing the run"):
             dist.barrier()
     finally:
