@@ -19,7 +19,7 @@ from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.grid import grid_params, grid_params_per_group, quantize_to_codes, searched_grid_params
 from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_columns_, permute_symmetric_
 from lowbit.quantize.settings import QuantizeSettings, check_bits, check_damp, check_group_size
-from lowbit.quantize.sweep import (ROWS_AT_ONCE, all_finite, drop_dead_inputs, gptq_sweep, output_energy,
+from lowbit.quantize.sweep import (ROWS_AT_ONCE, all_finite, column_major, drop_dead_inputs, gptq_sweep, output_energy,
                                   relative_error_from_loss, working_hessian)
 
 log = logging.getLogger("lowbit")
@@ -131,8 +131,8 @@ def gptq_quantize_stacked(weights: list[Tensor], hessian: Tensor, configs: list[
     for weight in weights:
         parts.append(slice(start, start + weight.shape[0]))
         start += weight.shape[0]
-    # the sweep works in place, so in a float32 copy, never in the caller's weights
-    W = torch.empty(start, n_cols, dtype=torch.float32, device=weights[0].device)
+    # the sweep works in place, so in a float32 copy, never in the caller's weights; column-major for its loop
+    W = torch.empty(n_cols, start, dtype=torch.float32, device=weights[0].device).T
     for rows, weight in zip(parts, weights):
         W[rows].copy_(weight.detach())
     H = working_hessian(hessian, W.device, consume_hessian)
@@ -281,7 +281,7 @@ def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Ten
         if act_order:
             permute_columns_(W, perm)
     else:
-        W = (W0[:, perm] if act_order else W0).repeat(len(configs), 1)
+        W = column_major(W0[:, perm] if act_order else W0, copies=len(configs))
     for c, grid in enumerate(grids):
         grid.W = W[c * n_rows : (c + 1) * n_rows]
 

@@ -50,7 +50,7 @@ def searched_grid_params(w: Tensor, importance: Tensor, bits: int, sym: bool,
     Best: least sum over columns of importance[k] * (w[n, k] - dequantized[n, k])**2,
     importance [G] >= 0. All rows and candidates at once, in chunks of rows.
     """
-    w = w.to(torch.float32)
+    w = w.to(torch.float32).contiguous()  # the sweep's weights are column-major; the search runs along rows
     importance = importance.to(device=w.device, dtype=torch.float32)
     candidates = torch.tensor(ratios, dtype=torch.float32, device=w.device)
     rows_per_chunk = max(1, SEARCH_CHUNK // max(1, len(ratios) * w.shape[1]))

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from lowbit.errors import CorruptInputError, UsageError
-from lowbit.quantize.sweep import all_finite, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
+from lowbit.quantize.sweep import all_finite, column_major, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.hessian_factor import damped_inverse_factor_
 from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings, check_damp
@@ -274,7 +274,7 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     """
     n_rows, n_cols = weight.shape
     blocksize = n_cols // scales.shape[1]
-    W = weight.to(torch.float32).clone()
+    W = column_major(weight)  # a float32 copy the sweep overwrites
     H = working_hessian(hessian, W.device, consume_hessian)
     if not all_finite(H):
         raise CorruptInputError("Hessian contains NaN or inf")

@@ -20,6 +20,8 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
     columns not yet quantized: at once inside the block, in one matmul past it.
     Returns the GPTQ objective: sum of err^2 / (2 Hinv_ii^2); row_loss [N], when given, gets it row by row.
     Afterwards each column of W holds the value it was rounded from (updates reach only later columns).
+    W should be column-major (`column_major`): every step of the loop then reads and updates contiguous
+    columns, 3-5x faster on the CPU than along the short rows of a row-major block.
 
     The column loop runs once per input column (17920 times for Phi-4's down_proj), so it is kept to a few
     operations a column, each a kernel launch on a GPU: the error is written in place into the block's
@@ -42,6 +44,15 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
         loss += errors.square().sum(dim=0) / 2
         W[:, end:].addmm_(errors.T, Hinv[start:end, end:], alpha=-1)
     return float(loss.sum())
+
+
+def column_major(t: Tensor, copies: int = 1) -> Tensor:
+    """A float32 copy of t [N, K] (stacked `copies` times, [copies * N, K]) whose columns are contiguous."""
+    n_rows = t.shape[0]
+    out = torch.empty(t.shape[1], copies * n_rows, dtype=torch.float32, device=t.device).T
+    for c in range(copies):
+        out[c * n_rows : (c + 1) * n_rows].copy_(t)
+    return out
 
 
 @contextmanager
