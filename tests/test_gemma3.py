@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lowbit.calibration.windows import CalibrationConfig
+from lowbit.errors import UsageError
 from lowbit.evals.evaluate import EvalOptions, final_hidden_states, perplexity
 from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.loader import DenseWeights, load_dequantized_model
@@ -78,6 +79,20 @@ def test_each_layer_gets_the_mask_and_rotary_embedding_of_its_type(gemma, window
     # embeddings scaled by sqrt(hidden), as Gemma3TextScaledWordEmbedding does
     embed = DenseWeights(gemma).read("model.embed_tokens.weight").float()
     torch.testing.assert_close(acts.hidden[0], embed[windows[0]] * HIDDEN ** 0.5)
+
+
+def test_windows_are_embedded_from_the_rows_they_use_alone(gemma):
+    ids = torch.tensor([[5, 7, 5, 200] * (SEQLEN // 4)])  # three distinct tokens
+    skeleton = build_skeleton(load_config(gemma))
+    table = skeleton.model.embed_tokens.weight
+    embed = DenseWeights(gemma).read("model.embed_tokens.weight")
+    acts = embed_windows(skeleton, embed, ids, torch.device("cpu"), torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(acts.hidden, model.model.embed_tokens(ids))  # scaled, as the whole table gives
+    assert skeleton.model.embed_tokens.weight is table and table.is_meta  # the skeleton as it was
+    with pytest.raises(UsageError, match=f"token id {embed.shape[0]} is outside"):
+        embed_windows(skeleton, embed, torch.full((1, SEQLEN), embed.shape[0]), torch.device("cpu"), torch.float32)
 
 
 def test_a_mask_that_is_plain_causal_is_dropped_and_the_outputs_stay_exact(gemma):
