@@ -131,10 +131,7 @@ def gptq_quantize_stacked(weights: list[Tensor], hessian: Tensor, configs: list[
     for weight in weights:
         parts.append(slice(start, start + weight.shape[0]))
         start += weight.shape[0]
-    # the sweep works in place, so in a float32 copy, never in the caller's weights; column-major for its loop
-    W = torch.empty(n_cols, start, dtype=torch.float32, device=weights[0].device).T
-    for rows, weight in zip(parts, weights):
-        W[rows].copy_(weight.detach())
+    W = column_major(weights)  # the sweep works in place, so in a float32 copy, never in the caller's weights
     H = working_hessian(hessian, W.device, consume_hessian)
     if not (all_finite(W) and all_finite(H)):
         raise CorruptInputError("weight or Hessian contains NaN or inf")
@@ -281,7 +278,7 @@ def _sweep_stacked(W0: Tensor, Hinv: Tensor, perm: Tensor, importances: list[Ten
         if act_order:
             permute_columns_(W, perm)
     else:
-        W = column_major(W0[:, perm] if act_order else W0, copies=len(configs))
+        W = column_major([W0[:, perm] if act_order else W0] * len(configs))
     for c, grid in enumerate(grids):
         grid.W = W[c * n_rows : (c + 1) * n_rows]
 

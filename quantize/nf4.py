@@ -274,7 +274,7 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     """
     n_rows, n_cols = weight.shape
     blocksize = n_cols // scales.shape[1]
-    W = column_major(weight)  # a float32 copy the sweep overwrites
+    W = column_major([weight])  # a float32 copy the sweep overwrites
     H = working_hessian(hessian, W.device, consume_hessian)
     if not all_finite(H):
         raise CorruptInputError("Hessian contains NaN or inf")

@@ -268,7 +268,7 @@ def rows_of_tokens(windows: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor
     used = torch.unique(windows)
     outside = used[(used < 0) | (used >= vocab_size)]
     if outside.numel():
-        raise UsageError(f"calibration token id {int(outside[0])} is outside the model's {vocab_size}-token embedding")
+        raise UsageError(f"window token id {int(outside[0])} is outside the model's {vocab_size}-token embedding")
     id_to_row = torch.zeros(vocab_size, dtype=torch.int64)
     id_to_row[used] = torch.arange(used.numel())
     return used, id_to_row

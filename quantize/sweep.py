@@ -46,12 +46,13 @@ def gptq_sweep(W: Tensor, Hinv: Tensor, quantize_column: Callable[[int, Tensor],
     return float(loss.sum())
 
 
-def column_major(t: Tensor, copies: int = 1) -> Tensor:
-    """A float32 copy of t [N, K] (stacked `copies` times, [copies * N, K]) whose columns are contiguous."""
-    n_rows = t.shape[0]
-    out = torch.empty(t.shape[1], copies * n_rows, dtype=torch.float32, device=t.device).T
-    for c in range(copies):
-        out[c * n_rows : (c + 1) * n_rows].copy_(t)
+def column_major(parts: list[Tensor]) -> Tensor:
+    """A float32 copy of the matrices [N_i, K] stacked by rows, [sum N_i, K], whose columns are contiguous."""
+    out = torch.empty(parts[0].shape[1], sum(t.shape[0] for t in parts), dtype=torch.float32, device=parts[0].device).T
+    start = 0
+    for t in parts:
+        out[start : start + t.shape[0]].copy_(t.detach())
+        start += t.shape[0]
     return out
 
 
