@@ -37,7 +37,8 @@ from lowbit.quantize.solve import make_solver  # noqa: E402
 
 GEMMA = Path.home() / ".cache" / "lowbit-tests" / "gemma3-270m-bf16"
 C4 = REPO.parent / "shared" / "data" / "c4" / "c4-sample.jsonl"
-VARIANTS = ("plain", "propagate", "post-norm")
+VARIANTS = ("plain", "propagate", "post-norm", "awq")
+AWQ_ALPHAS = tuple(i / 20 for i in range(20))
 POST_NORMED = ("o_proj", "down_proj")  # Gemma 3: their outputs pass an RMSNorm before the residual add
 
 
@@ -140,18 +141,58 @@ def quantize_in_memory(model, windows: torch.Tensor, variant: str, settings: Qua
                         pass
             handle.remove()
             rows = hidden.shape[0] * hidden.shape[1]
+            scale = awq_scale(layer, group, H, settings) if variant == "awq" else None
             damped = H + settings.damp * H.diagonal().mean() * torch.eye(columns)
             for name in group:
                 linear = layer.get_submodule(name)
                 weight = linear.weight.data.clone()
                 if cross is not None:
                     weight += torch.linalg.solve(damped, (weight @ cross).T).T
-                solved = solve(weight, H * (2 / rows), None, False)
-                linear.weight.data = solved.dequantized.to(linear.weight.dtype)
+                if scale is None:
+                    solved = solve(weight, H * (2 / rows), None, False)
+                    linear.weight.data = solved.dequantized.to(linear.weight.dtype)
+                else:
+                    scaled_h = H / scale[:, None] / scale[None, :]
+                    solved = solve(weight * scale, scaled_h * (2 / rows), None, False)
+                    linear.weight.data = (solved.dequantized / scale).to(linear.weight.dtype)
         with torch.no_grad():
             for i in range(hidden.shape[0]):
                 hidden[i] = forward(layer, hidden[i : i + 1], kwargs[index])[0]
         print(f"  {variant}: layer {index} done", flush=True)
+
+
+def awq_scale(layer, group, H, settings) -> torch.Tensor:
+    """Per input column s = rms(x)^alpha (o_proj: shared by the query heads of one value channel), alpha
+    chosen from AWQ_ALPHAS by the group's round-to-nearest output error tr(E H E^T), E = W - RTN(W s) / s."""
+    from lowbit.quantize.grid import dequantize_codes, grid_params_per_group, quantize_to_codes
+
+    rms = H.diagonal().clamp_min(1e-12).sqrt()
+    if group[0].endswith("o_proj"):
+        attention = layer.self_attn
+        heads = attention.config.num_attention_heads // attention.config.num_key_value_heads
+        rms = rms.reshape(heads, -1).mean(0).repeat(heads)
+    weights = [layer.get_submodule(name).weight.data.float() for name in group]
+    size = settings.group_size
+
+    def rtn(w):
+        scale, zero = grid_params_per_group(w, size, settings.bits, settings.sym)
+        n, k = w.shape
+        blocks = w.reshape(n, k // size, size).transpose(0, 1)
+        return torch.stack([dequantize_codes(quantize_to_codes(b, s, z, settings.bits), s, z)
+                            for b, s, z in zip(blocks, scale, zero)]).transpose(0, 1).reshape(n, k)
+
+    best, best_error = torch.ones_like(rms), None
+    for alpha in AWQ_ALPHAS:
+        s = rms.pow(alpha)
+        s = s / (s.max() * s.min()).sqrt()
+        error = 0.0
+        for w in weights:
+            e = w - rtn(w * s) / s
+            error += float(((e @ H) * e).sum())
+        if best_error is None or error < best_error:
+            best, best_error = s, error
+    print(f"    awq {group[0]}: alpha {float(best.log().std() / rms.log().std()) if rms.log().std() > 0 else 0:.2f}", flush=True)
+    return best
 
 
 def main() -> None:

@@ -58,10 +58,12 @@ CONFIGS = ("4g64", "4g128", "3g64")
 # when this lowbit has it (pins a default that older versions do not have, so the run means the same).
 LOWBIT_METHODS = {
     "rtn": (["--method", "rtn", "?--no-scale-search"], False, True),
-    "rtn-ss": (["--method", "rtn", "--scale-search"], True, True),
-    "gptq": (["--method", "gptq", "--no-act-order", "?--no-scale-search"], True, True),
-    "gptq-ss": (["--method", "gptq", "--no-act-order", "--scale-search"], True, True),
-    "gptq-ss-ao": (["--method", "gptq", "--scale-search", "--act-order", "--static-groups"], True, True),
+    "rtn-ss": (["--method", "rtn", "--scale-search", "?--no-awq-scales"], True, True),
+    "rtn-ss-awq": (["--method", "rtn", "--scale-search", "--awq-scales"], True, True),  # AWQ's own recipe: RTN
+    "gptq": (["--method", "gptq", "--no-act-order", "?--no-scale-search", "?--no-awq-scales"], True, True),
+    "gptq-ss": (["--method", "gptq", "--no-act-order", "--scale-search", "?--no-awq-scales"], True, True),
+    "gptq-ss-ao": (["--method", "gptq", "--scale-search", "--act-order", "--static-groups", "?--no-awq-scales"],
+                   True, True),
     "gptq-default": (["--method", "gptq"], True, True),
     "gptq-asym": (["--method", "gptq", "--asym"], True, True),
     "gptq-bf16": (["--method", "gptq", "--dtype", "bfloat16"], True, True),  # the layers in a GPU's compute dtype

@@ -7,8 +7,10 @@ import torch
 from benchmarks.peer_llmcompressor import LLMC_VERSION, PEER_BEST_CANDIDATES, STARTING_ENVIRONMENT
 
 LABELS = {
-    "rtn": "RTN", "rtn-ss": "RTN + scale search", "gptq": "GPTQ", "gptq-ss": "GPTQ + scale search",
-    "gptq-ss-ao": "GPTQ + scale search + act-order (static groups)", "gptq-default": "GPTQ, lowbit's defaults",
+    "rtn": "RTN", "rtn-ss": "RTN + scale search", "rtn-ss-awq": "RTN + scale search + AWQ input scales",
+    "gptq": "GPTQ", "gptq-ss": "GPTQ + scale search",
+    "gptq-ss-ao": "GPTQ + scale search + act-order (static groups): the defaults before AWQ scales",
+    "gptq-default": "GPTQ, lowbit's defaults",
     "gptq-asym": "GPTQ, lowbit's defaults + asymmetric grid (--asym)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",

@@ -34,8 +34,8 @@ _METHOD_NAMES = {
 _NOT_FOR = {
     "gptq": {"double_quant", "skip"},
     "rtn": {"double_quant", "skip", "damp", "act_order", "static_groups", "true_sequential"},
-    "nf4": {"group_size", "sym", "act_order", "static_groups", "true_sequential"},
-    "fp4": {"group_size", "sym", "act_order", "static_groups", "true_sequential"},
+    "nf4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
+    "fp4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
 }
 _CALIBRATED_ONLY = {"damp"}  # nf4/fp4: only when calibrated
 

@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from lowbit.console import (bad_option, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
 from lowbit.network import hub_token
-from lowbit.quantize.settings import InvalidSetting, Method, QuantizeSettings
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, InvalidSetting, Method, QuantizeSettings
 from lowbit.redact import redact
 
 log = logging.getLogger("lowbit")
@@ -54,6 +54,7 @@ def quantize(
     damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
     static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Groups stay in column order (with act-order: desc_act false, fast kernels)."),
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
+    awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on wherever there is calibration, except with --target-bpw)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
@@ -85,6 +86,8 @@ def quantize(
         parse_size(max_shard_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
+    if awq_scales and (method not in GPTQ_FORMAT_METHODS or target_bpw is not None):
+        raise typer.BadParameter("input scales are for gptq and rtn, without --target-bpw", param_hint="--awq-scales")
     if scale_search and calibration is None and method != "gptq":
         raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
                                  "give --calibration", param_hint="--scale-search")
@@ -92,7 +95,7 @@ def quantize(
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                     true_sequential=true_sequential, double_quant=double_quant, skip=skip,
-                                    target_bpw=target_bpw)
+                                    target_bpw=target_bpw, awq_scales=awq_scales is not False)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration

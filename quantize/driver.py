@@ -25,6 +25,7 @@ from lowbit.quantize.assemble import assemble
 from lowbit.quantize.distributed import SINGLE, Ranks, joined, rank_device
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
+from lowbit.quantize.input_scales import InputScaling, group_input_scale
 from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import LayerSaver, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
@@ -145,7 +146,7 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
-    steps = None
+    steps, scaling = None, InputScaling.of(arch, config, settings)
     with LayerSaver(in_background=acts.hidden.device.type == "cpu" and ranks.world == 1) as saver:
         for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
                                                    report if ranks.primary else None, "quantize",
@@ -154,7 +155,7 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
                 steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
             out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve,
                                                      source_tensors, acts, device, *steps, Solvers(ranks, i),
-                                                     before_update=saver.wait)
+                                                     before_update=saver.wait, scaling=scaling)
             if ranks.primary:
                 saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
             else:
@@ -182,11 +183,12 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
                     keep_down_inputs: bool = False, solvers: Solvers = Solvers(),
-                    before_update: Callable[[], None] = lambda: None):
+                    before_update: Callable[[], None] = lambda: None, scaling: InputScaling | None = None):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
     each other candidate format under a size budget, by format tag); under torchrun complete on rank 0.
-    BEFORE_UPDATE runs before the first write to the activations (the last layer's save may still read them)."""
+    BEFORE_UPDATE runs before the first write to the activations (the last layer's save may still read them).
+    SCALING: AWQ's input scales, searched for each group and folded into its producer's tensors."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -201,6 +203,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         owners = solvers.owners(names, order)
         mine = [name for name in names if owners[name] == ranks.rank]
         hessian = group_hessian(accumulator, ranks, keep=bool(mine))
+        index = arch.groups.index(group)
+        scale = group_input_scale(scaling, layer, names, owners[names[0]] if names else 0, index, hessian, ranks)
         solved_here = {}
         shapes = lambda names_: [tuple(layer.get_submodule(n).weight.shape) for n in names_]  # noqa: E731
         together = solved_together(shapes(mine), shapes(order), settings)
@@ -208,8 +212,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             # the solver consumes the Hessian: the last solve here gets it, the others a copy
             shared = hessian if chunk[-1] == mine[-1] else hessian.clone()
             try:
-                solves = (_solve_together(layer, chunk, settings, source_tensors, shared) if together else
-                          [_solve_linear(layer, chunk[0], solve, source_tensors, shared, consume_hessian=True)])
+                solves = (_solve_together(layer, chunk, settings, source_tensors, shared, scale) if together else
+                          [_solve_linear(layer, chunk[0], solve, source_tensors, shared, True, scale)])
             except LowbitError as e:
                 raise type(e)(f"{prefix}{'+'.join(chunk)}: {e}") from None
             for name, (solved, stat) in zip(chunk, solves):
@@ -222,6 +226,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             stats[prefix + name] = stat
             out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
             keep_candidates(candidates, stat, prefix + name, solved)
+        if scale is not None and ranks.primary:
+            scaling.fold(out, prefix, index, scale)
 
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
@@ -330,38 +336,45 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
         run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
 
 
-def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False) -> tuple[SolvedLinear, dict]:
+def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False,
+                  scale=None) -> tuple[SolvedLinear, dict]:
     """Quantize one Linear and put its dequantized weight in the layer; returns (the solve, its stats).
+    With input scales, W s is solved (the Hessian is the scaled input's) and the layer gets Q / s.
 
     Under a size budget the layer goes on with the base format's weight: the activations that reach the
     next group and layer are the base's (quantize/mixed.py).
 
     A function of its own so that the float32 weight and dequantized copies die with it.
     """
-    weight = _weight_as_read(layer, name, source_tensors)
+    weight = _weight_as_read(layer, name, source_tensors, scale)
     solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian)
-    return solved, _put_in_layer(layer, name, solved, weight, hessian)
+    return solved, _put_in_layer(layer, name, solved, weight, hessian, scale)
 
 
-def _solve_together(layer, names, settings, source_tensors, hessian) -> list[tuple[SolvedLinear, dict]]:
+def _solve_together(layer, names, settings, source_tensors, hessian, scale=None) -> list[tuple[SolvedLinear, dict]]:
     """_solve_linear for the Linears of one group at once (solve.solve_stacked); the Hessian is consumed."""
-    weights = [_weight_as_read(layer, name, source_tensors) for name in names]
+    weights = [_weight_as_read(layer, name, source_tensors, scale) for name in names]
     biases = [source_tensors.get(name + ".bias") for name in names]
     solved = solve_stacked(settings, weights, hessian, biases, consume_hessian=True)
-    return [(one, _put_in_layer(layer, name, one, weight, None)) for name, one, weight in zip(names, solved, weights)]
+    return [(one, _put_in_layer(layer, name, one, weight, None, scale))
+            for name, one, weight in zip(names, solved, weights)]
 
 
-def _weight_as_read(layer, name, source_tensors) -> torch.Tensor:
+def _weight_as_read(layer, name, source_tensors, scale=None) -> torch.Tensor:
     """The Linear's weight in the source dtype (bitsandbytes records it): where the layer computes in a copy of
-    the tensor as read (the CPU, float32), that tensor itself; elsewhere the layer's weight cast back, lossless."""
+    the tensor as read (the CPU, float32), that tensor itself; elsewhere the layer's weight cast back, lossless.
+    With input scales: W s, in float32."""
     source, linear = source_tensors[name + ".weight"], layer.get_submodule(name)
+    if scale is not None:
+        return linear.weight.detach().float() * scale
     return source if source.device == linear.weight.device else linear.weight.detach().to(source.dtype)
 
 
-def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian) -> dict:
-    """The solve's dequantized weight into the layer's Linear; returns its stats, with the output error."""
+def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian, scale=None) -> dict:
+    """The solve's dequantized weight (over the input scales) into the layer's Linear; returns its stats, with
+    the output error."""
     linear = layer.get_submodule(name)
-    linear.weight.data = solved.dequantized.to(linear.weight.dtype)
+    linear.weight.data = (solved.dequantized if scale is None else solved.dequantized / scale).to(linear.weight.dtype)
     stats = dict(solved.stats)
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)

@@ -113,6 +113,9 @@ class QuantizeSettings:
     act_order: bool = True
     static_groups: bool = True
     scale_search: bool = True  # wherever there is a Hessian (see calibrated); plain RTN/NF4 have none
+    # AWQ's input scales folded into the producers (quantize/input_scales.py): GPTQ format, with a Hessian,
+    # and not under a size budget (a Linear left in 16 bits would need its source weight scaled)
+    awq_scales: bool = True
     damp: float = 0.01
     true_sequential: bool = True
     double_quant: bool = True  # nf4/fp4
@@ -148,7 +151,15 @@ class QuantizeSettings:
         return uses_activations(self.method, has_calibration)
 
     def resolved(self, has_calibration: bool) -> QuantizeSettings:
-        """The settings as the run applies them: no scale search where there is no Hessian to weigh it."""
+        """The settings as the run applies them: no scale search where there is no Hessian to weigh it, and
+        input scales only where awq_scales says they apply."""
+        resolved = self
         if self.scale_search and not self.calibrated(has_calibration):
-            return replace(self, scale_search=False)
-        return self
+            resolved = replace(resolved, scale_search=False)
+        if self.awq_scales and not (resolved.calibrated(has_calibration) and self.awq_scales_apply):
+            resolved = replace(resolved, awq_scales=False)
+        return resolved
+
+    @property
+    def awq_scales_apply(self) -> bool:
+        return self.gptq_format and self.target_bpw is None

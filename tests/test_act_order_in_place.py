@@ -48,7 +48,8 @@ def quantize_tiny(tmp_path, monkeypatch, **settings):
     monkeypatch.setattr(driver, "make_solver", recording_solver)
     monkeypatch.setattr(driver, "solve_stacked", recording_stacked)
     output = tmp_path / "out"
-    driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=GROUP, **settings),
+    driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=GROUP,
+                                                                **{"awq_scales": False, **settings}),
                           CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
     arch = architecture_of(load_config_dict(folder))
     order = [arch.layer_prefix(i) + name for i in range(arch.num_layers) for group in arch.groups for name in group]

@@ -1,0 +1,185 @@
+"""Activation-aware input scales (AWQ, Lin et al. 2023) before GPTQ, folded so that the checkpoint stays plain GPTQ.
+
+A Linear computes the same thing when input column j is divided by s_j and weight column j multiplied by it.
+The quantization grid is not the same: a group's step is set by its largest weights, so a column scaled up
+is stored finer relative to its own values, and the inputs that carry the most activation can be given that
+room. Per group of Linears that read one input:
+
+    s = rms(x)^alpha / (its geometric middle), alpha in ALPHAS (0 first: s = 1, nothing changes)
+    alpha: least round-to-nearest output error sum over the group of tr(E H E^T), E = W - RTN(W s) / s
+
+GPTQ then solves W s against the Hessian of x / s (S^-1 H S^-1), and the 1 / s goes into what makes x:
+
+- q/k/v and gate/up: the norm before them (Gemma 3's norm multiplies by 1 + weight: see NORM_OFFSET);
+- o_proj: v_proj's rows; the query heads that read one value head share its scales;
+- down_proj: up_proj's rows (the MLP's product act(gate) * up is linear in up).
+
+A row scale of a quantized producer is its group scales times 1 / s, the same codes: stored in float16, so
+the checkpoint computes what the solver produced up to float16 (Linears) or the model's dtype (norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from lowbit.quantize.arch import Architecture, text_config
+from lowbit.quantize.distributed import Ranks
+from lowbit.quantize.gptq import GPTQConfig, rtn_quantize
+from lowbit.quantize.settings import QuantizeSettings
+
+ALPHAS = tuple(i / 20 for i in range(20))
+SEARCH_ROWS = 512  # of each Linear, strided: the search's error is an estimate, its cost rows x K x K a candidate
+NORM_OFFSET = {"Gemma3ForCausalLM": 1.0, "Gemma3ForConditionalGeneration": 1.0}  # the norm computes x * (offset + w)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """What makes a group's input: a norm (`norm`: its name), or `rows` of a Linear's output (`linear`).
+    values: the rows are v_proj's, read by the query heads in o_proj's columns (they share scales)."""
+
+    norm: str | None = None
+    linear: str | None = None
+    rows: tuple[int, int] | None = None  # [start, end) of its output rows; None: all
+    values: bool = False
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """What a run needs to scale each group's input: the producers of arch.groups' inputs, in order."""
+
+    producers: tuple[Producer, ...]
+    value_heads: tuple[int, int]  # value_heads(config)
+    norm_offset: float
+    config: GPTQConfig
+
+    @classmethod
+    def of(cls, arch: Architecture, config: dict, settings: QuantizeSettings) -> InputScaling | None:
+        """None where the settings ask for no input scales, or the layout is not one this module knows."""
+        text = text_config(config)
+        found = producers(arch, text) if settings.awq_scales else None
+        if found is None:
+            return None
+        return cls(tuple(found), value_heads(text), NORM_OFFSET.get(arch.name, 0.0), GPTQConfig.from_settings(settings))
+
+    def search(self, group: int, weights: list[Tensor], hessian: Tensor) -> Tensor:
+        """search_input_scale for arch.groups[group]."""
+        heads = self.value_heads if self.producers[group].values else None
+        return search_input_scale(weights, hessian, self.config, heads)
+
+    def fold(self, tensors: dict[str, Tensor], prefix: str, group: int, scale: Tensor) -> None:
+        """fold_into_producer for arch.groups[group] (o_proj's scales: one per value row, from its first query head)."""
+        producer = self.producers[group]
+        if producer.values:
+            scale = scale.reshape(-1, *self.value_heads)[:, 0].reshape(-1)
+        fold_into_producer(tensors, prefix, producer, scale, self.norm_offset)
+
+
+def producers(arch: Architecture, config: dict) -> list[Producer] | None:
+    """The producer of each of arch.groups' inputs, or None where the layout is not one this module knows."""
+    if arch.norms is None or len(arch.groups) != 4:
+        return None
+    q, kv, intermediate = _widths(config)
+    if arch.groups[0] == ("self_attn.qkv_proj",):  # Phi-3: fused q|k|v and gate|up
+        value = Producer(linear="self_attn.qkv_proj", rows=(q + kv, q + 2 * kv), values=True)
+        up = Producer(linear="mlp.gate_up_proj", rows=(intermediate, 2 * intermediate))
+    else:
+        value, up = Producer(linear="self_attn.v_proj", values=True), Producer(linear="mlp.up_proj")
+    return [Producer(norm="input_layernorm"), value, Producer(norm=arch.norms.before_mlp), up]
+
+
+def value_heads(config: dict) -> tuple[int, int]:
+    """(How many query heads read each value head, the head width): how o_proj's input columns share v_proj's rows."""
+    heads = int(config["num_attention_heads"])
+    q, _, _ = _widths(config)
+    return heads // int(config.get("num_key_value_heads") or heads), q // heads
+
+
+def search_input_scale(weights: list[Tensor], hessian: Tensor, config: GPTQConfig,
+                       heads: tuple[int, int] | None = None) -> Tensor:
+    """The scale s [K] of the group's input columns with the least RTN output error (module docstring).
+
+    weights: the group's [N_i, K] matrices; hessian: their input's [K, K]. heads (o_proj): value_heads,
+    the columns of the query heads that read one value head share its scales.
+    """
+    samples = [w[:: max(1, w.shape[0] // SEARCH_ROWS)].float() for w in weights]
+    rms = hessian.diagonal().float().clamp_min(1e-12).sqrt()
+    if heads is not None and heads[0] > 1:
+        rms = _shared_across_heads(rms, *heads)
+    best, least = torch.ones_like(rms), None
+    for alpha in ALPHAS:
+        scale = rms.pow(alpha)
+        scale = scale / (scale.max() * scale.min()).sqrt()
+        error = rtn_output_error(samples, hessian, scale, config)
+        if least is None or error < least:
+            best, least = scale, error
+    return best
+
+
+def rtn_output_error(weights: list[Tensor], hessian: Tensor, scale: Tensor, config: GPTQConfig) -> float:
+    """sum over WEIGHTS of tr(E H E^T), E = W - RTN(W s) / s on CONFIG's grid (no scale search, groups in place)."""
+    rtn = replace(config, scale_search=False, act_order=False, static_groups=False)
+    error = 0.0
+    for w in weights:
+        e = w.float() - rtn_quantize(w.float() * scale, rtn).dequantize() / scale
+        error += float(((e @ hessian) * e).sum())
+    return error
+
+
+def group_input_scale(scaling: InputScaling | None, layer, names: list[str], owner: int, group: int,
+                      hessian: Tensor | None, ranks: Ranks) -> Tensor | None:
+    """Group GROUP's input scales, searched by OWNER (the rank that solves its first Linear, NAMES[0]) and shared
+    with every rank, and the Hessian made in place that of the scaled input; None without SCALING."""
+    if scaling is None or not names:
+        return None
+    first = layer.get_submodule(names[0]).weight
+    if ranks.rank == owner:
+        scale = scaling.search(group, [layer.get_submodule(n).weight.detach() for n in names], hessian)
+    else:
+        scale = torch.empty(first.shape[1], dtype=torch.float32, device=first.device)
+    ranks.broadcast_(scale, owner)
+    if hessian is not None:
+        scaled_hessian_(hessian, scale)
+    return scale
+
+
+def scaled_hessian_(hessian: Tensor, scale: Tensor) -> Tensor:
+    """The Hessian of x / s, in place: H_jk / (s_j s_k)."""
+    return hessian.div_(scale[:, None]).div_(scale[None, :])
+
+
+def fold_into_producer(tensors: dict[str, Tensor], prefix: str, producer: Producer, scale: Tensor,
+                       norm_offset: float = 0.0) -> None:
+    """Divide what PRODUCER writes by SCALE, in the layer's tensors to write (names prefixed by PREFIX):
+    a norm's weight, or a Linear's rows (GPTQ: its group scales, float16; unquantized: its weight) and bias."""
+    if producer.norm is not None:
+        name = f"{prefix}{producer.norm}.weight"
+        weight = tensors[name]
+        tensors[name] = ((weight.float() + norm_offset) / scale.to(weight.device) - norm_offset).to(weight.dtype)
+        return
+    base = f"{prefix}{producer.linear}."
+    rows = slice(*producer.rows) if producer.rows else slice(None)
+    for suffix, axis in (("scales", 1), ("weight", 0), ("bias", 0)):
+        if base + suffix not in tensors:
+            continue
+        tensor = tensors[base + suffix].clone()
+        view = tensor[:, rows] if axis == 1 else tensor[rows]
+        shape = (1, -1) if axis == 1 else (-1,) + (1,) * (tensor.dim() - 1)
+        view.copy_((view.float() / scale.to(tensor.device).reshape(shape)).to(tensor.dtype))
+        tensors[base + suffix] = tensor
+
+
+def _shared_across_heads(rms: Tensor, shared_by: int, head_dim: int) -> Tensor:
+    """o_proj's columns are [value head][its query heads][head dim]: one mean over the query heads, repeated."""
+    heads = rms.reshape(-1, shared_by, head_dim)
+    return heads.mean(dim=1, keepdim=True).expand_as(heads).reshape(-1)
+
+
+def _widths(config: dict) -> tuple[int, int, int]:
+    """q's and each of k's and v's output width, and the MLP's intermediate width."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    return heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])

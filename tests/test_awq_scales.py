@@ -1,0 +1,133 @@
+"""AWQ's input scales before GPTQ, folded into the norm or Linear before each group (quantize/input_scales.py).
+
+The checkpoint stays plain GPTQ: folding must leave the model's function as it was, and the checkpoint
+must compute what the solver produced (the layer in memory: Q / s), up to the float16 of a producer's scales.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from lowbit.calibration.windows import CalibrationConfig
+from lowbit.cli import app
+from lowbit.quantize import driver
+from lowbit.quantize.arch import architecture_of
+from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
+from lowbit.quantize.gptq import GPTQConfig
+from lowbit.quantize.input_scales import InputScaling, rtn_output_error, search_input_scale
+from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.settings import QuantizeSettings
+from tests.conftest import save_tiny_model
+
+ARCHS = ["llama", "phi3", "gemma3"]
+
+
+def _logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_folded_scales_leave_the_model_function_as_it_was(arch, tmp_path):
+    """Random scales for every group: W s in each Linear, 1 / s folded into its producer; the same logits."""
+    folder = save_tiny_model(tmp_path / arch, arch=arch, layers=2)
+    config = load_config_dict(folder)
+    arch_ = architecture_of(config)
+    scaling = InputScaling.of(arch_, config, QuantizeSettings())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for module in model.modules():  # Gemma's norms start at 0 (a scale of 1): make them matter
+        if "norm" in type(module).__name__.lower() and hasattr(module, "weight"):
+            module.weight.data.uniform_(-0.5, 0.5)
+    ids = torch.randint(3, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, ids)
+    gen = torch.Generator().manual_seed(2)
+    for index, layer in enumerate(model.model.layers):
+        tensors = {f"p.{k}": v.clone() for k, v in layer.state_dict().items()}
+        for group_index, group in enumerate(arch_.groups):
+            width = layer.get_submodule(group[0]).in_features
+            scale = torch.rand(width, generator=gen) * 1.5 + 0.5
+            if scaling.producers[group_index].values:  # the query heads of one value head share its scales
+                per_value, head_dim = scaling.value_heads
+                scale = scale.reshape(-1, per_value, head_dim)[:, :1].expand(-1, per_value, head_dim).reshape(-1)
+            scaling.fold(tensors, "p.", group_index, scale)
+            for name in group:
+                tensors[f"p.{name}.weight"] = tensors[f"p.{name}.weight"] * scale
+        layer.load_state_dict({k[2:]: v for k, v in tensors.items()})
+    after = _logits(model, ids)
+    assert (after - before).abs().max() <= 1e-4 * before.abs().max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_search_never_raises_the_error_it_minimises(seed):
+    """s = 1 (alpha 0) is a candidate, so the chosen scale's RTN output error is at most the unscaled one's."""
+    gen = torch.Generator().manual_seed(seed)
+    k = 64
+    outliers = torch.rand(k, generator=gen).pow(4) * 20 + 0.1  # a few input channels carry most activation
+    x = torch.randn(512, k, generator=gen) * outliers
+    hessian = x.T @ x / 512
+    weights = [torch.randn(n, k, generator=gen) for n in (32, 16)]
+    config = GPTQConfig(bits=int(torch.randint(2, 5, (1,), generator=gen)), group_size=32)
+    scale = search_input_scale(weights, hessian, config)
+    chosen = rtn_output_error(weights, hessian, scale, config)
+    assert chosen <= rtn_output_error(weights, hessian, torch.ones(k), config)
+    if seed == 0:  # with channels this uneven, scaling pays
+        assert chosen < 0.95 * rtn_output_error(weights, hessian, torch.ones(k), config)
+
+
+def _quantize_recording(folder, output, monkeypatch, **settings) -> dict[str, torch.Tensor]:
+    """Quantize FOLDER; returns every quantized Linear's weight as the layer in memory had it after its solve."""
+    produced = {}
+    put_in_layer = driver._put_in_layer
+    layer_prefix = {}
+
+    def recording(layer, name, *args, **kwargs):
+        stats = put_in_layer(layer, name, *args, **kwargs)
+        produced[(id(layer), name)] = layer.get_submodule(name).weight.data.clone()
+        return stats
+
+    quantize_layer = driver._quantize_layer
+
+    def remember_prefix(layer, prefix, *args, **kwargs):
+        layer_prefix[id(layer)] = prefix
+        return quantize_layer(layer, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_put_in_layer", recording)
+    monkeypatch.setattr(driver, "_quantize_layer", remember_prefix)
+    driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=32, **settings),
+                          CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
+    return {layer_prefix[layer] + name: weight for (layer, name), weight in produced.items()}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_checkpoint_computes_what_the_solver_produced(arch, tmp_path, monkeypatch):
+    folder = save_tiny_model(tmp_path / "tiny", arch=arch, layers=2, tie=arch == "gemma3")
+    output = tmp_path / "out"
+    produced = _quantize_recording(folder, output, monkeypatch)
+    config = load_config_dict(folder)
+    arch_ = architecture_of(config)
+    assert len(produced) == len(arch_.quantized_linears())
+    # the scales were searched and folded: the norms before q/k/v are no longer the source's
+    source, written = SafetensorsCheckpoint(folder), SafetensorsCheckpoint(output)
+    norm = arch_.layer_prefix(0) + "input_layernorm.weight"
+    assert not torch.equal(source.read(norm), written.read(norm))
+    in_memory = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    state = in_memory.state_dict()
+    for name, weight in produced.items():
+        state[name + ".weight"].copy_(weight)
+    loaded = load_dequantized_model(output).float().eval()
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    expected, got = _logits(in_memory, ids), _logits(loaded, ids)
+    assert (got - expected).abs().max() <= 2e-3 * expected.abs().max()
+
+
+def test_awq_scales_are_refused_where_they_do_not_apply(tmp_path):
+    folder = save_tiny_model(tmp_path / "tiny", layers=1)
+    runner = CliRunner()
+    for extra in (["--method", "nf4"], ["--target-bpw", "5"]):
+        result = runner.invoke(app, ["quantize", str(folder), "-o", str(tmp_path / "out"), "--awq-scales", *extra])
+        assert result.exit_code == 2, result.output
+        assert "--awq-scales" in result.output
+        assert not (tmp_path / "out").exists()
