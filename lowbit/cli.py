@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from lowbit.console import (bad_option, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
 from lowbit.network import hub_token
-from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, InvalidSetting, Method, QuantizeSettings
+from lowbit.quantize.settings import InvalidSetting, Method, QuantizeSettings
 from lowbit.redact import redact
 
 log = logging.getLogger("lowbit")
@@ -86,8 +86,6 @@ def quantize(
         parse_size(max_shard_size)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
-    if awq_scales and (method not in GPTQ_FORMAT_METHODS or target_bpw is not None):
-        raise typer.BadParameter("input scales are for gptq and rtn, without --target-bpw", param_hint="--awq-scales")
     if scale_search and calibration is None and method != "gptq":
         raise typer.BadParameter(f"{method} with scale search weighs each input by its calibration activations: "
                                  "give --calibration", param_hint="--scale-search")
@@ -95,7 +93,7 @@ def quantize(
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                     true_sequential=true_sequential, double_quant=double_quant, skip=skip,
-                                    target_bpw=target_bpw, awq_scales=awq_scales is not False)
+                                    target_bpw=target_bpw, awq_scales=awq_scales)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration

@@ -204,7 +204,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         mine = [name for name in names if owners[name] == ranks.rank]
         hessian = group_hessian(accumulator, ranks, keep=bool(mine))
         index = arch.groups.index(group)
-        scale = group_input_scale(scaling, layer, names, owners[names[0]] if names else 0, index, hessian, ranks)
+        scale = group_input_scale(scaling, layer, source_tensors, names, owners[names[0]] if names else 0, index,
+                                  hessian, ranks)
         solved_here = {}
         shapes = lambda names_: [tuple(layer.get_submodule(n).weight.shape) for n in names_]  # noqa: E731
         together = solved_together(shapes(mine), shapes(order), settings)

@@ -31,7 +31,7 @@ from lowbit.quantize.gptq import GPTQConfig, rtn_quantize
 from lowbit.quantize.settings import QuantizeSettings
 
 ALPHAS = tuple(i / 20 for i in range(20))
-SEARCH_ROWS = 512  # of each Linear, strided: the search's error is an estimate, its cost rows x K x K a candidate
+SEARCH_ROWS = 128  # of each Linear, strided: the search's error is an estimate, its cost rows x K x K a candidate
 NORM_OFFSET = {"Gemma3ForCausalLM": 1.0, "Gemma3ForConditionalGeneration": 1.0}  # the norm computes x * (offset + w)
 
 
@@ -64,10 +64,14 @@ class InputScaling:
             return None
         return cls(tuple(found), value_heads(text), NORM_OFFSET.get(arch.name, 0.0), GPTQConfig.from_settings(settings))
 
-    def search(self, group: int, weights: list[Tensor], hessian: Tensor) -> Tensor:
-        """search_input_scale for arch.groups[group]."""
-        heads = self.value_heads if self.producers[group].values else None
-        return search_input_scale(weights, hessian, self.config, heads)
+    def search(self, group: int, weights: list[Tensor], hessian: Tensor, layer_tensors: dict[str, Tensor]) -> Tensor:
+        """search_input_scale for arch.groups[group]; a norm's scale made one its folded weight realises exactly
+        (LAYER_TENSORS: the layer's source tensors, names relative to it)."""
+        producer = self.producers[group]
+        scale = search_input_scale(weights, hessian, self.config, self.value_heads if producer.values else None)
+        if producer.norm is not None:
+            scale = representable_norm_scale(layer_tensors[producer.norm + ".weight"], scale, self.norm_offset)
+        return scale
 
     def fold(self, tensors: dict[str, Tensor], prefix: str, group: int, scale: Tensor) -> None:
         """fold_into_producer for arch.groups[group] (o_proj's scales: one per value row, from its first query head)."""
@@ -128,15 +132,15 @@ def rtn_output_error(weights: list[Tensor], hessian: Tensor, scale: Tensor, conf
     return error
 
 
-def group_input_scale(scaling: InputScaling | None, layer, names: list[str], owner: int, group: int,
-                      hessian: Tensor | None, ranks: Ranks) -> Tensor | None:
+def group_input_scale(scaling: InputScaling | None, layer, layer_tensors: dict[str, Tensor], names: list[str],
+                      owner: int, group: int, hessian: Tensor | None, ranks: Ranks) -> Tensor | None:
     """Group GROUP's input scales, searched by OWNER (the rank that solves its first Linear, NAMES[0]) and shared
     with every rank, and the Hessian made in place that of the scaled input; None without SCALING."""
     if scaling is None or not names:
         return None
     first = layer.get_submodule(names[0]).weight
     if ranks.rank == owner:
-        scale = scaling.search(group, [layer.get_submodule(n).weight.detach() for n in names], hessian)
+        scale = scaling.search(group, [layer.get_submodule(n).weight.detach() for n in names], hessian, layer_tensors)
     else:
         scale = torch.empty(first.shape[1], dtype=torch.float32, device=first.device)
     ranks.broadcast_(scale, owner)
@@ -148,6 +152,14 @@ def group_input_scale(scaling: InputScaling | None, layer, names: list[str], own
 def scaled_hessian_(hessian: Tensor, scale: Tensor) -> Tensor:
     """The Hessian of x / s, in place: H_jk / (s_j s_k)."""
     return hessian.div_(scale[:, None]).div_(scale[None, :])
+
+
+def representable_norm_scale(weight: Tensor, scale: Tensor, offset: float = 0.0) -> Tensor:
+    """The scale that a norm WEIGHT divided by SCALE realises once stored in WEIGHT's dtype (bfloat16 moves a
+    Gemma norm by up to 2**-9): (w + offset) / (folded + offset); SCALE itself where either is 0 (a dead input)."""
+    w = weight.float().to(scale.device) + offset
+    folded = ((w / scale - offset).to(weight.dtype).float() + offset)
+    return torch.where((w != 0) & (folded != 0), w / folded, scale)
 
 
 def fold_into_producer(tensors: dict[str, Tensor], prefix: str, producer: Producer, scale: Tensor,

@@ -114,8 +114,9 @@ class QuantizeSettings:
     static_groups: bool = True
     scale_search: bool = True  # wherever there is a Hessian (see calibrated); plain RTN/NF4 have none
     # AWQ's input scales folded into the producers (quantize/input_scales.py): GPTQ format, with a Hessian,
-    # and not under a size budget (a Linear left in 16 bits would need its source weight scaled)
-    awq_scales: bool = True
+    # and not under a size budget (a Linear left in 16 bits would need its source weight scaled).
+    # None: wherever they apply (resolved decides); True where they cannot apply is refused.
+    awq_scales: bool | None = None
     damp: float = 0.01
     true_sequential: bool = True
     double_quant: bool = True  # nf4/fp4
@@ -128,6 +129,8 @@ class QuantizeSettings:
         check_group_size(self.group_size)
         check_damp(self.damp)
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
+        if self.awq_scales and not self.awq_scales_apply:
+            raise InvalidSetting("awq_scales", "applies to gptq and rtn without target_bpw")
         if self.target_bpw is not None and self.skip is not None:
             raise InvalidSetting("skip", "cannot be combined with target_bpw, which chooses the 16-bit modules itself")
         if self.skip is not None:
@@ -156,10 +159,10 @@ class QuantizeSettings:
         resolved = self
         if self.scale_search and not self.calibrated(has_calibration):
             resolved = replace(resolved, scale_search=False)
-        if self.awq_scales and not (resolved.calibrated(has_calibration) and self.awq_scales_apply):
-            resolved = replace(resolved, awq_scales=False)
-        return resolved
+        applies = self.awq_scales is not False and self.awq_scales_apply and resolved.calibrated(has_calibration)
+        return replace(resolved, awq_scales=applies)
 
     @property
     def awq_scales_apply(self) -> bool:
+        """Whether input scales can be folded: the GPTQ format, no size budget."""
         return self.gptq_format and self.target_bpw is None

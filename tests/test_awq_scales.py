@@ -36,7 +36,7 @@ def test_folded_scales_leave_the_model_function_as_it_was(arch, tmp_path):
     folder = save_tiny_model(tmp_path / arch, arch=arch, layers=2)
     config = load_config_dict(folder)
     arch_ = architecture_of(config)
-    scaling = InputScaling.of(arch_, config, QuantizeSettings())
+    scaling = InputScaling.of(arch_, config, QuantizeSettings(awq_scales=True))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     for module in model.modules():  # Gemma's norms start at 0 (a scale of 1): make them matter
         if "norm" in type(module).__name__.lower() and hasattr(module, "weight"):
