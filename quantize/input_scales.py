@@ -20,14 +20,15 @@ the checkpoint computes what the solver produced up to float16 (Linears) or the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lowbit.quantize.arch import Architecture, text_config
 from lowbit.quantize.distributed import Ranks
-from lowbit.quantize.gptq import GPTQConfig, rtn_quantize
+from lowbit.quantize.gptq import GPTQConfig
+from lowbit.quantize.grid import dequantize_codes, grid_params, quantize_to_codes
 from lowbit.quantize.settings import QuantizeSettings
 
 ALPHAS = tuple(i / 20 for i in range(20))
@@ -108,7 +109,7 @@ def search_input_scale(weights: list[Tensor], hessian: Tensor, config: GPTQConfi
     weights: the group's [N_i, K] matrices; hessian: their input's [K, K]. heads (o_proj): value_heads,
     the columns of the query heads that read one value head share its scales.
     """
-    samples = [w[:: max(1, w.shape[0] // SEARCH_ROWS)].float() for w in weights]
+    samples = torch.cat([w[:: max(1, w.shape[0] // SEARCH_ROWS)].float() for w in weights])
     rms = hessian.diagonal().float().clamp_min(1e-12).sqrt()
     if heads is not None and heads[0] > 1:
         rms = _shared_across_heads(rms, *heads)
@@ -116,20 +117,28 @@ def search_input_scale(weights: list[Tensor], hessian: Tensor, config: GPTQConfi
     for alpha in ALPHAS:
         scale = rms.pow(alpha)
         scale = scale / (scale.max() * scale.min()).sqrt()
-        error = rtn_output_error(samples, hessian, scale, config)
+        error = rtn_output_error([samples], hessian, scale, config)
         if least is None or error < least:
             best, least = scale, error
     return best
 
 
 def rtn_output_error(weights: list[Tensor], hessian: Tensor, scale: Tensor, config: GPTQConfig) -> float:
-    """sum over WEIGHTS of tr(E H E^T), E = W - RTN(W s) / s on CONFIG's grid (no scale search, groups in place)."""
-    rtn = replace(config, scale_search=False, act_order=False, static_groups=False)
+    """sum over WEIGHTS of tr(E H E^T), E = W - RTN(W s) / s on CONFIG's grid (min/max, no scale search)."""
     error = 0.0
     for w in weights:
-        e = w.float() - rtn_quantize(w.float() * scale, rtn).dequantize() / scale
+        w = w.float()
+        e = w - _round_to_nearest(w * scale, config) / scale
         error += float(((e @ hessian) * e).sum())
     return error
+
+
+def _round_to_nearest(w: Tensor, config: GPTQConfig) -> Tensor:
+    """gptq.rtn_quantize(w).dequantize() without scale search, every group of every row at once."""
+    rows, columns = w.shape
+    groups = w.reshape(-1, columns if config.group_size == -1 else config.group_size)
+    scale, zero = grid_params(groups, config.bits, config.sym)
+    return dequantize_codes(quantize_to_codes(groups, scale, zero, config.bits), scale, zero).reshape(rows, columns)
 
 
 def group_input_scale(scaling: InputScaling | None, layer, layer_tensors: dict[str, Tensor], names: list[str],

@@ -131,3 +131,15 @@ def test_awq_scales_are_refused_where_they_do_not_apply(tmp_path):
         assert result.exit_code == 2, result.output
         assert "--awq-scales" in result.output
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_the_search_rounds_as_rtn_does(group_size):
+    """The search's own round-to-nearest (all groups at once) is gptq.rtn_quantize's, without scale search."""
+    from lowbit.quantize.gptq import rtn_quantize
+    from lowbit.quantize.input_scales import _round_to_nearest
+
+    w = torch.randn(24, 96, generator=torch.Generator().manual_seed(0))
+    for bits, sym in ((4, True), (3, False)):
+        config = GPTQConfig(bits=bits, group_size=group_size, sym=sym)
+        assert torch.equal(_round_to_nearest(w, config), rtn_quantize(w, config).dequantize())
