@@ -32,7 +32,9 @@ from lowbit.quantize.grid import dequantize_codes, grid_params, quantize_to_code
 from lowbit.quantize.settings import QuantizeSettings
 
 ALPHAS = tuple(i / 20 for i in range(20))
-SEARCH_ROWS = 128  # of each Linear, strided: the search's error is an estimate, its cost rows x K x K a candidate
+# rows of a group's stacked Linears, strided (so fused q|k|v and q, k, v apart sample the same rows): the search's
+# error is an estimate, its cost rows x K x K a candidate
+SEARCH_ROWS = 256
 NORM_OFFSET = {"Gemma3ForCausalLM": 1.0, "Gemma3ForConditionalGeneration": 1.0}  # the norm computes x * (offset + w)
 
 
@@ -109,7 +111,8 @@ def search_input_scale(weights: list[Tensor], hessian: Tensor, config: GPTQConfi
     weights: the group's [N_i, K] matrices; hessian: their input's [K, K]. heads (o_proj): value_heads,
     the columns of the query heads that read one value head share its scales.
     """
-    samples = torch.cat([w[:: max(1, w.shape[0] // SEARCH_ROWS)].float() for w in weights])
+    stacked = torch.cat(weights)
+    samples = stacked[:: max(1, stacked.shape[0] // SEARCH_ROWS)].float()
     rms = hessian.diagonal().float().clamp_min(1e-12).sqrt()
     if heads is not None and heads[0] > 1:
         rms = _shared_across_heads(rms, *heads)
