@@ -12,6 +12,9 @@ the first wikitext-2 windows. Only the Hessian (and the target) handed to the so
 - post-norm: Gemma 3 normalises o_proj's and down_proj's outputs (post_attention_layernorm,
   post_feedforward_layernorm) before the residual add, so an output error of token t is scaled by
   1 / rms(W x_t). Their Hessians weigh each token by 1 / rms(W x_t)^2 (its mean over a window 1).
+- awq: the prototype of quantize/input_scales.py: each group's weight columns scaled by rms(x)^alpha
+  (alpha by the group's RTN output error), solved against the scaled Hessian, and the layer given Q / s
+  (in memory, so nothing is rounded by a fold).
 
 The calibration windows are lowbit's (`c4`, seed 0); the result goes to BENCHMARKS.md with --section.
 """

@@ -15,7 +15,9 @@ GPTQ then solves W s against the Hessian of x / s (S^-1 H S^-1), and the 1 / s g
 - down_proj: up_proj's rows (the MLP's product act(gate) * up is linear in up).
 
 A row scale of a quantized producer is its group scales times 1 / s, the same codes: stored in float16, so
-the checkpoint computes what the solver produced up to float16 (Linears) or the model's dtype (norms).
+the checkpoint computes what the solver produced up to float16. A norm's s is made the one its folded weight
+realises in the checkpoint's dtype (representable_norm_scale): there bfloat16 would otherwise move it by up to
+2.6 %, and on Gemma-3-270M that cost most of the gain (BENCHMARKS.md, "quality-gemma3-awq").
 """
 
 from __future__ import annotations
