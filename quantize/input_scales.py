@@ -36,7 +36,7 @@ from lowbit.quantize.settings import QuantizeSettings
 ALPHAS = tuple(i / 20 for i in range(20))
 # rows of a group's stacked Linears, strided (so fused q|k|v and q, k, v apart sample the same rows): the search's
 # error is an estimate, its cost rows x K x K a candidate
-SEARCH_ROWS = 256
+SEARCH_ROWS = 128
 NORM_OFFSET = {"Gemma3ForCausalLM": 1.0, "Gemma3ForConditionalGeneration": 1.0}  # the norm computes x * (offset + w)
 
 
