@@ -109,10 +109,11 @@ def test_the_checkpoint_computes_what_the_solver_produced(arch, tmp_path, monkey
     config = load_config_dict(folder)
     arch_ = architecture_of(config)
     assert len(produced) == len(arch_.quantized_linears())
-    # the scales were searched and folded: the norms before q/k/v are no longer the source's
+    # the scales were searched and folded: some norms before q/k/v or gate/up are no longer the source's
     source, written = SafetensorsCheckpoint(folder), SafetensorsCheckpoint(output)
-    norm = arch_.layer_prefix(0) + "input_layernorm.weight"
-    assert not torch.equal(source.read(norm), written.read(norm))
+    norms = [arch_.layer_prefix(i) + f"{norm}.weight" for i in range(arch_.num_layers)
+             for norm in ("input_layernorm", arch_.norms.before_mlp)]
+    assert any(not torch.equal(source.read(norm), written.read(norm)) for norm in norms)
     in_memory = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     state = in_memory.state_dict()
     for name, weight in produced.items():

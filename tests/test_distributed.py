@@ -63,9 +63,11 @@ def quantize_args(work) -> list[str]:
     # 7 windows: blocks of 4 and 3
     # no act-order: its column order follows the Hessian's diagonal, which two ranks sum in another order;
     # on a tiny random model that reordered enough columns to leave 89 % of the codes equal on one Xeon
-    # (99 % and more on the Zen 4 this was first measured on). The rest of the path is the same
+    # (99 % and more on the Zen 4 this was first measured on). The rest of the path is the same.
+    # No AWQ input scales either, for the same reason: each group's alpha is a discrete choice on that Hessian
+    # (16 % of the codes moved when one flipped on this model). Their broadcast between ranks is not run here.
     return ["quantize", str(model), "--method", "gptq", "--nsamples", "7", "--seqlen", "128", "--group-size", "32",
-            "--no-act-order",
+            "--no-act-order", "--no-awq-scales",
             "--calibration", str(calibration), "--device", "cpu"]
 
 
