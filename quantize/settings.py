@@ -115,7 +115,8 @@ class QuantizeSettings:
     scale_search: bool = True  # wherever there is a Hessian (see calibrated); plain RTN/NF4 have none
     # AWQ's input scales folded into the producers (quantize/input_scales.py): GPTQ format, with a Hessian,
     # and not under a size budget (a Linear left in 16 bits would need its source weight scaled).
-    # None: wherever they apply (resolved decides); True where they cannot apply is refused.
+    # None: wherever they apply and measured better, 4 bits and more (at 3 bits they lost on both test models:
+    # BENCHMARKS.md, "quality3-gemma3-awq", "quality3-smollm2-awq"); True where they cannot apply is refused.
     awq_scales: bool | None = None
     damp: float = 0.01
     true_sequential: bool = True
@@ -159,7 +160,8 @@ class QuantizeSettings:
         resolved = self
         if self.scale_search and not self.calibrated(has_calibration):
             resolved = replace(resolved, scale_search=False)
-        applies = self.awq_scales is not False and self.awq_scales_apply and resolved.calibrated(has_calibration)
+        wanted = self.awq_scales if self.awq_scales is not None else self.bits >= 4
+        applies = wanted and self.awq_scales_apply and resolved.calibrated(has_calibration)
         return replace(resolved, awq_scales=applies)
 
     @property
