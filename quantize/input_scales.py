@@ -102,8 +102,7 @@ def producers(arch: Architecture, config: dict) -> list[Producer] | None:
 def value_heads(config: dict) -> tuple[int, int]:
     """(How many query heads read each value head, the head width): how o_proj's input columns share v_proj's rows."""
     heads = int(config["num_attention_heads"])
-    q, _, _ = _widths(config)
-    return heads // int(config.get("num_key_value_heads") or heads), q // heads
+    return heads // int(config.get("num_key_value_heads") or heads), _head_dim(config)
 
 
 def search_input_scale(weights: list[Tensor], hessian: Tensor, config: GPTQConfig,
@@ -172,8 +171,13 @@ def representable_norm_scale(weight: Tensor, scale: Tensor, offset: float = 0.0)
     """The scale that a norm WEIGHT divided by SCALE realises once stored in WEIGHT's dtype (bfloat16 moves a
     Gemma norm by up to 2**-9): (w + offset) / (folded + offset); SCALE itself where either is 0 (a dead input)."""
     w = weight.float().to(scale.device) + offset
-    folded = ((w / scale - offset).to(weight.dtype).float() + offset)
+    folded = folded_norm(weight, scale, offset).to(scale.device).float() + offset
     return torch.where((w != 0) & (folded != 0), w / folded, scale)
+
+
+def folded_norm(weight: Tensor, scale: Tensor, offset: float = 0.0) -> Tensor:
+    """A norm WEIGHT (computing x * (offset + w)) divided by SCALE, in WEIGHT's dtype and device."""
+    return ((weight.float() + offset) / scale.to(weight.device) - offset).to(weight.dtype)
 
 
 def fold_into_producer(tensors: dict[str, Tensor], prefix: str, producer: Producer, scale: Tensor,
@@ -182,8 +186,7 @@ def fold_into_producer(tensors: dict[str, Tensor], prefix: str, producer: Produc
     a norm's weight, or a Linear's rows (GPTQ: its group scales, float16; unquantized: its weight) and bias."""
     if producer.norm is not None:
         name = f"{prefix}{producer.norm}.weight"
-        weight = tensors[name]
-        tensors[name] = ((weight.float() + norm_offset) / scale.to(weight.device) - norm_offset).to(weight.dtype)
+        tensors[name] = folded_norm(tensors[name], scale, norm_offset)
         return
     base = f"{prefix}{producer.linear}."
     rows = slice(*producer.rows) if producer.rows else slice(None)
@@ -206,6 +209,9 @@ def _shared_across_heads(rms: Tensor, shared_by: int, head_dim: int) -> Tensor:
 def _widths(config: dict) -> tuple[int, int, int]:
     """q's and each of k's and v's output width, and the MLP's intermediate width."""
     heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or int(config["hidden_size"]) // heads)
     kv_heads = int(config.get("num_key_value_heads") or heads)
-    return heads * head_dim, kv_heads * head_dim, int(config["intermediate_size"])
+    return heads * _head_dim(config), kv_heads * _head_dim(config), int(config["intermediate_size"])
+
+
+def _head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or int(config["hidden_size"]) // int(config["num_attention_heads"]))
