@@ -54,7 +54,7 @@ def quantize(
     damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
     static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Groups stay in column order (with act-order: desc_act false, fast kernels)."),
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
-    awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on at 4 and 8 bits wherever there is calibration, except with --target-bpw)."),
+    awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on at 4 and 8 bits wherever there is calibration)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),

@@ -16,6 +16,7 @@ from pathlib import Path
 from lowbit.files import sha256_file, write_json
 from lowbit.manifest import CALIBRATION_FILE, MANIFEST, manifest_header, save_windows, write_manifest
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
+from lowbit.quantize.input_scales import SCALES_TAG, InputScaling, layer_scales
 from lowbit.quantize.job import QuantizeJob
 from lowbit.quantize.mixed import DEFAULT_WEIGHTING, Unit, base_format, budget_bytes, choose, score_of, unit_of
 from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config
@@ -64,14 +65,25 @@ def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: P
     base = base_format(settings)
     candidate_files = {fmt.tag: SafetensorsCheckpoint(candidates_dir(progress_dir, fmt.tag))
                        for fmt in set(formats.values()) if fmt.quantized and fmt != base}
+    scales_dir = candidates_dir(progress_dir, SCALES_TAG)
+    scaling = InputScaling.of(arch, config, settings) if scales_dir.is_dir() else None
+    scale_files = SafetensorsCheckpoint(scales_dir) if scaling is not None else None
 
-    def module_tensors(module: str, stored: list[str]) -> list[PendingTensor]:
-        """The tensors of the format chosen for module: the layer file's (the base), a candidate's, the source's."""
+    def module_tensors(module: str, stored: list[str], prefix: str) -> list[PendingTensor]:
+        """The tensors of the format chosen for module: the layer file's (the base), a candidate's, the source's
+        (with input scales: as InputScaling.dense_tensors makes them)."""
         fmt = formats.get(module, base)
         if fmt == base:
             return [pending(layer_files, n) for n in stored]
         files = candidate_files[fmt.tag] if fmt.quantized else reader
-        return [pending(files, n) for n in sorted(files.names()) if _module_of(n) == module]
+        names = [n for n in sorted(files.names()) if _module_of(n) == module]
+        if fmt.quantized or scaling is None:
+            return [pending(files, n) for n in names]
+
+        def dense(name):
+            scales = layer_scales({n: scale_files.read(n) for n in scale_files.names() if n.startswith(prefix)}, prefix)
+            return scaling.dense_tensors({n: reader.read(n) for n in names}, prefix, module, scales)[name]
+        return [PendingTensor(n, reader.info(n).dtype, reader.info(n).shape, lambda n=n: dense(n)) for n in names]
 
     head = [n for n in reader.names() if not n.startswith(arch.layers_prefix)]  # and a vision tower, as it is
     units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n == arch.embed_name]
@@ -80,7 +92,7 @@ def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: P
         by_module: dict[str, list[str]] = {}
         for name in sorted(n for n in layer_names if n.startswith(prefix)):
             by_module.setdefault(_module_of(name), []).append(name)
-        units.extend(module_tensors(module, stored) for module, stored in by_module.items())
+        units.extend(module_tensors(module, stored, prefix) for module, stored in by_module.items())
     units.extend([pending(reader, n)] for n in head if n != arch.embed_name)
 
     total = sum(len(u) for u in units)

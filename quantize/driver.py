@@ -228,7 +228,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             out.update({f"{prefix}{name}.{k}": v for k, v in solved.tensors.items()})
             keep_candidates(candidates, stat, prefix + name, solved)
         if scale is not None and ranks.primary:
-            scaling.fold(out, prefix, index, scale)
+            scaling.fold_everywhere(out, candidates, prefix, index, scale, settings.target_bpw is not None)
 
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None

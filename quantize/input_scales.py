@@ -18,6 +18,11 @@ A row scale of a quantized producer is its group scales times 1 / s, the same co
 the checkpoint computes what the solver produced up to float16. A norm's s is made the one its folded weight
 realises in the checkpoint's dtype (representable_norm_scale): there bfloat16 would otherwise move it by up to
 2.6 %, and on Gemma-3-270M that cost most of the gain (BENCHMARKS.md, "quality-gemma3-awq").
+
+Under a size budget every candidate format is solved on W s, and the fold divides every candidate's rows; a Linear
+left in 16 bits is stored as W s with its producer rows divided too (dense_tensors), from the source weight and
+the layer's scales, which the progress folder keeps (SCALES_TAG): a 16-bit copy of every Linear would be as large
+as the model.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ ALPHAS = tuple(i / 20 for i in range(20))
 # rows of a group's stacked Linears, strided (so fused q|k|v and q, k, v apart sample the same rows): the search's
 # error is an estimate, its cost rows x K x K a candidate
 SEARCH_ROWS = 128
+SCALES_TAG = "input-scales"  # the progress folder's candidate tag for a layer's group scales (names: scale_name)
 NORM_OFFSET = {"Gemma3ForCausalLM": 1.0, "Gemma3ForConditionalGeneration": 1.0}  # the norm computes x * (offset + w)
 
 
@@ -55,6 +61,7 @@ class Producer:
 class InputScaling:
     """What a run needs to scale each group's input: the producers of arch.groups' inputs, in order."""
 
+    groups: tuple[tuple[str, ...], ...]  # arch.groups
     producers: tuple[Producer, ...]
     value_heads: tuple[int, int]  # value_heads(config)
     norm_offset: float
@@ -67,7 +74,7 @@ class InputScaling:
         found = producers(arch, text) if settings.awq_scales else None
         if found is None:
             return None
-        return cls(tuple(found), value_heads(text), NORM_OFFSET.get(arch.name, 0.0), GPTQConfig.from_settings(settings))
+        return cls(tuple(arch.groups), tuple(found), value_heads(text), NORM_OFFSET.get(arch.name, 0.0), GPTQConfig.from_settings(settings))
 
     def search(self, group: int, weights: list[Tensor], hessian: Tensor, layer_tensors: dict[str, Tensor]) -> Tensor:
         """search_input_scale for arch.groups[group]; a norm's scale made one its folded weight realises exactly
@@ -84,6 +91,45 @@ class InputScaling:
         if producer.values:
             scale = scale.reshape(-1, *self.value_heads)[:, 0].reshape(-1)
         fold_into_producer(tensors, prefix, producer, scale, self.norm_offset)
+
+    def fold_everywhere(self, out: dict[str, Tensor], candidates: dict[str, dict[str, Tensor]], prefix: str,
+                        group: int, scale: Tensor, under_budget: bool) -> None:
+        """fold into the layer's tensors to write (OUT) and, under a size budget, into every other candidate format
+        of a producing Linear (CANDIDATES, by tag), the scale itself filed there for dense_tensors (SCALES_TAG)."""
+        self.fold(out, prefix, group, scale)
+        if not under_budget:
+            return
+        if self.producers[group].linear is not None:
+            for tag, tensors in candidates.items():
+                if tag != SCALES_TAG:
+                    self.fold(tensors, prefix, group, scale)
+        candidates.setdefault(SCALES_TAG, {})[scale_name(prefix, group)] = scale.cpu()
+
+    def dense_tensors(self, tensors: dict[str, Tensor], prefix: str, module: str,
+                      scales: dict[int, Tensor]) -> dict[str, Tensor]:
+        """What a Linear left unquantized stores where its layer's inputs are scaled: its weight (TENSORS: its
+        source tensors, full names) times its group's scale, its rows divided by the scale of the group it
+        produces for, as the quantized candidates are. SCALES: the layer's scale of each group, by index."""
+        name, out = module[len(prefix):], dict(tensors)
+        for index, group in enumerate(self.groups):
+            if name in group and index in scales:
+                weight = out[module + ".weight"]
+                out[module + ".weight"] = (weight.float() * scales[index].to(weight.device)).to(weight.dtype)
+        for index, producer in enumerate(self.producers):
+            if producer.linear == name and index in scales:
+                self.fold(out, prefix, index, scales[index])
+        return out
+
+
+def scale_name(prefix: str, group: int) -> str:
+    """The name a layer's scale of arch.groups[group] is kept under in the progress folder (SCALES_TAG)."""
+    return f"{prefix}input_scale.{group}"
+
+
+def layer_scales(tensors: dict[str, Tensor], prefix: str) -> dict[int, Tensor]:
+    """The scales scale_name filed for the layer at PREFIX, by group index."""
+    start = prefix + "input_scale."
+    return {int(name[len(start):]): t for name, t in tensors.items() if name.startswith(start)}
 
 
 def producers(arch: Architecture, config: dict) -> list[Producer] | None:

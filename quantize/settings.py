@@ -113,8 +113,8 @@ class QuantizeSettings:
     act_order: bool = True
     static_groups: bool = True
     scale_search: bool = True  # wherever there is a Hessian (see calibrated); plain RTN/NF4 have none
-    # AWQ's input scales folded into the producers (quantize/input_scales.py): GPTQ format, with a Hessian,
-    # and not under a size budget (a Linear left in 16 bits would need its source weight scaled).
+    # AWQ's input scales folded into the producers (quantize/input_scales.py): GPTQ format, with a Hessian
+    # (under a size budget too: every candidate is solved on the scaled weights).
     # None: wherever they apply and measured better, 4 bits and more (at 3 bits they lost on both test models:
     # BENCHMARKS.md, "quality3-gemma3-awq", "quality3-smollm2-awq"); True where they cannot apply is refused.
     awq_scales: bool | None = None
@@ -131,7 +131,7 @@ class QuantizeSettings:
         check_damp(self.damp)
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
         if self.awq_scales and not self.awq_scales_apply:
-            raise InvalidSetting("awq_scales", "applies to gptq and rtn without target_bpw")
+            raise InvalidSetting("awq_scales", "applies to the GPTQ format (gptq, rtn) only")
         if self.target_bpw is not None and self.skip is not None:
             raise InvalidSetting("skip", "cannot be combined with target_bpw, which chooses the 16-bit modules itself")
         if self.skip is not None:
@@ -166,5 +166,5 @@ class QuantizeSettings:
 
     @property
     def awq_scales_apply(self) -> bool:
-        """Whether input scales can be folded: the GPTQ format, no size budget."""
-        return self.gptq_format and self.target_bpw is None
+        """Whether input scales can be folded: the GPTQ format."""
+        return self.gptq_format

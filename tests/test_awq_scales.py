@@ -79,26 +79,10 @@ def test_the_search_never_raises_the_error_it_minimises(seed):
 
 def _quantize_recording(folder, output, monkeypatch, **settings) -> dict[str, torch.Tensor]:
     """Quantize FOLDER; returns every quantized Linear's weight as the layer in memory had it after its solve."""
-    produced = {}
-    put_in_layer = driver._put_in_layer
-    layer_prefix = {}
-
-    def recording(layer, name, *args, **kwargs):
-        stats = put_in_layer(layer, name, *args, **kwargs)
-        produced[(id(layer), name)] = layer.get_submodule(name).weight.data.clone()
-        return stats
-
-    quantize_layer = driver._quantize_layer
-
-    def remember_prefix(layer, prefix, *args, **kwargs):
-        layer_prefix[id(layer)] = prefix
-        return quantize_layer(layer, prefix, *args, **kwargs)
-
-    monkeypatch.setattr(driver, "_put_in_layer", recording)
-    monkeypatch.setattr(driver, "_quantize_layer", remember_prefix)
+    solved_in_layer = _recorder_of_layer_weights(monkeypatch)
     driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=32, **settings),
                           CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
-    return {layer_prefix[layer] + name: weight for (layer, name), weight in produced.items()}
+    return solved_in_layer()[1]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -127,7 +111,7 @@ def test_the_checkpoint_computes_what_the_solver_produced(arch, tmp_path, monkey
 def test_awq_scales_are_refused_where_they_do_not_apply(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny", layers=1)
     runner = CliRunner()
-    for extra in (["--method", "nf4"], ["--target-bpw", "5"]):
+    for extra in (["--method", "nf4"], ["--method", "nf4", "--target-bpw", "5"]):
         result = runner.invoke(app, ["quantize", str(folder), "-o", str(tmp_path / "out"), "--awq-scales", *extra])
         assert result.exit_code == 2, result.output
         assert "--awq-scales" in result.output
@@ -154,3 +138,80 @@ def test_awq_scales_default_to_on_at_four_bits_and_more_only():
     assert QuantizeSettings(bits=3, awq_scales=True).resolved(True).awq_scales is True
     assert QuantizeSettings(bits=4, awq_scales=False).resolved(True).awq_scales is False
     assert QuantizeSettings(method="rtn", bits=4).resolved(False).awq_scales is False  # no calibration, no Hessian
+
+
+def _quantize_under_budget(folder, output, monkeypatch, target: float) -> dict[str, dict]:
+    """Quantize FOLDER under a size budget with input scales; returns, per Linear and format, the weight it
+    should compute with in the layer's own input space: the base's as the layer had it after its solve (Q / s),
+    each other candidate's dequantized W s over s."""
+    from lowbit.quantize.pack import dequantize_gptq_v1
+
+    solved_in_layer = _recorder_of_layer_weights(monkeypatch)
+    scales, candidates = {}, {}
+    group_input_scale, keep = driver.group_input_scale, driver.keep_candidates
+
+    def recording_scale(scaling, layer, layer_tensors, names, *args):
+        scale = group_input_scale(scaling, layer, layer_tensors, names, *args)
+        for name in names:
+            scales[(id(layer), name)] = scale.clone()
+        return scale
+
+    def recording_candidates(kept, stats, module, solved):
+        candidates[module] = {fmt: dequantize_gptq_v1(t, fmt.bits) for fmt, (t, _) in solved.candidates.items()}
+        keep(kept, stats, module, solved)
+
+    monkeypatch.setattr(driver, "group_input_scale", recording_scale)
+    monkeypatch.setattr(driver, "keep_candidates", recording_candidates)
+    driver.quantize_model(str(folder), output, QuantizeSettings(method="gptq", bits=4, group_size=32, target_bpw=target),
+                          CalibrationConfig(source="pydoc", nsamples=4, seqlen=64))
+    prefixes, weights = solved_in_layer()
+    scale_of = {prefixes[layer] + name: scale for (layer, name), scale in scales.items()}
+    return {module: {"base": base, **{fmt: q / scale_of[module] for fmt, q in candidates.get(module, {}).items()}}
+            for module, base in weights.items()}
+
+
+def _recorder_of_layer_weights(monkeypatch):
+    """Records each Linear's weight in the layer after its solve; call the result for (prefix by layer, weights)."""
+    produced, layer_prefix = {}, {}
+    put_in_layer, quantize_layer = driver._put_in_layer, driver._quantize_layer
+
+    def recording(layer, name, *args, **kwargs):
+        stats = put_in_layer(layer, name, *args, **kwargs)
+        produced[(id(layer), name)] = layer.get_submodule(name).weight.data.clone()
+        return stats
+
+    def remember_prefix(layer, prefix, *args, **kwargs):
+        layer_prefix[id(layer)] = prefix
+        return quantize_layer(layer, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "_put_in_layer", recording)
+    monkeypatch.setattr(driver, "_quantize_layer", remember_prefix)
+    return lambda: (layer_prefix, {layer_prefix[layer] + name: w for (layer, name), w in produced.items()})
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_under_a_budget_every_format_computes_what_the_solver_produced(arch, tmp_path, monkeypatch):
+    """The fold reaches every candidate of a producer, and a Linear left in 16 bits is stored as W s with its
+    producer rows divided (InputScaling.dense_tensors): the checkpoint computes the solver's weights over s
+    (the source's own where 16-bit), with the norms folded."""
+    from lowbit.quantize.pack import UNQUANTIZED, LinearFormat
+
+    folder = save_tiny_model(tmp_path / "tiny", arch=arch, layers=2, tie=arch == "gemma3")
+    output = tmp_path / "out"
+    produced = _quantize_under_budget(folder, output, monkeypatch, target=12.5)
+    manifest = __import__("json").loads((output / "lowbit_manifest.json").read_text())
+    assert manifest["settings"]["awq_scales"] is True
+    formats = {m: LinearFormat(e["bits"], e["group_size"]) for m, e in manifest["layers"].items()}
+    kinds = {fmt.tag if fmt != LinearFormat(4, 32) else "base" for fmt in formats.values()}
+    assert "16" in kinds and len(kinds) > 1, kinds
+    source, written = SafetensorsCheckpoint(folder), SafetensorsCheckpoint(output)
+    assert any(not torch.equal(source.read(n), written.read(n)) for n in source.names() if n.endswith("layernorm.weight"))
+    expected = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    state = expected.state_dict()
+    for module, fmt in formats.items():
+        if fmt != UNQUANTIZED:
+            state[module + ".weight"].copy_(produced[module]["base" if fmt == LinearFormat(4, 32) else fmt])
+    loaded = load_dequantized_model(output).float().eval()
+    ids = torch.randint(3, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    want, got = _logits(expected, ids), _logits(loaded, ids)
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()

@@ -16,6 +16,7 @@ from lowbit.quantize import driver
 from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint
 from lowbit.quantize.gptq import GPTQConfig, gptq_quantize, gptq_quantize_each
+from lowbit.quantize.input_scales import SCALES_TAG
 from lowbit.quantize.loader import DenseWeights
 from lowbit.quantize.mixed import Option, Unit, candidate_formats, choose, total
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, dequantize_gptq_v1, dynamic_format, dynamic_map
@@ -158,7 +159,9 @@ def quantize_mixed(model: Path, out: Path, calibration: Path, target: float, mon
         keep(candidates, stats, module, solved)
 
     monkeypatch.setattr(driver, "keep_candidates", record)
-    result = run("-q", "quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", target, "-o", out)
+    # without input scales, the checkpoint holds the candidates as solved (tests/test_awq_scales.py: with them)
+    result = run("-q", "quantize", model, *GPTQ, "--calibration", calibration, "--target-bpw", target, "-o", out,
+                 "--no-awq-scales")
     assert result.exit_code == 0, result.output
     return produced
 
@@ -272,7 +275,9 @@ def test_an_interrupted_mixed_run_resumes_to_the_same_bytes(tmp_path, calibratio
     with monkeypatch.context() as patch:
         interrupt_after_layers(patch, 2)
         assert run(*args, "-o", tmp_path / "resumed").exit_code == 130
-    assert list((tmp_path / "resumed.partial" / ".lowbit-progress" / "candidates").glob("*/layer-00001.safetensors"))
+    kept = tmp_path / "resumed.partial" / ".lowbit-progress" / "candidates"
+    assert list(kept.glob("*/layer-00001.safetensors"))
+    assert (kept / SCALES_TAG / "layer-00001.safetensors").exists()  # the input scales a 16-bit Linear needs
     assert run(*args, "-o", tmp_path / "resumed").exit_code == 0
     assert run(*args, "-o", tmp_path / "uninterrupted").exit_code == 0
     assert_same_files(tmp_path / "resumed", tmp_path / "uninterrupted")
