@@ -45,9 +45,9 @@ def solved_job(name: str, args):
     """The model's layers solved once with every candidate kept (resumed from the progress folder when there)."""
     folder, group_size = MODELS[name]
     settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, target_bpw=SCORING_TARGET,
-                                scale_search=args.scale_search)
+                                scale_search=not args.no_scale_search, awq_scales=not args.no_awq_scales)
     calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen)
-    out = args.out / name / f"candidates-{args.nsamples}x{args.seqlen}{'-ss' if args.scale_search else ''}"
+    out = args.out / name / f"candidates-{args.nsamples}x{args.seqlen}{solver_tag(args)}"
     started = time.time()
     job = open_job(str(folder), out, settings, calibration, RunOptions(device="cpu", force=True),
                    on_progress=lambda stage, done, total: print(f"{name} {stage} {done}/{total}", flush=True))
@@ -127,7 +127,7 @@ def evaluate_variants(model: Path, folders: dict[str, Path], args) -> dict[str, 
 
 def run_model(name: str, args) -> dict:
     """One model's figures: from its record when this script already scored it with these settings."""
-    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{'-ss' if args.scale_search else ''}-"
+    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{solver_tag(args)}-"
                                 f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
     if record.exists() and not args.fresh:
         return json.loads(record.read_text())
@@ -142,7 +142,7 @@ def score_model(name: str, args) -> dict:
     chosen = variants(job, weightings)
     folders = {}
     for label, (formats, size) in chosen.items():
-        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}" / slug(label)
+        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}{solver_tag(args)}" / slug(label)
         if args.fresh or not (folder / "lowbit_manifest.json").exists():
             write_checkpoint(job, formats, folder, allow_split=True)
         folders[label] = folder
@@ -152,6 +152,11 @@ def score_model(name: str, args) -> dict:
         counts = {tag: sum(1 for f in formats.values() if f.tag.startswith(tag)) for tag in ("8g", "4g32", "16")}
         scores[label].update(bytes=size, bits_per_weight=manifest["bits_per_weight"], counts=counts)
     return {"scores": scores, "layers": job.arch.num_layers, "group_size": job.settings.group_size}
+
+
+def solver_tag(args) -> str:
+    """What in the solver's settings differs from lowbit's defaults, for the cache's file names."""
+    return ("-noss" if args.no_scale_search else "") + ("-noawq" if args.no_awq_scales else "")
 
 
 def slug(label: str) -> str:
@@ -194,7 +199,8 @@ def verdicts(scores: dict) -> list[str]:
 def markdown(results: dict, args, command: str) -> str:
     lines = [
         f"One GPTQ pass per model (4-bit, act-order with static groups, damping 0.01, true-sequential"
-        f"{', scale search' if args.scale_search else '; no scale search (CPU time: it triples the solve)'}) scores "
+        f"{'' if args.no_scale_search else ', scale search'}{'' if args.no_awq_scales else ', AWQ input scales'}: "
+        f"lowbit's defaults{' less what is named' if solver_tag(args) else ''}) scores "
         f"every Linear's candidates (4-bit at group 32, 8-bit, 16-bit) on c4 calibration, {args.nsamples} x "
         f"{args.seqlen} tokens, seed 0; every row is assembled from those same kept candidates. Evaluation: lowbit's "
         f"evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
@@ -241,8 +247,8 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--weightings", default=",".join(WEIGHTINGS), help="how the budget rows weigh errors")
-    parser.add_argument("--scale-search", action="store_true",
-                        help="lowbit's default scale search (about 3x the solve time on these CPUs: off by default here)")
+    parser.add_argument("--no-scale-search", action="store_true", help="solve without lowbit's default scale search")
+    parser.add_argument("--no-awq-scales", action="store_true", help="solve without lowbit's default AWQ input scales")
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "mixed")
     parser.add_argument("--solve-only", action="store_true", help="only the one GPTQ pass per model")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--no-rules", action="store_true", help="only uniform and the budget rows")
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "mixed")
     args = parser.parse_args()
-    solve = argparse.Namespace(nsamples=64, seqlen=512, scale_search=True, out=args.out,
+    solve = argparse.Namespace(nsamples=64, seqlen=512, no_scale_search=False, no_awq_scales=True, out=args.out,
                                eval_windows=args.eval_windows, eval_seqlen=512, fresh=False)
     job = bm.solved_job(args.model, solve)
     shares = base_shares(bm.MODELS[args.model][0])
