@@ -8,6 +8,7 @@ are written. See DESIGN.md for the manifest.
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from dataclasses import asdict
@@ -80,10 +81,11 @@ def write_checkpoint(job: QuantizeJob, formats: dict[str, LinearFormat], work: P
         if fmt.quantized or scaling is None:
             return [pending(files, n) for n in names]
 
-        def dense(name):
-            scales = layer_scales({n: scale_files.read(n) for n in scale_files.names() if n.startswith(prefix)}, prefix)
-            return scaling.dense_tensors({n: reader.read(n) for n in names}, prefix, module, scales)[name]
-        return [PendingTensor(n, reader.info(n).dtype, reader.info(n).shape, lambda n=n: dense(n)) for n in names]
+        @functools.lru_cache(maxsize=1)  # a module's tensors are written one after the other: computed once
+        def dense() -> dict:
+            scales = layer_scales(scale_files.names(), scale_files.read, prefix)
+            return scaling.dense_tensors({n: reader.read(n) for n in names}, prefix, module, scales)
+        return [PendingTensor(n, reader.info(n).dtype, reader.info(n).shape, lambda n=n: dense()[n]) for n in names]
 
     head = [n for n in reader.names() if not n.startswith(arch.layers_prefix)]  # and a vision tower, as it is
     units: list[list[PendingTensor]] = [[pending(reader, n)] for n in head if n == arch.embed_name]

@@ -27,6 +27,7 @@ as the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,10 @@ def scale_name(prefix: str, group: int) -> str:
     return f"{prefix}input_scale.{group}"
 
 
-def layer_scales(tensors: dict[str, Tensor], prefix: str) -> dict[int, Tensor]:
-    """The scales scale_name filed for the layer at PREFIX, by group index."""
+def layer_scales(names, read: Callable[[str], Tensor], prefix: str) -> dict[int, Tensor]:
+    """The scales scale_name filed for the layer at PREFIX, by group index: those of NAMES, each READ."""
     start = prefix + "input_scale."
-    return {int(name[len(start):]): t for name, t in tensors.items() if name.startswith(start)}
+    return {int(name[len(start):]): read(name) for name in names if name.startswith(start)}
 
 
 def producers(arch: Architecture, config: dict) -> list[Producer] | None:

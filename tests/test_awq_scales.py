@@ -6,6 +6,8 @@ must compute what the solver produced (the layer in memory: Q / s), up to the fl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -199,7 +201,7 @@ def test_under_a_budget_every_format_computes_what_the_solver_produced(arch, tmp
     folder = save_tiny_model(tmp_path / "tiny", arch=arch, layers=2, tie=arch == "gemma3")
     output = tmp_path / "out"
     produced = _quantize_under_budget(folder, output, monkeypatch, target=12.5)
-    manifest = __import__("json").loads((output / "lowbit_manifest.json").read_text())
+    manifest = json.loads((output / "lowbit_manifest.json").read_text())
     assert manifest["settings"]["awq_scales"] is True
     formats = {m: LinearFormat(e["bits"], e["group_size"]) for m, e in manifest["layers"].items()}
     kinds = {fmt.tag if fmt != LinearFormat(4, 32) else "base" for fmt in formats.values()}
