@@ -47,7 +47,10 @@ PEER_CONFIGS = {
     "llmc-noact": (None, None),
     "llmc-mse": ("default", "mse"),
     "llmc-imatrix": ("default", "imatrix_mse"),
+    "llmc-fastmm": ("default", None),  # its defaults, with lowbit's fast float32 matmuls (torch "medium")
 }
+# configurations run under torch.set_float32_matmul_precision("medium"), as lowbit's --fast-matmul runs its passes
+PEER_FAST_MATMUL = {"llmc-fastmm"}
 # the candidates for llm-compressor's best shipped configuration (all keep its static act-order)
 PEER_BEST_CANDIDATES = ("llmc-default", "llmc-mse", "llmc-imatrix")
 
@@ -69,6 +72,8 @@ def child_llmc(model: str, calibration: str, output: str, config: str, bits: str
     from transformers import AutoModelForCausalLM
 
     actorder, observer = PEER_CONFIGS[config]
+    if config in PEER_FAST_MATMUL:
+        torch.set_float32_matmul_precision("medium")
     windows = load_ids(Path(calibration))
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)

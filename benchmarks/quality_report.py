@@ -12,9 +12,11 @@ LABELS = {
     "gptq-ss-ao": "GPTQ + scale search + act-order (static groups): the defaults before AWQ scales",
     "gptq-default": "GPTQ, lowbit's defaults",
     "gptq-asym": "GPTQ, lowbit's defaults + asymmetric grid (--asym)",
+    "gptq-exact": "GPTQ, lowbit's defaults in full float32 matmuls (--exact-matmul)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
     "llmc-mse": "llm-compressor GPTQ, mse observer", "llmc-imatrix": "llm-compressor GPTQ, imatrix_mse observer",
+    "llmc-fastmm": "llm-compressor GPTQ, defaults, float32 matmuls at torch's \"medium\" precision",
 }
 # read in llm-compressor 0.14's source (llmcompressor/modifiers/gptq/, observers/); differences from lowbit's solver
 PEER_SOLVER_NOTES = """llm-compressor's GPTQ, as its source runs it (and what that means next to lowbit's):
@@ -30,7 +32,7 @@ PEER_SOLVER_NOTES = """llm-compressor's GPTQ, as its source runs it (and what th
   act-order sorts columns by descending Hessian diagonal; dead columns (zero diagonal) get a diagonal of 1.
 """
 SPEED_PAIRS = (("gptq-default", "llmc-default"), ("gptq", "llmc-default"), ("gptq", "llmc-noact"),
-               ("gptq-ss-ao", "llmc-default"))
+               ("gptq-ss-ao", "llmc-default"), ("gptq-exact", "llmc-default"), ("gptq-default", "llmc-fastmm"))
 
 
 def ok(result: dict | None) -> bool:

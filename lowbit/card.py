@@ -37,7 +37,7 @@ _NOT_FOR = {
     "nf4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
     "fp4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
 }
-_CALIBRATED_ONLY = {"damp"}  # nf4/fp4: only when calibrated
+_CALIBRATED_ONLY = {"damp", "fast_matmul"}  # rtn, nf4, fp4: only when calibrated
 
 
 def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None = None) -> ModelCard:
@@ -103,7 +103,7 @@ def card_settings(manifest: dict) -> list[tuple[str, object]]:
     """(setting, value) rows: the method first, then each setting of that method once."""
     method = manifest.get("method", "?")
     left_out = {"method"} | _NOT_FOR.get(method, set())
-    if method in BNB_METHODS and not isinstance(manifest.get("calibration"), dict):
+    if method != "gptq" and not isinstance(manifest.get("calibration"), dict):
         left_out |= _CALIBRATED_ONLY
     settings = manifest.get("settings") or {}
     return [("method", method)] + sorted((k, v) for k, v in settings.items() if k not in left_out)

@@ -56,6 +56,7 @@ def quantize(
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
     awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on at 4 and 8 bits wherever there is calibration)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    fast_matmul: bool = typer.Option(True, "--fast-matmul/--exact-matmul", help="Calibration passes and Hessian sums in float32 with bfloat16 operands (the solver is always exact); --exact-matmul for full float32."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
     target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget in bits per weight "
@@ -93,7 +94,7 @@ def quantize(
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                     true_sequential=true_sequential, double_quant=double_quant, skip=skip,
-                                    target_bpw=target_bpw, awq_scales=awq_scales)
+                                    target_bpw=target_bpw, awq_scales=awq_scales, fast_matmul=fast_matmul)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration

@@ -34,8 +34,8 @@ from lowbit.quantize.solve import (HessianAccumulator, SolvedLinear, make_solver
                                   solve_stacked, solved_together)
 from lowbit.quantize.steps import (UpdateShare, run_attention_residual, run_down_residual, run_layer_until,
                                   run_mlp_residual, steps_match_layer)
-from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, pick_device,
-                                   release_free_heap, run_layer)
+from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, matmul_precision,
+                                   pick_device, release_free_heap, run_layer)
 from lowbit.quantize.writer import output_lock, publish_folder
 
 log = logging.getLogger("lowbit")
@@ -147,7 +147,8 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
     del embed
     steps, scaling = None, InputScaling.of(arch, config, settings)
-    with LayerSaver(in_background=acts.hidden.device.type == "cpu" and ranks.world == 1) as saver:
+    with (matmul_precision(settings.fast_matmul),
+          LayerSaver(in_background=acts.hidden.device.type == "cpu" and ranks.world == 1) as saver):
         for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
                                                    report if ranks.primary else None, "quantize",
                                                    prefetch=reader.prefetch_prefix):
@@ -198,6 +199,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
 
     ranks, order = solvers.ranks, arch.linear_names()
 
+    @matmul_precision(fast=False)  # the passes may run fast; the solver, the input-scale search and the errors do not
     def solve_group(group, accumulator: HessianAccumulator) -> None:
         names = [name for name in group if not settings.is_skipped(prefix + name)]
         owners = solvers.owners(names, order)

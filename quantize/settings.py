@@ -120,6 +120,9 @@ class QuantizeSettings:
     awq_scales: bool | None = None
     damp: float = 0.01
     true_sequential: bool = True
+    # float32 window passes and Hessian sums with bfloat16 operands (the solver stays exact): several times
+    # faster on CPUs with AMX/AVX512-BF16 and GPUs (TF32), quality within noise (BENCHMARKS.md, "fast-matmul")
+    fast_matmul: bool = True
     double_quant: bool = True  # nf4/fp4
     skip: str | None = None  # regex of module names kept in 16-bit (nf4/fp4)
     target_bpw: float | None = None  # a size budget: bits per decoder-Linear weight, spent where it helps most

@@ -9,7 +9,8 @@ True-sequential's passes through parts of a layer are quantize/steps.py.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +97,23 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], device: to
     if missing:
         raise UsageError(f"checkpoint lacks weights: {', '.join(sorted(missing)[:3])}")
     module.load_state_dict(state, strict=False, assign=True)
+
+
+@contextmanager
+def matmul_precision(fast: bool) -> Iterator[None]:
+    """float32 matmuls in bfloat16 operands with float32 sums (fast) or in full float32, restored on the way out.
+
+    The window passes and the Hessian sums run fast: on a CPU with AMX or AVX512-BF16 (oneDNN) and on a GPU
+    (TF32) they are several times quicker, and what they change is below calibration noise (BENCHMARKS.md,
+    "fast-matmul"). The solver runs exact: a Cholesky inverse does not forgive rounded operands.
+    Also a decorator: `@matmul_precision(fast=False)`.
+    """
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium" if fast else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def free_weights(module: nn.Module) -> None:

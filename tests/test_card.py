@@ -113,7 +113,8 @@ def settings_rows(text: str) -> list[str]:
 
 def test_card_lists_each_setting_once_and_only_those_of_its_method():
     all_settings = {"method": "gptq", "bits": 4, "group_size": 64, "sym": True, "act_order": False,
-                    "static_groups": False, "damp": 0.01, "true_sequential": True, "double_quant": True, "skip": None}
+                    "static_groups": False, "damp": 0.01, "true_sequential": True, "fast_matmul": True, "double_quant": True,
+                    "skip": None}
     manifest = sample_manifest("gptq")
     manifest["settings"] = dict(all_settings)
     rows = settings_rows(build_model_card(manifest, "alice/m").text)
@@ -124,13 +125,17 @@ def test_card_lists_each_setting_once_and_only_those_of_its_method():
     manifest["settings"] = {**all_settings, "method": "nf4"}
     manifest["calibration"] = None
     rows = settings_rows(build_model_card(manifest, "alice/m").text)
-    assert "double_quant" in rows and not {"group_size", "sym", "act_order", "damp", "true_sequential"} & set(rows)
+    assert "double_quant" in rows and not {"group_size", "sym", "act_order", "damp", "true_sequential",
+                                           "fast_matmul"} & set(rows)
 
-    manifest["calibration"] = sample_manifest()["calibration"]  # calibrated NF4 has a damping
-    assert "damp" in settings_rows(build_model_card(manifest, "alice/m").text)
+    manifest["calibration"] = sample_manifest()["calibration"]  # calibrated NF4 has a damping and passes
+    assert {"damp", "fast_matmul"} <= set(settings_rows(build_model_card(manifest, "alice/m").text))
 
     manifest = sample_manifest("rtn")
     manifest["settings"] = {**all_settings, "method": "rtn"}
+    rows = settings_rows(build_model_card(manifest, "alice/m").text)
+    assert set(rows) == {"method", "bits", "group_size", "sym", "fast_matmul"}  # calibrated for its scale search
+    manifest["calibration"] = None
     rows = settings_rows(build_model_card(manifest, "alice/m").text)
     assert set(rows) == {"method", "bits", "group_size", "sym"}
 
