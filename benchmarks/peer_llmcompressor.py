@@ -48,9 +48,11 @@ PEER_CONFIGS = {
     "llmc-mse": ("default", "mse"),
     "llmc-imatrix": ("default", "imatrix_mse"),
     "llmc-fastmm": ("default", None),  # its defaults, with lowbit's fast float32 matmuls (torch "medium")
+    "llmc-asym": ("default", None),  # its defaults on an asymmetric grid (symmetric: False)
 }
 # configurations run under torch.set_float32_matmul_precision("medium"), as lowbit's --fast-matmul runs its passes
 PEER_FAST_MATMUL = {"llmc-fastmm"}
+PEER_ASYMMETRIC = {"llmc-asym"}
 # the candidates for llm-compressor's best shipped configuration (all keep its static act-order)
 PEER_BEST_CANDIDATES = ("llmc-default", "llmc-mse", "llmc-imatrix")
 
@@ -64,7 +66,7 @@ def load_ids(path: Path):
 
 
 def child_llmc(model: str, calibration: str, output: str, config: str, bits: str, group_size: str) -> dict:
-    """One llm-compressor GPTQ run (W<bits>A16, symmetric, groups) on the given windows; compressed save."""
+    """One llm-compressor GPTQ run (W<bits>A16, groups, symmetric but for PEER_ASYMMETRIC) on the given windows; compressed save."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -77,7 +79,8 @@ def child_llmc(model: str, calibration: str, output: str, config: str, bits: str
     windows = load_ids(Path(calibration))
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    weights = {"num_bits": int(bits), "type": "int", "symmetric": True, "strategy": "group", "group_size": int(group_size)}
+    weights = {"num_bits": int(bits), "type": "int", "symmetric": config not in PEER_ASYMMETRIC, "strategy": "group",
+               "group_size": int(group_size)}
     if observer:
         weights["observer"] = observer
     options = {} if actorder == "default" else {"actorder": actorder}

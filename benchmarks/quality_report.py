@@ -12,11 +12,13 @@ LABELS = {
     "gptq-ss-ao": "GPTQ + scale search + act-order (static groups): the defaults before AWQ scales",
     "gptq-default": "GPTQ, lowbit's defaults",
     "gptq-asym": "GPTQ, lowbit's defaults + asymmetric grid (--asym)",
+    "gptq-sym": "GPTQ, lowbit's defaults + symmetric grid (--sym)",
     "gptq-exact": "GPTQ, lowbit's defaults in full float32 matmuls (--exact-matmul)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
     "llmc-mse": "llm-compressor GPTQ, mse observer", "llmc-imatrix": "llm-compressor GPTQ, imatrix_mse observer",
     "llmc-fastmm": "llm-compressor GPTQ, defaults, float32 matmuls at torch's \"medium\" precision",
+    "llmc-asym": "llm-compressor GPTQ, defaults + asymmetric grid (symmetric: False)",
 }
 # read in llm-compressor 0.14's source (llmcompressor/modifiers/gptq/, observers/); differences from lowbit's solver
 PEER_SOLVER_NOTES = """llm-compressor's GPTQ, as its source runs it (and what that means next to lowbit's):
@@ -32,7 +34,8 @@ PEER_SOLVER_NOTES = """llm-compressor's GPTQ, as its source runs it (and what th
   act-order sorts columns by descending Hessian diagonal; dead columns (zero diagonal) get a diagonal of 1.
 """
 SPEED_PAIRS = (("gptq-default", "llmc-default"), ("gptq", "llmc-default"), ("gptq", "llmc-noact"),
-               ("gptq-ss-ao", "llmc-default"), ("gptq-exact", "llmc-default"), ("gptq-default", "llmc-fastmm"))
+               ("gptq-ss-ao", "llmc-default"), ("gptq-exact", "llmc-default"), ("gptq-default", "llmc-fastmm"),
+               ("gptq-asym", "llmc-asym"))
 
 
 def ok(result: dict | None) -> bool:
@@ -153,7 +156,7 @@ def markdown(results: dict, args, command: str, seconds: float) -> str:
         f"given those ids. Evaluation: wikitext-2 test, the first {args.eval_windows} windows of {args.eval_seqlen} "
         f"tokens, every model scored by the same plain transformers perplexity (lowbit's checkpoints dequantized by "
         f"quantize.loader, llm-compressor's decompressed by transformers). 'same top': share of positions whose "
-        f"argmax matches the base's. Symmetric grids, damping 0.01, lm_head kept in 16-bit by both tools. Each "
+        f"argmax matches the base's. Symmetric grids unless a row says asymmetric, damping 0.01, lm_head kept in 16-bit by both tools. Each "
         f"quantization is one child process run alone (wall, CPU, peak RSS from wait4: interpreter start to the "
         f"written checkpoint), in the environment the script was started in ({openmp_environment()}), so each "
         f"tool keeps its own OpenMP defaults; '(reused)' rows come from the cache of an earlier run of this script. "

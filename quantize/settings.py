@@ -55,6 +55,11 @@ def check_bits(bits: int) -> None:
         raise InvalidSetting("bits", f"must be {bits_text()}, not {bits}")
 
 
+def default_sym(bits: int) -> bool:
+    """Symmetric where Marlin can run the checkpoint (4 and 8 bits), asymmetric below."""
+    return bits >= 4
+
+
 def check_group_size(group_size: int) -> None:
     """-1 (one group over all input columns) or a positive number of columns."""
     if not (group_size == -1 or group_size >= 1):
@@ -107,7 +112,10 @@ class QuantizeSettings:
     method: Method = Method.GPTQ
     bits: int = 4
     group_size: int = 128
-    sym: bool = True
+    # None: symmetric at 4 and 8 bits (the formats vLLM's Marlin kernel runs, symmetric only), asymmetric
+    # below, where no Marlin kernel runs and a zero point per group measured far better (BENCHMARKS.md,
+    # "quality3-gemma3-asym", "quality3-smollm2-asym"); GPTQ v1 stores a zero point either way.
+    sym: bool | None = None
     # gptq defaults: act-order with groups in place (desc_act false) and scale search measured best
     # (benchmarks/layer_errors.py, README "Which options").
     act_order: bool = True
@@ -130,6 +138,8 @@ class QuantizeSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", check_method(self.method))
         check_bits(self.bits)
+        if self.sym is None:
+            object.__setattr__(self, "sym", default_sym(self.bits))
         check_group_size(self.group_size)
         check_damp(self.damp)
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)

@@ -30,7 +30,8 @@ IDS = [[1, 5, 9, 200, 3, 77, 12, 40, 101, 250, 6, 66, 130, 17, 88, 2]]
 # (name, architecture, settings): every layout a loader must read
 VARIANTS = [
     ("llama-4bit-sym-g32", "llama", dict(bits=4, group_size=32)),
-    ("llama-3bit-g32", "llama", dict(bits=3, group_size=32)),
+    ("llama-3bit-g32", "llama", dict(bits=3, group_size=32)),  # the default below 4 bits: asymmetric
+    ("llama-3bit-sym-g32", "llama", dict(bits=3, group_size=32, sym=True)),
     ("llama-4bit-act-order", "llama", dict(bits=4, group_size=32, act_order=True)),
     ("llama-4bit-asym", "llama", dict(bits=4, group_size=32, sym=False)),
     ("phi3-4bit-fused", "phi3", dict(bits=4, group_size=32)),

@@ -48,3 +48,21 @@ def test_cli_names_the_option_that_breaks_a_rule(tmp_path, args, option, rule):
         assert result.exit_code == 2, result.output
         assert option in text and rule in text, text
         assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_is_symmetric_where_marlin_runs_and_asymmetric_below(tmp_path):
+    """sym unset: symmetric at 4 and 8 bits, asymmetric at 2 and 3; a setting given is kept; the checkpoint's
+    quantization_config says what the run applied."""
+    import json
+
+    from tests.conftest import save_tiny_model
+
+    assert [QuantizeSettings(bits=b).sym for b in (2, 3, 4, 8)] == [False, False, True, True]
+    assert QuantizeSettings(bits=3, sym=True).sym is True and QuantizeSettings(bits=4, sym=False).sym is False
+    model = save_tiny_model(tmp_path / "model", layers=1)
+    for bits, extra, expected in (("3", [], False), ("3", ["--sym"], True), ("4", [], True)):
+        out = tmp_path / f"out-{bits}{''.join(extra)}"
+        result = CliRunner().invoke(app, ["quantize", str(model), "-o", str(out), "--method", "rtn", "--bits", bits,
+                                          "--group-size", "32", *extra])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["sym"] is expected
