@@ -128,8 +128,9 @@ class QuantizeSettings:
     awq_scales: bool | None = None
     damp: float = 0.01
     true_sequential: bool = True
-    # float32 window passes and Hessian sums with bfloat16 operands (the solver stays exact): several times
-    # faster on CPUs with AMX/AVX512-BF16 and GPUs (TF32), quality within noise (BENCHMARKS.md, "fast-matmul")
+    # float32 window passes and Hessian sums with bfloat16 operands where the hardware has such a path (oneDNN
+    # on AMX/AVX512-BF16 CPUs; TF32 on GPUs), the solver exact: 3-5x faster products on an AMX CPU, quality
+    # within noise; elsewhere the same bits (BENCHMARKS.md, "fast-matmul")
     fast_matmul: bool = True
     double_quant: bool = True  # nf4/fp4
     skip: str | None = None  # regex of module names kept in 16-bit (nf4/fp4)

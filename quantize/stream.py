@@ -101,10 +101,11 @@ def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], device: to
 
 @contextmanager
 def matmul_precision(fast: bool) -> Iterator[None]:
-    """float32 matmuls in bfloat16 operands with float32 sums (fast) or in full float32, restored on the way out.
+    """float32 matmuls at torch's "medium" precision (fast) or "highest", the caller's setting restored after.
 
-    The window passes and the Hessian sums run fast: on a CPU with AMX or AVX512-BF16 (oneDNN) and on a GPU
-    (TF32) they are several times quicker, and what they change is below calibration noise (BENCHMARKS.md,
+    "medium" means bfloat16 operands with float32 sums where oneDNN has such a path (CPUs with AMX or
+    AVX512-BF16), TF32 on a GPU, and the same bits elsewhere. The window passes and the Hessian sums run
+    fast: 3-5x quicker products on an AMX CPU, a change below calibration noise (BENCHMARKS.md,
     "fast-matmul"). The solver runs exact: a Cholesky inverse does not forgive rounded operands.
     Also a decorator: `@matmul_precision(fast=False)`.
     """
