@@ -40,23 +40,16 @@ SHAPES = [
 ]
 
 
-def cpu_name() -> str:
+def cpu_description() -> str:
+    """The CPU's model name and which of the instruction sets that decide "medium"'s path it has."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def bfloat16_isa() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {f}" in flags]
-    return ", ".join(found) or "none of amx_bf16, avx512_bf16, avx512f, avx2"
+        return f"{platform.processor() or 'unknown CPU'} (instruction sets unknown)"
+    field = lambda key: next((l.split(":", 1)[1].strip() for l in lines if l.startswith(key)), "")  # noqa: E731
+    flags = field("flags").split()
+    found = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return f"{field('model name') or 'unknown CPU'} ({', '.join(found) or 'none of amx_bf16, avx512_bf16, avx512f, avx2'})"
 
 
 def time_product(a: torch.Tensor, b: torch.Tensor, fast: bool, repeats: int) -> tuple[float, torch.Tensor]:
@@ -89,7 +82,7 @@ def measure(repeats: int, rounds: int) -> list[dict]:
 
 
 def section(rows: list[dict], command: str) -> str:
-    lines = [f"CPU: {cpu_name()} ({bfloat16_isa()}), {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
+    lines = [f"CPU: {cpu_description()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}. "
              "Each product timed at the median of alternating rounds.", "",
              "| model | product | shape | highest (exact): GFLOP/s | medium (fast): GFLOP/s | speed-up | same bits | "
              "largest difference / largest value |", "|---|---|---|---|---|---|---|---|"]

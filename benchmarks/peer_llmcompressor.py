@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 # The environment this script was started in, before anything imports lowbit: lowbit sets an OpenMP default for
@@ -41,18 +42,23 @@ STARTING_ENVIRONMENT = dict(os.environ)
 LLMC_VERSION = "0.14.0.1"
 DAMP, BLOCK_SIZE = 0.01, 128
 
-# name -> (modifier-level actorder: "default" leaves it unset, weight observer or None for its default)
+class PeerConfig(NamedTuple):
+    """One llm-compressor GPTQ configuration."""
+
+    actorder: str | None = "default"  # the modifier-level actorder; "default" leaves it unset (static)
+    observer: str | None = None  # the weight observer; None for its default (memoryless_minmax)
+    symmetric: bool = True
+    fast_matmul: bool = False  # run under torch's "medium" float32 matmul precision, as lowbit's --fast-matmul
+
+
 PEER_CONFIGS = {
-    "llmc-default": ("default", None),
-    "llmc-noact": (None, None),
-    "llmc-mse": ("default", "mse"),
-    "llmc-imatrix": ("default", "imatrix_mse"),
-    "llmc-fastmm": ("default", None),  # its defaults, with lowbit's fast float32 matmuls (torch "medium")
-    "llmc-asym": ("default", None),  # its defaults on an asymmetric grid (symmetric: False)
+    "llmc-default": PeerConfig(),
+    "llmc-noact": PeerConfig(actorder=None),
+    "llmc-mse": PeerConfig(observer="mse"),
+    "llmc-imatrix": PeerConfig(observer="imatrix_mse"),
+    "llmc-fastmm": PeerConfig(fast_matmul=True),
+    "llmc-asym": PeerConfig(symmetric=False),
 }
-# configurations run under torch.set_float32_matmul_precision("medium"), as lowbit's --fast-matmul runs its passes
-PEER_FAST_MATMUL = {"llmc-fastmm"}
-PEER_ASYMMETRIC = {"llmc-asym"}
 # the candidates for llm-compressor's best shipped configuration (all keep its static act-order)
 PEER_BEST_CANDIDATES = ("llmc-default", "llmc-mse", "llmc-imatrix")
 
@@ -66,24 +72,25 @@ def load_ids(path: Path):
 
 
 def child_llmc(model: str, calibration: str, output: str, config: str, bits: str, group_size: str) -> dict:
-    """One llm-compressor GPTQ run (W<bits>A16, groups, symmetric but for PEER_ASYMMETRIC) on the given windows; compressed save."""
+    """One llm-compressor GPTQ run (W<bits>A16, groups, as PEER_CONFIGS[config] says) on the given windows; compressed
+    save."""
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    actorder, observer = PEER_CONFIGS[config]
-    if config in PEER_FAST_MATMUL:
+    peer = PEER_CONFIGS[config]
+    if peer.fast_matmul:
         torch.set_float32_matmul_precision("medium")
     windows = load_ids(Path(calibration))
     dataset = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    weights = {"num_bits": int(bits), "type": "int", "symmetric": config not in PEER_ASYMMETRIC, "strategy": "group",
+    weights = {"num_bits": int(bits), "type": "int", "symmetric": peer.symmetric, "strategy": "group",
                "group_size": int(group_size)}
-    if observer:
-        weights["observer"] = observer
-    options = {} if actorder == "default" else {"actorder": actorder}
+    if peer.observer:
+        weights["observer"] = peer.observer
+    options = {} if peer.actorder == "default" else {"actorder": peer.actorder}
     recipe = GPTQModifier(config_groups={"group_0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
                           dampening_frac=DAMP, block_size=BLOCK_SIZE, **options)
     started = time.time()
