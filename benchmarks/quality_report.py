@@ -13,6 +13,8 @@ LABELS = {
     "gptq-default": "GPTQ, lowbit's defaults",
     "gptq-asym": "GPTQ, lowbit's defaults + asymmetric grid (--asym)",
     "gptq-sym": "GPTQ, lowbit's defaults + symmetric grid (--sym)",
+    "gptq-no-awq": "GPTQ, lowbit's defaults without AWQ input scales (--no-awq-scales)",
+    "gptq-no-ss": "GPTQ, lowbit's defaults without scale search (--no-scale-search)",
     "gptq-exact": "GPTQ, lowbit's defaults in full float32 matmuls (--exact-matmul)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
