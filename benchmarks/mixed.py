@@ -33,7 +33,7 @@ from benchmarks.markdown import replace_section  # noqa: E402
 from lowbit.calibration.windows import CalibrationConfig  # noqa: E402
 from lowbit.quantize.assemble import mixed_formats, mixed_units, write_checkpoint  # noqa: E402
 from lowbit.quantize.driver import QuantizeSettings, RunOptions, open_job, solve_layers  # noqa: E402
-from lowbit.quantize.mixed import WEIGHTINGS, format_bytes  # noqa: E402
+from lowbit.quantize.mixed import WEIGHTINGS, Unit, choose, format_bytes  # noqa: E402
 from lowbit.quantize.pack import LinearFormat  # noqa: E402
 
 CACHE = Path(os.environ.get("LOWBIT_TEST_CACHE", Path.home() / ".cache" / "lowbit-tests"))
@@ -68,6 +68,13 @@ def rule_formats(arch, promote, fmt: LinearFormat) -> dict[str, LinearFormat]:
             if promote(i, name)}
 
 
+def coarse_formats(job, budget: int, weighting: str) -> dict:
+    """The budget's choice with 8 and 16 bits as the only upgrades: no 4-bit candidate at a finer group."""
+    units = [Unit(unit.modules, tuple(o for i, o in enumerate(unit.options) if i == 0 or o.fmt.bits != 4))
+             for unit in mixed_units(job, weighting)]
+    return {m: option.fmt for unit, option in zip(units, choose(units, budget)) for m in unit.modules}
+
+
 def variants(job, weightings: list[str]) -> dict[str, tuple[dict, int]]:
     """Name -> (format map, decoder-Linear bytes) of every variant, all from the one solve's candidates."""
     arch, settings = job.arch, job.settings
@@ -88,6 +95,8 @@ def variants(job, weightings: list[str]) -> dict[str, tuple[dict, int]]:
         for w in weightings:
             formats = mixed_formats(job, budget, w)
             out[f"budget +{extra:g} bpw ({w})"] = (formats, size(formats))
+            formats = coarse_formats(job, budget, w)
+            out[f"budget +{extra:g} bpw ({w}, 8/16-bit only)"] = (formats, size(formats))
     rules = {
         "rule a: first + last layers 8-bit": rule_formats(arch, lambda i, name: i in (0, last), eight),
         "rule b: llama.cpp Q4_K_M v/down 8-bit": rule_formats(
@@ -129,6 +138,8 @@ def run_model(name: str, args) -> dict:
     """One model's figures: from its record when this script already scored it with these settings."""
     record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{solver_tag(args)}-"
                                 f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
+    if args.variants:  # a subset: not the record of the whole set
+        return score_model(name, args)
     if record.exists() and not args.fresh:
         return json.loads(record.read_text())
     result = score_model(name, args)
@@ -140,6 +151,8 @@ def score_model(name: str, args) -> dict:
     job = solved_job(name, args)
     weightings = args.weightings.split(",")
     chosen = variants(job, weightings)
+    if args.variants:
+        chosen = {label: chosen[label] for label in args.variants.split(";")}
     folders = {}
     for label, (formats, size) in chosen.items():
         folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}{solver_tag(args)}" / slug(label)
@@ -172,13 +185,17 @@ def verdicts(scores: dict) -> list[str]:
         return row["ppl_delta"] / uniform["ppl_delta"], row["kld"]["mean"] / uniform["kld"]["mean"]
 
     out = []
-    weightings = [label.rsplit("(", 1)[1][:-1] for label in scores if label.startswith("budget +0.25")]
+    weightings = [label.rsplit("(", 1)[1][:-1] for label in scores
+                  if label.startswith("budget +0.25") and "only" not in label]
     for w in weightings:
         delta, kld = ratios(scores[f"budget +0.25 bpw ({w})"])
         met = "met" if delta <= 0.75 and kld <= 0.75 else "NOT met"
         out.append(f"- +0.25 bpw ({w}): delta {delta:.2f}x, KLD {kld:.2f}x uniform's: target (both <= 0.75x) {met}.")
     for rule in ("rule a", "rule b"):
-        (rule_label,) = [label for label in scores if label.startswith(rule + ":")]
+        found = [label for label in scores if label.startswith(rule + ":")]
+        if not found:  # a run of a subset of the variants
+            continue
+        (rule_label,) = found
         r = scores[rule_label]
         for w in weightings:
             b = scores[f"budget at {rule}'s size ({w})"]
@@ -253,6 +270,7 @@ def main() -> None:
     parser.add_argument("--solve-only", action="store_true", help="only the one GPTQ pass per model")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--fresh", action="store_true", help="score again even when a model's record exists")
+    parser.add_argument("--variants", help="score only these variants (labels as the table prints them, ';'-separated)")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.solve_only:
