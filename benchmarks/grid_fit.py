@@ -24,11 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.markdown import replace_section  # noqa: E402
+from benchmarks.quality import MODELS, fits, parse_config  # noqa: E402
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint  # noqa: E402
 from lowbit.quantize.gptq import GPTQConfig, rtn_quantize  # noqa: E402
 
-TESTS_CACHE = Path.home() / ".cache" / "lowbit-tests"
-MODELS = {"smollm2": TESTS_CACHE / "smollm2-135m-bf16", "gemma3": TESTS_CACHE / "gemma3-270m-bf16"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -45,12 +44,9 @@ def mean_offset(w: torch.Tensor, block: int = 32) -> float:
     return float((blocks.mean(1).abs() / spread).mean())
 
 
-def model_rows(folder: Path, bits: int, group_size: int) -> dict | None:
-    """None where the group size does not divide every Linear's inputs (SmolLM2's 576 at 128)."""
+def model_rows(folder: Path, bits: int, group_size: int) -> dict:
     reader = SafetensorsCheckpoint(folder)
     names = [n for n in reader.names() if n.endswith(".weight") and any(f".{l}." in n for l in LINEARS)]
-    if any(reader.read(n).shape[1] % group_size for n in names):
-        return None
     generator = torch.Generator().manual_seed(0)
     ratios, shuffled_ratios, offsets, shuffled_offsets = [], [], [], []
     for name in names:
@@ -75,10 +71,9 @@ def main() -> None:
              "block offset, as stored | block offset, shuffled |", "|---|---|---|---|---|---|---|"]
     for model in args.models.split(","):
         for config in args.configs.split(","):
-            bits, group = (int(x) for x in config.split("g"))
-            row = model_rows(MODELS[model], bits, group)
-            if row is None:
+            if not fits(MODELS[model], config):  # the group size must divide every Linear's inputs (SmolLM2: not 128)
                 continue
+            row = model_rows(MODELS[model], *parse_config(config))
             lines.append(f"| {model} | {config} | {row['linears']} | {row['ratio']:.3f} | {row['shuffled_ratio']:.3f} | "
                          f"{row['offset']:.4f} | {row['shuffled_offset']:.4f} |")
             print(lines[-1], flush=True)

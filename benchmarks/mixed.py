@@ -136,10 +136,10 @@ def evaluate_variants(model: Path, folders: dict[str, Path], args) -> dict[str, 
 
 def run_model(name: str, args) -> dict:
     """One model's figures: from its record when this script already scored it with these settings."""
-    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{solver_tag(args)}-"
-                                f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
     if args.variants:  # a subset: not the record of the whole set
         return score_model(name, args)
+    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{solver_tag(args)}-"
+                                f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
     if record.exists() and not args.fresh:
         return json.loads(record.read_text())
     result = score_model(name, args)
