@@ -19,6 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lowbit.error_plot import ERROR_MEANING, LAYER_ERRORS_FILE, layer_errors
 from lowbit.error_plot import layer_error_svg as heat_map_svg
 from lowbit.format_plot import FORMATS_FILE, chosen_formats, format_map_svg, format_table
+from lowbit.quantize.pack import vllm_refusal
 from lowbit.quantize.settings import BNB_METHODS
 
 __all__ = ["FORMATS_FILE", "LAYER_ERRORS_FILE", "build_model_card", "card_tags", "chosen_formats", "format_map_svg",
@@ -164,6 +165,18 @@ def _usage_section(manifest: dict, repo_id: str | None) -> str:
     is_bnb = manifest.get("method") in BNB_METHODS
     install = "pip install -U transformers bitsandbytes" if is_bnb else "pip install -U transformers gptqmodel optimum"
     vllm_args = f'model="{model}", quantization="bitsandbytes"' if is_bnb else f'model="{model}"'
+    refusal = None if is_bnb else vllm_refusal(manifest_codes(manifest))
+    if refusal:
+        vllm = f"vLLM does not load this checkpoint: {refusal}. Use transformers (above)."
+    else:
+        vllm = f"""With vLLM:
+
+```python
+from vllm import LLM, SamplingParams
+
+llm = LLM({vllm_args})
+print(llm.generate("The capital of France is", SamplingParams(max_tokens=20))[0].outputs[0].text)
+```"""
     return f"""## Use it
 
 With transformers:
@@ -181,14 +194,16 @@ inputs = tokenizer("The capital of France is", return_tensors="pt").to(model.dev
 print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```
 
-With vLLM:
+{vllm}"""
 
-```python
-from vllm import LLM, SamplingParams
 
-llm = LLM({vllm_args})
-print(llm.generate("The capital of France is", SamplingParams(max_tokens=20))[0].outputs[0].text)
-```"""
+def manifest_codes(manifest: dict) -> list[tuple[int, bool]]:
+    """A GPTQ checkpoint's (bits, symmetric) codes from its manifest: the settings', and each Linear's that a size
+    budget gave another width (every width shares the grid's symmetry; 16 is unquantized)."""
+    settings = manifest.get("settings") or {}
+    bits, sym = settings.get("bits", 4), settings.get("sym", True)
+    chosen = {stats.get("bits") for stats in (manifest.get("layers") or {}).values() if isinstance(stats, dict)}
+    return [(bits, sym)] + [(b, sym) for b in sorted(chosen - {None, 16, bits})]
 
 
 def _calibration_section(manifest: dict) -> str:

@@ -20,7 +20,7 @@ from rich.logging import RichHandler
 from lowbit.console import (bad_option, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
 from lowbit.network import hub_token
-from lowbit.quantize.settings import InvalidSetting, Method, QuantizeSettings
+from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, InvalidSetting, Method, QuantizeSettings
 from lowbit.redact import redact
 
 log = logging.getLogger("lowbit")
@@ -50,7 +50,7 @@ def quantize(
     bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
     group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
     act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by descending Hessian diagonal."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="gptq/rtn: symmetric grid, or a zero point per group (default: symmetric at 4 and 8 bits, which Marlin runs; asymmetric below)."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="gptq/rtn: symmetric grid, or a zero point per group (default: symmetric at 4 and 8 bits, the only GPTQ codes vLLM loads; asymmetric below)."),
     damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
     static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Groups stay in column order (with act-order: desc_act false, fast kernels)."),
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
@@ -80,7 +80,9 @@ def quantize(
 ) -> None:
     """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
     from lowbit.calibration.windows import CalibrationConfig
+    from lowbit.card import manifest_codes
     from lowbit.quantize.driver import RunOptions, quantize_model
+    from lowbit.quantize.pack import vllm_refusal
     from lowbit.quantize.writer import parse_size
 
     try:
@@ -112,13 +114,17 @@ def quantize(
     manifest = result.manifest
     if not result.primary:  # torchrun's other ranks: rank 0 reports
         return
+    refusal = vllm_refusal(manifest_codes(manifest)) if manifest["method"] in GPTQ_FORMAT_METHODS else None
     if json_out:
-        print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "manifest": manifest})
+        print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "vllm_refusal": refusal,
+                    "manifest": manifest})
         return
     stdout.print(f"[green]wrote[/green] {result.output}: {manifest['method']} "
                  f"{manifest['bits_per_weight']:.2f} bits/weight, {manifest['output_bytes'] / 1e6:.1f} MB "
                  f"(source {manifest['source']['size_bytes'] / 1e6:.1f} MB) in {result.seconds:.1f}s"
                  + (f", resumed from layer {result.resumed_from_layer}" if result.resumed_from_layer else ""))
+    if refusal:
+        stdout.print(f"[yellow]note:[/yellow] {refusal}; transformers + gptqmodel load it")
 
 
 @app.command()
@@ -161,6 +167,8 @@ def print_summary(summary) -> None:
         ("source size", f"{source['size_bytes'] / 1e6:.1f} MB" if source.get("size_bytes") else None),
         ("calibration", (summary.calibration or {}).get("source")),
         ("created", summary.created),
+        ("vLLM", None if summary.method not in GPTQ_FORMAT_METHODS else f"no: {summary.vllm_refusal}"
+         if summary.vllm_refusal else "loads it (4- or 8-bit symmetric codes)"),
     ]
     if summary.eval:
         from lowbit.evals.report import report_rows

@@ -36,7 +36,6 @@ from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, linear_bytes
 from lowbit.quantize.settings import QuantizeSettings
 
-MARLIN_BITS = (4, 8)  # vLLM's fast GPTQ kernel: symmetric 4- and 8-bit codes
 FINER_GROUP = 32  # the 4-bit candidate's group size when the base's is coarser
 
 

@@ -77,6 +77,29 @@ VLLM_FUSED_NAMES = {
 }
 
 
+# The GPTQ codes vLLM loads, as (bits, symmetric): its one GPTQ config (AutoGPTQConfig in 0.32, Marlin kernels
+# only) raises on any other, whether the config's own or a "dynamic" override's; unquantized modules are fine.
+VLLM_GPTQ_CODES = ((4, True), (8, True))
+
+
+def vllm_refusal(codes: Iterable[tuple[int, bool]]) -> str | None:
+    """Why vLLM would refuse a GPTQ checkpoint whose quantized Linears have these (bits, symmetric) codes (the
+    config's own among them); None when it loads it."""
+    for bits, sym in codes:
+        if (bits, sym) not in VLLM_GPTQ_CODES:
+            grid = "symmetric" if sym else "asymmetric"
+            return f"vLLM loads GPTQ only as 4- or 8-bit symmetric codes, and this checkpoint has {bits}-bit {grid} ones"
+    return None
+
+
+def config_codes(quantization: dict) -> list[tuple[int, bool]]:
+    """The (bits, symmetric) codes a GPTQ quantization_config gives: its own, and each "dynamic" override's."""
+    base = (quantization.get("bits", 4), quantization.get("sym", True))
+    overrides = [(o.get("bits", base[0]), o.get("sym", base[1]))
+                 for key, o in (quantization.get("dynamic") or {}).items() if not key.startswith("-:")]
+    return [base, *overrides]
+
+
 def dynamic_map(formats: dict[str, LinearFormat], base: LinearFormat, arch: Architecture,
                 allow_split: bool = False) -> dict[str, dict]:
     """quantization_config's "dynamic": per-module formats as gptqmodel and vLLM read them.

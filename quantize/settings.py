@@ -56,7 +56,7 @@ def check_bits(bits: int) -> None:
 
 
 def default_sym(bits: int) -> bool:
-    """Symmetric where Marlin can run the checkpoint (4 and 8 bits), asymmetric below."""
+    """Symmetric where vLLM can load the checkpoint (4 and 8 bits), asymmetric below."""
     return bits >= 4
 
 
@@ -112,8 +112,8 @@ class QuantizeSettings:
     method: Method = Method.GPTQ
     bits: int = 4
     group_size: int = 128
-    # None: symmetric at 4 and 8 bits (the formats vLLM's Marlin kernel runs, symmetric only), asymmetric
-    # below, where no Marlin kernel runs and a zero point per group measured far better (BENCHMARKS.md,
+    # None: symmetric at 4 and 8 bits (the only GPTQ codes vLLM loads, pack.VLLM_GPTQ_CODES), asymmetric
+    # below, where vLLM loads no GPTQ checkpoint and a zero point per group measured far better (BENCHMARKS.md,
     # "quality3-gemma3-asym", "quality3-smollm2-asym"); GPTQ v1 stores a zero point either way.
     sym: bool | None = None
     # gptq defaults: act-order with groups in place (desc_act false) and scale search measured best

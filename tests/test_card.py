@@ -87,6 +87,22 @@ def test_card_body_has_settings_size_eval_usage_and_calibration():
     assert f"]({LAYER_ERRORS_FILE})" in text
 
 
+def test_card_offers_vllm_only_for_the_codes_vllm_loads():
+    manifest = sample_manifest()
+    manifest["settings"].update(bits=3, sym=False)
+    text = build_model_card(manifest, "alice/m-3bit").text
+    assert "from vllm import" not in text
+    assert "vLLM does not load this checkpoint" in text and "3-bit asymmetric" in text
+    assert 'from_pretrained("alice/m-3bit"' in text
+
+    budget = sample_manifest()  # 4-bit, a budget gave one Linear 8 bits and one 16: vLLM loads it
+    budget["layers"]["model.layers.0.mlp.down_proj"]["bits"] = 8
+    budget["layers"]["model.layers.1.mlp.down_proj"]["bits"] = 16
+    assert "from vllm import" in build_model_card(budget, "alice/m").text
+    budget["settings"]["sym"] = False
+    assert "from vllm import" not in build_model_card(budget, "alice/m").text
+
+
 def test_card_for_nf4_loads_through_bitsandbytes():
     manifest = sample_manifest("nf4")
     text = build_model_card(manifest, "alice/m-nf4").text

@@ -48,6 +48,7 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         calibration = ["--calibration", root / "calibration.txt"] if "gptq" in options else []
         result = run("-q", "quantize", model, *options, *calibration, "-o", root / name)
         assert result.exit_code == 0, result.output
+        assert ("vLLM loads GPTQ only" in one_line(result.output)) == (name == "rtn3")  # quantize's note
         folders[name] = root / name
     return folders
 
@@ -94,8 +95,11 @@ def test_summary_says_what_the_checkpoint_is(name, outputs):
     if manifest["method"] in ("gptq", "rtn"):
         settings = manifest["settings"]
         assert (summary["bits"], summary["group_size"]) == (settings["bits"], settings["group_size"])
+        # vLLM takes 4-bit symmetric codes; rtn3 is 3-bit asymmetric (tests/test_vllm.py checks the rule on vLLM)
+        assert (summary["vllm_refusal"] is None) == (name != "rtn3")
     else:
         assert (summary["bits"], summary["group_size"]) == (4, None)
+        assert summary["vllm_refusal"] is None
 
 
 def test_text_summary_shows_settings_and_eval_results(gptq_copy):

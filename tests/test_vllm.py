@@ -19,7 +19,9 @@ import torch
 
 from lowbit.calibration.windows import CalibrationConfig
 from lowbit.quantize.driver import quantize_model
+from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, config_codes, dynamic_map, quantization_config, vllm_refusal
 from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import CACHE, REPO, save_tiny_model
 
@@ -30,11 +32,16 @@ IDS = [1, 5, 9, 200, 3, 77]
 
 
 @pytest.fixture(scope="session")
-def vllm_python():
+def vllm_venv():
     build = subprocess.run(["bash", str(REPO / "scripts" / "loader-venv.sh"), str(VENV), "vllm"], capture_output=True, text=True)
     if build.returncode != 0:
         pytest.fail(f"building the vLLM venv failed: {build.stderr.strip().splitlines()[-1:]}")
-    python = VENV / "bin" / "python"
+    return VENV / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def vllm_python(vllm_venv):
+    python = vllm_venv
     if not has_gptq_kernel(python):
         pytest.skip("vLLM's CPU build has no GPTQ kernel on this CPU (its AVX2 library lacks cpu_gemm_wna16)")
     return python
@@ -68,3 +75,26 @@ def test_vllm_serves_lowbits_gptq_with_lowbits_next_token(vllm_python, tmp_path)
     difference = max(abs(float(ours[token]) - logprob) for token, logprob in theirs.items())
     print(f"vLLM ({result['quantization']}): top 5 as lowbit's loader, max |log-probability difference| {difference:.2e}")
     assert difference < 0.02  # float16 activations: measured 2e-3; a wrong code or scale moves them by far more
+
+
+def test_vllm_refuses_exactly_the_gptq_configs_lowbit_says_it_does(vllm_venv, tmp_path):
+    """lowbit's word on vLLM (the quantize note, inspect, the card) against vLLM's own config checks, on the
+    quantization_config lowbit writes: defaults at each width, --asym and --sym, and size-budget maps."""
+    config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}
+    arch = architecture_of(config)
+    modules = [f"model.layers.{i}.{name}" for i in range(2)
+               for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+    settings = [QuantizeSettings(bits=bits, group_size=64, sym=sym) for bits in (2, 3, 4, 8) for sym in (None, True, False)]
+    cases = [quantization_config(s, arch) for s in settings]
+    for bits, other in ((4, LinearFormat(8, 64)), (4, UNQUANTIZED), (4, LinearFormat(3, 64)), (3, LinearFormat(4, 32))):
+        formats = {"model.layers.1.mlp.down_proj": other}
+        cases.append(quantization_config(QuantizeSettings(bits=bits, group_size=64), arch,
+                                         dynamic_map(formats, LinearFormat(bits, 64), arch)))
+    (tmp_path / "in.json").write_text(json.dumps([{"config": case, "modules": modules} for case in cases]))
+    child = subprocess.run([str(vllm_venv), str(REPO / "tests" / "vllm_config_child.py"), str(tmp_path / "in.json"),
+                            str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert child.returncode == 0, child.stderr[-3000:]
+    theirs = json.loads((tmp_path / "out.json").read_text())
+    ours = [vllm_refusal(config_codes(case)) for case in cases]
+    assert [t is None for t in theirs] == [o is None for o in ours], list(zip(theirs, ours))
+    assert theirs.count(None) == 6  # 4 and 8 bits, default and --sym; the 4-bit maps with an 8-bit or 16-bit Linear
