@@ -19,6 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from lowbit.error_plot import ERROR_MEANING, LAYER_ERRORS_FILE, layer_errors
 from lowbit.error_plot import layer_error_svg as heat_map_svg
 from lowbit.format_plot import FORMATS_FILE, chosen_formats, format_map_svg, format_table
+from lowbit.quantize.nf4 import VLLM_REFUSAL as VLLM_BNB_REFUSAL
 from lowbit.quantize.pack import vllm_refusal
 from lowbit.quantize.settings import BNB_METHODS
 
@@ -164,8 +165,7 @@ def _usage_section(manifest: dict, repo_id: str | None) -> str:
     model = repo_id or "path/to/this/folder"
     is_bnb = manifest.get("method") in BNB_METHODS
     install = "pip install -U transformers bitsandbytes" if is_bnb else "pip install -U transformers gptqmodel optimum"
-    vllm_args = f'model="{model}", quantization="bitsandbytes"' if is_bnb else f'model="{model}"'
-    refusal = None if is_bnb else vllm_refusal(manifest_codes(manifest))
+    refusal = vllm_refusal_of(manifest)
     if refusal:
         vllm = f"vLLM does not load this checkpoint: {refusal}. Use transformers (above)."
     else:
@@ -174,7 +174,7 @@ def _usage_section(manifest: dict, repo_id: str | None) -> str:
 ```python
 from vllm import LLM, SamplingParams
 
-llm = LLM({vllm_args})
+llm = LLM(model="{model}")
 print(llm.generate("The capital of France is", SamplingParams(max_tokens=20))[0].outputs[0].text)
 ```"""
     return f"""## Use it
@@ -195,6 +195,13 @@ print(tokenizer.decode(model.generate(**inputs, max_new_tokens=20)[0]))
 ```
 
 {vllm}"""
+
+
+def vllm_refusal_of(manifest: dict) -> str | None:
+    """Why vLLM would refuse the checkpoint the manifest describes; None when it loads it."""
+    if manifest.get("method") in BNB_METHODS:
+        return VLLM_BNB_REFUSAL
+    return vllm_refusal(manifest_codes(manifest))
 
 
 def manifest_codes(manifest: dict) -> list[tuple[int, bool]]:

@@ -21,6 +21,7 @@ from lowbit.errors import LowbitError, UsageError
 from lowbit.files import sha256_file
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, check_remote_code, load_config_dict
 from lowbit.manifest import MANIFEST, read_manifest
+from lowbit.quantize.nf4 import VLLM_REFUSAL as VLLM_BNB_REFUSAL
 from lowbit.quantize.nf4 import expected_tensors as bnb_expected
 from lowbit.quantize.pack import LinearFormat, config_codes, dynamic_format, vllm_refusal
 from lowbit.quantize.pack import expected_tensors as gptq_expected
@@ -44,7 +45,7 @@ class CheckpointSummary:
     created: str | None
     # a GPTQ checkpoint with a `dynamic` map (lowbit quantize --target-bpw): layer -> module -> its format tag
     formats: dict[str, dict[str, str]] | None = None
-    # a GPTQ checkpoint that vLLM would refuse: why (quantize/pack.py's vllm_refusal); None otherwise
+    # why vLLM would refuse the checkpoint (GPTQ: pack.vllm_refusal; bitsandbytes: nf4.VLLM_REFUSAL); None otherwise
     vllm_refusal: str | None = None
 
     def to_dict(self) -> dict:
@@ -82,7 +83,8 @@ def summarize(folder: Path) -> CheckpointSummary:
         eval=manifest.get("eval"),
         created=manifest.get("created"),
         formats=layer_formats(config, quant) if quant.get("dynamic") or _skips_decoder_linears(quant) else None,
-        vllm_refusal=vllm_refusal(config_codes(quant)) if quant.get("quant_method") == "gptq" else None,
+        vllm_refusal=vllm_refusal(config_codes(quant)) if quant.get("quant_method") == "gptq"
+        else VLLM_BNB_REFUSAL if quant.get("quant_method") == "bitsandbytes" else None,
     )
 
 

@@ -80,9 +80,8 @@ def quantize(
 ) -> None:
     """Quantize MODEL into a standard GPTQ or bitsandbytes checkpoint, one decoder layer at a time."""
     from lowbit.calibration.windows import CalibrationConfig
-    from lowbit.card import manifest_codes
+    from lowbit.card import vllm_refusal_of
     from lowbit.quantize.driver import RunOptions, quantize_model
-    from lowbit.quantize.pack import vllm_refusal
     from lowbit.quantize.writer import parse_size
 
     try:
@@ -114,7 +113,7 @@ def quantize(
     manifest = result.manifest
     if not result.primary:  # torchrun's other ranks: rank 0 reports
         return
-    refusal = vllm_refusal(manifest_codes(manifest)) if manifest["method"] in GPTQ_FORMAT_METHODS else None
+    refusal = vllm_refusal_of(manifest)
     if json_out:
         print_json({"output": str(result.output), "seconds": round(result.seconds, 2), "vllm_refusal": refusal,
                     "manifest": manifest})
@@ -124,7 +123,7 @@ def quantize(
                  f"(source {manifest['source']['size_bytes'] / 1e6:.1f} MB) in {result.seconds:.1f}s"
                  + (f", resumed from layer {result.resumed_from_layer}" if result.resumed_from_layer else ""))
     if refusal:
-        stdout.print(f"[yellow]note:[/yellow] {refusal}; transformers + gptqmodel load it")
+        stdout.print(f"[yellow]note:[/yellow] {refusal}; transformers loads it")
 
 
 @app.command()
@@ -167,8 +166,8 @@ def print_summary(summary) -> None:
         ("source size", f"{source['size_bytes'] / 1e6:.1f} MB" if source.get("size_bytes") else None),
         ("calibration", (summary.calibration or {}).get("source")),
         ("created", summary.created),
-        ("vLLM", None if summary.method not in GPTQ_FORMAT_METHODS else f"no: {summary.vllm_refusal}"
-         if summary.vllm_refusal else "loads it (4- or 8-bit symmetric codes)"),
+        ("vLLM", f"no: {summary.vllm_refusal}" if summary.vllm_refusal else
+         "loads it (4- or 8-bit symmetric codes)" if summary.method in GPTQ_FORMAT_METHODS else None),
     ]
     if summary.eval:
         from lowbit.evals.report import report_rows

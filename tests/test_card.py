@@ -103,10 +103,10 @@ def test_card_offers_vllm_only_for_the_codes_vllm_loads():
     assert "from vllm import" not in build_model_card(budget, "alice/m").text
 
 
-def test_card_for_nf4_loads_through_bitsandbytes():
+def test_card_for_nf4_loads_through_bitsandbytes_in_transformers():
     manifest = sample_manifest("nf4")
     text = build_model_card(manifest, "alice/m-nf4").text
-    assert 'LLM(model="alice/m-nf4", quantization="bitsandbytes")' in text
+    assert "from vllm import" not in text and "vLLM no longer loads bitsandbytes checkpoints" in text
     assert "gptqmodel" not in text
     assert set(card_tags(manifest)) == {"lowbit", "nf4", "4-bit", "bitsandbytes"}
 

@@ -48,7 +48,8 @@ def outputs(tmp_path_factory) -> dict[str, Path]:
         calibration = ["--calibration", root / "calibration.txt"] if "gptq" in options else []
         result = run("-q", "quantize", model, *options, *calibration, "-o", root / name)
         assert result.exit_code == 0, result.output
-        assert ("vLLM loads GPTQ only" in one_line(result.output)) == (name == "rtn3")  # quantize's note
+        assert ("vLLM loads GPTQ only" in one_line(result.output)) == (name == "rtn3")  # quantize's notes
+        assert ("no longer loads bitsandbytes" in one_line(result.output)) == (name[:3] in ("nf4", "fp4"))
         folders[name] = root / name
     return folders
 
@@ -99,7 +100,7 @@ def test_summary_says_what_the_checkpoint_is(name, outputs):
         assert (summary["vllm_refusal"] is None) == (name != "rtn3")
     else:
         assert (summary["bits"], summary["group_size"]) == (4, None)
-        assert summary["vllm_refusal"] is None
+        assert "no longer loads bitsandbytes" in summary["vllm_refusal"]
 
 
 def test_text_summary_shows_settings_and_eval_results(gptq_copy):

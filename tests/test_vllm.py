@@ -21,6 +21,7 @@ from lowbit.calibration.windows import CalibrationConfig
 from lowbit.quantize.driver import quantize_model
 from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.loader import load_dequantized_model
+from lowbit.quantize.nf4 import VLLM_REFUSAL as BNB_REFUSAL
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, config_codes, dynamic_map, quantization_config, vllm_refusal
 from lowbit.quantize.settings import QuantizeSettings
 from tests.conftest import CACHE, REPO, save_tiny_model
@@ -77,9 +78,10 @@ def test_vllm_serves_lowbits_gptq_with_lowbits_next_token(vllm_python, tmp_path)
     assert difference < 0.02  # float16 activations: measured 2e-3; a wrong code or scale moves them by far more
 
 
-def test_vllm_refuses_exactly_the_gptq_configs_lowbit_says_it_does(vllm_venv, tmp_path):
+def test_vllm_refuses_exactly_the_checkpoints_lowbit_says_it_does(vllm_venv, tmp_path):
     """lowbit's word on vLLM (the quantize note, inspect, the card) against vLLM's own config checks, on the
-    quantization_config lowbit writes: defaults at each width, --asym and --sym, and size-budget maps."""
+    quantization_config lowbit writes: defaults at each width, --asym and --sym, and size-budget maps; and
+    bitsandbytes, which lowbit says vLLM no longer has."""
     config = {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}
     arch = architecture_of(config)
     modules = [f"model.layers.{i}.{name}" for i in range(2)
@@ -94,7 +96,9 @@ def test_vllm_refuses_exactly_the_gptq_configs_lowbit_says_it_does(vllm_venv, tm
     child = subprocess.run([str(vllm_venv), str(REPO / "tests" / "vllm_config_child.py"), str(tmp_path / "in.json"),
                             str(tmp_path / "out.json")], capture_output=True, text=True)
     assert child.returncode == 0, child.stderr[-3000:]
-    theirs = json.loads((tmp_path / "out.json").read_text())
+    result = json.loads((tmp_path / "out.json").read_text())
+    theirs = result["gptq"]
     ours = [vllm_refusal(config_codes(case)) for case in cases]
     assert [t is None for t in theirs] == [o is None for o in ours], list(zip(theirs, ours))
     assert theirs.count(None) == 6  # 4 and 8 bits, default and --sym; the 4-bit maps with an 8-bit or 16-bit Linear
+    assert result["bitsandbytes"] is False and "bitsandbytes" in BNB_REFUSAL
