@@ -178,18 +178,10 @@ def print_summary(summary) -> None:
         if value is not None:  # soft_wrap: a long path stays on its line
             stdout.print(f"{key:<{width}}  {redact(str(value))}", soft_wrap=True, markup=False, highlight=False)
     if summary.formats:
-        for line in format_table(summary.formats):
+        from lowbit.format_plot import format_text_table
+
+        for line in format_text_table(summary.formats):
             stdout.print(line, soft_wrap=True, markup=False, highlight=False)
-
-
-def format_table(formats: dict[str, dict[str, str]]) -> list[str]:
-    """Layers x Linears, each cell its format (4g128: 4-bit codes in groups of 128; 16: unquantized)."""
-    modules = list(next(iter(formats.values())))
-    header = ["layer", *(m.rsplit(".", 1)[-1] for m in modules)]
-    rows = [[layer, *(formats[layer][m] for m in modules)] for layer in formats]
-    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-    return ["formats by layer:"] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
-                                    for row in [header, *rows]]
 
 
 @app.command("eval")

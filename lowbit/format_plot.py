@@ -106,3 +106,13 @@ def format_table(manifest: dict) -> list[str]:
              "|---" * (len(kinds) + 1) + "|"]
     lines += [f"| {layer} | " + " | ".join(text(cells.get((layer, kind))) for kind in kinds) + " |" for layer in layers]
     return lines
+
+
+def format_text_table(formats: dict[str, dict[str, str]]) -> list[str]:
+    """Layers x Linears, each cell its format (4g128: 4-bit codes in groups of 128; 16: unquantized)."""
+    modules = list(next(iter(formats.values())))
+    header = ["layer", *(m.rsplit(".", 1)[-1] for m in modules)]
+    rows = [[layer, *(formats[layer][m] for m in modules)] for layer in formats]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    return ["formats by layer:"] + ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+                                    for row in [header, *rows]]
