@@ -88,7 +88,8 @@ def test_vllm_refuses_exactly_the_checkpoints_lowbit_says_it_does(vllm_venv, tmp
                for name in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
     settings = [QuantizeSettings(bits=bits, group_size=64, sym=sym) for bits in (2, 3, 4, 8) for sym in (None, True, False)]
     cases = [quantization_config(s, arch) for s in settings]
-    for bits, other in ((4, LinearFormat(8, 64)), (4, UNQUANTIZED), (4, LinearFormat(3, 64)), (3, LinearFormat(4, 32))):
+    for bits, other in ((4, LinearFormat(8, 64)), (4, LinearFormat(4, 32)), (4, UNQUANTIZED), (4, LinearFormat(3, 64)),
+                        (3, LinearFormat(4, 32))):
         formats = {"model.layers.1.mlp.down_proj": other}
         cases.append(quantization_config(QuantizeSettings(bits=bits, group_size=64), arch,
                                          dynamic_map(formats, LinearFormat(bits, 64), arch)))
@@ -100,5 +101,5 @@ def test_vllm_refuses_exactly_the_checkpoints_lowbit_says_it_does(vllm_venv, tmp
     theirs = result["gptq"]
     ours = [vllm_refusal(config_codes(case)) for case in cases]
     assert [t is None for t in theirs] == [o is None for o in ours], list(zip(theirs, ours))
-    assert theirs.count(None) == 6  # 4 and 8 bits, default and --sym; the 4-bit maps with an 8-bit or 16-bit Linear
+    assert theirs.count(None) == 7  # 4 and 8 bits, default and --sym; the 4-bit maps with 8-bit, 4g32 or 16-bit
     assert result["bitsandbytes"] is False and "bitsandbytes" in BNB_REFUSAL
