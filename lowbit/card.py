@@ -209,8 +209,8 @@ def manifest_codes(manifest: dict) -> list[tuple[int, bool]]:
     budget gave another width (every width shares the grid's symmetry; 16 is unquantized)."""
     settings = manifest.get("settings") or {}
     bits, sym = settings.get("bits", 4), settings.get("sym", True)
-    chosen = {stats.get("bits") for stats in (manifest.get("layers") or {}).values() if isinstance(stats, dict)}
-    return [(bits, sym)] + [(b, sym) for b in sorted(chosen - {None, 16, bits})]
+    chosen = {b for b, _ in chosen_formats(manifest).values()}
+    return [(bits, sym)] + [(b, sym) for b in sorted(chosen - {16, bits})]
 
 
 def _calibration_section(manifest: dict) -> str:

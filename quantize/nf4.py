@@ -69,6 +69,7 @@ log = logging.getLogger("lowbit")
 # vLLM dropped bitsandbytes (its RFC #39583, 2026): 0.32 has no such method and loads none of these files.
 # tests/test_vllm.py checks this against the vLLM it installs.
 VLLM_REFUSAL = "vLLM no longer loads bitsandbytes checkpoints (0.32 has no bitsandbytes method)"
+
 BLOCKSIZE = 64  # values per absmax: what transformers always quantizes with
 NESTED_BLOCKSIZE = 256  # double quantization: absmax bytes per float32 nested scale
 STATE_KEY = "weight.quant_state.bitsandbytes__"  # + quant type: the serialized quant state of a weight

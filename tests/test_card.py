@@ -96,9 +96,15 @@ def test_card_offers_vllm_only_for_the_codes_vllm_loads():
     assert 'from_pretrained("alice/m-3bit"' in text
 
     budget = sample_manifest()  # 4-bit, a budget gave one Linear 8 bits and one 16: vLLM loads it
+    budget["settings"]["target_bpw"] = 5.0
+    for name, info in budget["layers"].items():
+        info.update(bits=4, group_size=128)
     budget["layers"]["model.layers.0.mlp.down_proj"]["bits"] = 8
     budget["layers"]["model.layers.1.mlp.down_proj"]["bits"] = 16
     assert "from vllm import" in build_model_card(budget, "alice/m").text
+    budget["layers"]["model.layers.0.mlp.down_proj"]["bits"] = 3  # a width vLLM refuses, in one Linear only
+    assert "3-bit symmetric" in build_model_card(budget, "alice/m").text
+    budget["layers"]["model.layers.0.mlp.down_proj"]["bits"] = 8
     budget["settings"]["sym"] = False
     assert "from vllm import" not in build_model_card(budget, "alice/m").text
 

@@ -42,10 +42,9 @@ def vllm_venv():
 
 @pytest.fixture(scope="session")
 def vllm_python(vllm_venv):
-    python = vllm_venv
-    if not has_gptq_kernel(python):
+    if not has_gptq_kernel(vllm_venv):
         pytest.skip("vLLM's CPU build has no GPTQ kernel on this CPU (its AVX2 library lacks cpu_gemm_wna16)")
-    return python
+    return vllm_venv
 
 
 def has_gptq_kernel(python) -> bool:
