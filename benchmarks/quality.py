@@ -8,7 +8,7 @@ For each model (SmolLM2-135M, Gemma-3-270M) and bit configuration (4g64, 4g128 w
 is a multiple of 128, 3g64), every method is quantized in its own child process, one after the other, each
 alone: wall time, CPU time and peak RSS are that child's, from interpreter start to the written
 checkpoint. Calibration: `--calibration` (c4 from the shared data folder by default), `--nsamples` x
-`--seqlen` windows drawn once per model exactly as `lowbit quantize` draws them (seed 0); each calibrated
+`--seqlen` windows drawn once per model exactly as `lowbit quantize` draws them (`--calibration-seed`, 0); each calibrated
 lowbit run's lowbit_calibration.json is checked to hold the same ids, and llm-compressor is given them.
 Every model, the base included, is scored by one plain transformers perplexity over the same wikitext-2
 test windows (`--eval-windows` x `--eval-seqlen`), with the share of positions whose argmax matches the
@@ -120,11 +120,12 @@ def prepare_windows(model: Path, cache: Path, args) -> tuple[Path, Path]:
     from lowbit.manifest import save_windows
     from lowbit.evals.datasets import eval_windows, load_eval_text
 
-    calibration = cache / f"calibration-{args.calibration}-{args.nsamples}x{args.seqlen}.json"
+    seed = f"-seed{args.calibration_seed}" if args.calibration_seed else ""  # seed 0 keeps the older caches' name
+    calibration = cache / f"calibration-{args.calibration}-{args.nsamples}x{args.seqlen}{seed}.json"
     evaluation = cache / f"evaluation-wikitext2-{args.eval_windows}x{args.eval_seqlen}.json"
     tokenizer = AutoTokenizer.from_pretrained(model)
     if not calibration.exists():
-        config = CalibrationConfig(args.calibration, args.nsamples, args.seqlen, seed=0)
+        config = CalibrationConfig(args.calibration, args.nsamples, args.seqlen, seed=args.calibration_seed)
         save_windows(calibration, build_calibration(config, tokenizer)[0])
     if not evaluation.exists():
         text, _ = load_eval_text("wikitext2")
@@ -154,7 +155,7 @@ def lowbit_run(method: str, config: str, model: Path, args, supported: set[str])
         chosen += ["--bits", str(bits), "--group-size", str(group)]
     if calibrated:
         chosen += ["--calibration", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                   "--seed", "0"]
+                   "--seed", str(args.calibration_seed)]
     return chosen, args.revision
 
 
@@ -326,6 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration", default="c4")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calibration-seed", type=int, default=0, help="which calibration windows are drawn")
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--kld", action="store_true", help="also run lowbit's evaluator (KLD) on lowbit's checkpoints")

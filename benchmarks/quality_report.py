@@ -153,7 +153,7 @@ def openmp_environment() -> str:
 def markdown(results: dict, args, command: str, seconds: float) -> str:
     lines = [
         f"CPU, {torch.get_num_threads()} threads, float32 compute for both tools. Calibration: `{args.calibration}`, "
-        f"{args.nsamples} x {args.seqlen} tokens, seed 0, drawn once per model as `lowbit quantize` draws them; every "
+        f"{args.nsamples} x {args.seqlen} tokens, seed {args.calibration_seed}, drawn once per model as `lowbit quantize` draws them; every "
         f"calibrated lowbit run wrote the same ids to lowbit_calibration.json, and llm-compressor {LLMC_VERSION} was "
         f"given those ids. Evaluation: wikitext-2 test, the first {args.eval_windows} windows of {args.eval_seqlen} "
         f"tokens, every model scored by the same plain transformers perplexity (lowbit's checkpoints dequantized by "
