@@ -156,11 +156,11 @@ def ablate(name: str, args) -> dict:
                 uniform.model.layers[layer].get_submodule(sub).weight.data = weight
             gains = [u - p for u, p in zip(uniform_klds, promoted)]
             row = {"layer": layer, "kind": KINDS[index % len(KINDS)], "gain": sum(gains) / len(gains), "gains": gains}
-            for w in WEIGHTINGS:
+            for w in WEIGHTINGS:  # the bytes are the same under every weighting; the errors are not
                 options = units[w][index].options
                 to_eight = next(o for o in options if o.fmt == eight_format)
                 row[w] = options[0].error - to_eight.error
-                row["bytes"] = to_eight.bytes - options[0].bytes
+            row["bytes"] = to_eight.bytes - options[0].bytes
             share = job.progress["layers"][unit.modules[0]].get("update_share", 1.0)
             row["per-token"] = share * sum(per_token[m.split(".layers.", 1)[1]] for m in unit.modules)
             rows.append(row)
@@ -231,11 +231,12 @@ def markdown(results: dict, args, command: str) -> str:
         for label, predicted in picks.items():
             correlation = rank_correlation([p / r["bytes"] for p, r in zip(predicted, rows)],
                                            [g / r["bytes"] for g, r in zip(gains, rows)])
-            cells = [f"{greedy_gain(rows, predicted, b):.4f} ({greedy_gain(rows, predicted, b) / uniform:.1%})"
-                     for b in budgets.values()]
+            captured = [greedy_gain(rows, predicted, b) for b in budgets.values()]
+            cells = [f"{c:.4f} ({c / uniform:.1%})" for c in captured]
             lines.append(f"| {label} | {correlation:.2f} | " + " | ".join(cells) + " |")
         if "gains" in rows[0]:
-            cells = [f"{held_out_best(rows, b):.4f} ({held_out_best(rows, b) / uniform:.1%})" for b in budgets.values()]
+            captured = [held_out_best(rows, b) for b in budgets.values()]
+            cells = [f"{c:.4f} ({c / uniform:.1%})" for c in captured]
             lines.append("| best single promotions, picked on half of the windows, scored on the other | | "
                          + " | ".join(cells) + " |")
         lines += ["", "| unit | measured gain, sum | " + " | ".join(f"{w}'s predicted, sum" for w in WEIGHTINGS)
