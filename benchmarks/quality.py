@@ -69,6 +69,8 @@ LOWBIT_METHODS = {
     "gptq-sym": (["--method", "gptq", "--sym"], True, True),  # the defaults on a symmetric grid at any bits
     "gptq-no-awq": (["--method", "gptq", "--no-awq-scales"], True, True),  # the defaults less one lever each
     "gptq-no-ss": (["--method", "gptq", "--no-scale-search"], True, True),
+    "gptq-dynamic": (["--method", "gptq", "--no-static-groups"], True, True),  # search on error-updated weights
+    "gptq-no-ao": (["--method", "gptq", "--no-act-order"], True, True),
     "gptq-exact": (["--method", "gptq", "--exact-matmul"], True, True),  # the defaults in full float32 matmuls
     "gptq-bf16": (["--method", "gptq", "--dtype", "bfloat16"], True, True),  # the layers in a GPU's compute dtype
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),

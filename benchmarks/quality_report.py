@@ -15,6 +15,8 @@ LABELS = {
     "gptq-sym": "GPTQ, lowbit's defaults + symmetric grid (--sym)",
     "gptq-no-awq": "GPTQ, lowbit's defaults without AWQ input scales (--no-awq-scales)",
     "gptq-no-ss": "GPTQ, lowbit's defaults without scale search (--no-scale-search)",
+    "gptq-dynamic": "GPTQ, lowbit's defaults with groups in sweep order (--no-static-groups: desc_act true)",
+    "gptq-no-ao": "GPTQ, lowbit's defaults without act-order (--no-act-order)",
     "gptq-exact": "GPTQ, lowbit's defaults in full float32 matmuls (--exact-matmul)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
