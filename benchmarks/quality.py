@@ -118,14 +118,15 @@ def prepare_windows(model: Path, cache: Path, args) -> tuple[Path, Path]:
     """Calibration windows as `lowbit quantize` draws them, and the wikitext-2 test windows, saved once per model."""
     from transformers import AutoTokenizer
 
-    from lowbit.calibration.windows import CalibrationConfig, build_calibration
+    from lowbit.calibration.windows import CalibrationConfig, build_calibration, start_tokens
     from lowbit.manifest import save_windows
     from lowbit.evals.datasets import eval_windows, load_eval_text
 
-    seed = f"-seed{args.calibration_seed}" if args.calibration_seed else ""  # seed 0 keeps the older caches' name
-    calibration = cache / f"calibration-{args.calibration}-{args.nsamples}x{args.seqlen}{seed}.json"
-    evaluation = cache / f"evaluation-wikitext2-{args.eval_windows}x{args.eval_seqlen}.json"
     tokenizer = AutoTokenizer.from_pretrained(model)
+    seed = f"-seed{args.calibration_seed}" if args.calibration_seed else ""  # seed 0 keeps the older caches' name
+    bos = "-bos" if start_tokens(tokenizer) else ""  # windows that begin with a BOS (Gemma 3), unlike the older caches'
+    calibration = cache / f"calibration-{args.calibration}-{args.nsamples}x{args.seqlen}{seed}{bos}.json"
+    evaluation = cache / f"evaluation-wikitext2-{args.eval_windows}x{args.eval_seqlen}{bos}.json"
     if not calibration.exists():
         config = CalibrationConfig(args.calibration, args.nsamples, args.seqlen, seed=args.calibration_seed)
         save_windows(calibration, build_calibration(config, tokenizer)[0])

@@ -2,7 +2,10 @@
 
 The protocol (shared/reference/protocols.md): join the split's rows with
 "\\n\\n", tokenize once, cut non-overlapping windows of `seqlen` tokens,
-drop the tail. Local files come first (see
+drop the tail. Unless `bos=False`, every window begins with the tokenizer's
+start tokens (a BOS, where it adds one), as calibration windows do and as the
+model is run (calibration/windows.py says why); the reference's plain windows
+are `bos=False`. Local files come first (see
 `calibration.sources.find_local_corpus`), then the Hub. The provenance's
 `protocol` names exactly which rows were joined, because the Hub's
 wikitext2 rows differ in whitespace from the lines of the local file:
@@ -32,6 +35,7 @@ from lowbit.calibration.sources import (
     require_pyarrow,
     sha256_bytes,
 )
+from lowbit.calibration.windows import start_tokens, token_ids
 from lowbit.errors import UsageError
 
 # The GPTQ reference evaluates C4 on the first 1100 validation documents.
@@ -91,19 +95,25 @@ def load_eval_text(dataset: str) -> tuple[str, dict]:
     return text, provenance
 
 
-def eval_windows(text: str, tokenizer, seqlen: int, max_windows: int | None) -> Tensor:
-    """[n, seqlen] int64 non-overlapping windows of the text, tail dropped, first max_windows kept.
+def eval_windows(text: str, tokenizer, seqlen: int, max_windows: int | None, bos: bool = True) -> Tensor:
+    """[n, seqlen] int64 windows of the text, first max_windows kept: the tokenizer's start tokens, then
+    the next seqlen minus that many text tokens (non-overlapping, the tail dropped).
 
-    The text is tokenized once with the tokenizer's default call, as the
-    GPTQ reference does: tokenizers that add a BOS put it at the start of
-    the first window only.
+    The text is tokenized once. bos=False: the GPTQ reference's windows, cut from the tokenizer's default
+    call, so that a BOS (where the tokenizer adds one) starts the first window only.
     """
-    if seqlen < 1 or (max_windows is not None and max_windows < 1):
-        raise UsageError(f"seqlen and max_windows must be at least 1 (got {seqlen}, {max_windows})")
-    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.int64)
-    count = len(ids) // seqlen
+    start = start_tokens(tokenizer) if bos else []
+    length = seqlen - len(start)
+    if length < 1 or (max_windows is not None and max_windows < 1):
+        raise UsageError(f"seqlen and max_windows must be at least 1 (got {seqlen}, {max_windows}"
+                         f"{f'; each window begins with {len(start)} start tokens' if start else ''})")
+    ids = torch.tensor(token_ids(text, tokenizer) if bos else tokenizer(text, verbose=False)["input_ids"],
+                       dtype=torch.int64)
+    count = len(ids) // length
     if count == 0:
-        raise UsageError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}")
+        raise UsageError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seqlen}"
+                         f"{f' ({length} after the start tokens)' if start else ''}")
     if max_windows is not None:
         count = min(count, max_windows)
-    return ids[: count * seqlen].reshape(count, seqlen)
+    text_windows = ids[: count * length].reshape(count, length)
+    return torch.cat([torch.tensor(start, dtype=torch.int64).expand(count, len(start)), text_windows], dim=1)

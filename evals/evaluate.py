@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lowbit.calibration.windows import start_tokens
 from lowbit.evals.contamination import contamination_report
 from lowbit.evals.datasets import eval_windows, load_eval_text
 from lowbit.errors import UsageError
@@ -68,6 +69,7 @@ class EvalOptions:
     dtype: str = "auto"  # see quantize.stream.pick_dtype
     chunk_tokens: int = 512  # positions projected through lm_head at once
     offload: bool | None = None  # keep hidden states in host memory; None = decide from free GPU memory
+    bos: bool = True  # every window begins with the tokenizer's start tokens (evals/datasets.py)
 
     def __post_init__(self) -> None:
         if self.seqlen < 2:
@@ -255,7 +257,7 @@ def _evaluate(quantized: Path, base: Path | str | None, dataset: str, options: E
         check_same_vocabulary(config, load_config_dict(base_folder))
     tokenizer = load_tokenizer(quantized if has_tokenizer(quantized) or base_folder is None else base_folder)
     text, provenance = load_eval_text(dataset)
-    all_windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows)
+    all_windows = eval_windows(text, tokenizer, options.seqlen, options.max_windows, options.bos)
     windows = all_windows[ranks.windows(all_windows.shape[0])]
 
     device = rank_device(pick_device(options.device))
@@ -294,6 +296,7 @@ def _evaluate(quantized: Path, base: Path | str | None, dataset: str, options: E
         "dataset_sha256": provenance["sha256"],
         "protocol": provenance["protocol"],
         "scoring": SCORING,
+        "window_start_tokens": start_tokens(tokenizer) if options.bos else [],
         "windows": all_windows.shape[0],
         "seqlen": all_windows.shape[1],
         "device": str(device),

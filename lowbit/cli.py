@@ -68,6 +68,7 @@ def quantize(
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     seed: int = typer.Option(0, help="Seed for sampling the calibration windows."),
     chat_template: bool = typer.Option(False, "--chat-template", help="Wrap calibration texts in the model's chat template."),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Begin each calibration window with the tokenizer's BOS, as the model is run (--no-bos: plain text windows)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, float16, bfloat16."),
     max_shard_size: str = typer.Option("2GB", help="Largest output shard."),
@@ -104,7 +105,7 @@ def quantize(
         calibration = default_calibration()
     calib = None
     if calibration is not None and (method != "rtn" or settings.scale_search):
-        calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template)
+        calib = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen, seed=seed, chat_template=chat_template, bos=bos)
     token = hub_token()
     options = RunOptions(device=device, dtype=dtype, max_shard_size=max_shard_size, offload=offload, force=force,
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, revision=revision, token=token)
@@ -192,6 +193,7 @@ def eval_command(
     dataset: str = typer.Option("wikitext2", help="wikitext2, c4, or a .txt/.jsonl PATH."),
     seqlen: int = typer.Option(2048, help="Tokens per window (GPTQ protocol: 2048)."),
     max_windows: Optional[int] = typer.Option(None, help="Score only the first N windows."),
+    bos: bool = typer.Option(True, "--bos/--no-bos", help="Begin each window with the tokenizer's BOS, as the model is run (--no-bos: the GPTQ papers' plain windows)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", help="Compute dtype: auto, float32, float16, bfloat16."),
     chunk_tokens: int = typer.Option(512, help="Positions projected through the head at once."),
@@ -220,8 +222,7 @@ def eval_command(
                              "(a folder or a Hub id)")
         base = default_base(quantized)
         revision = (read_manifest(quantized).get("source") or {}).get("revision")
-    options = EvalOptions(seqlen=seqlen, max_windows=max_windows, device=device, dtype=dtype,
-                          chunk_tokens=chunk_tokens, offload=offload)
+    options = EvalOptions(seqlen=seqlen, max_windows=max_windows, device=device, dtype=dtype, chunk_tokens=chunk_tokens, offload=offload, bos=bos)
     hub_token()
     with progress_bar() as progress:
         report = evaluate(quantized, base, dataset, options, on_progress=progress_callback(progress), base_revision=revision)

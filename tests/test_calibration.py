@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from lowbit.calibration.windows import (
     CalibrationConfig,
     build_calibration,
     sample_windows,
+    start_tokens,
     tokenize_documents,
     windows_sha256,
 )
@@ -305,8 +307,24 @@ def test_build_calibration_records_its_provenance(tmp_path, tokenizer):
     assert (provenance["nsamples"], provenance["seqlen"], provenance["seed"], provenance["chat_template"]) == (
         4, 8, 5, False
     )
+    assert provenance["start_tokens"] == [tokenizer.bos_token_id]
+    assert windows[:, 0].tolist() == [tokenizer.bos_token_id] * 4
     again, _ = build_calibration(config, tokenizer)
     assert torch.equal(windows, again)
+    plain, provenance = build_calibration(replace(config, bos=False), tokenizer)
+    assert provenance["start_tokens"] == []
+    assert torch.equal(plain, sample_windows(tokenize_documents(SENTENCES * 3, tokenizer), 4, 8, seed=5))
+
+
+def test_windows_after_start_tokens_are_slices_of_the_tokens():
+    tokens = torch.arange(100, 1100, dtype=torch.int64)
+    windows = sample_windows(tokens, nsamples=8, seqlen=50, seed=3, start=[7])
+    assert windows.shape == (8, 50) and windows[:, 0].tolist() == [7] * 8
+    for window in windows:
+        first = int(window[1]) - 100
+        assert torch.equal(window[1:], tokens[first : first + 49])
+    with pytest.raises(UsageError, match="of which 1 start tokens"):
+        sample_windows(tokens, nsamples=1, seqlen=1, seed=0, start=[7])
 
 
 def test_build_calibration_from_pydoc(tokenizer, no_local_data):
@@ -346,15 +364,35 @@ def test_shared_wikitext2_test_split_has_no_carriage_returns(monkeypatch):
     assert text.startswith(" = Robert Boulter = \n\n Robert Boulter is")
 
 
-def test_eval_windows_are_consecutive_with_the_tail_dropped(tokenizer):
+def test_eval_windows_begin_with_the_bos_then_consecutive_text_with_the_tail_dropped(tokenizer):
+    text = " ".join(SENTENCES * 5)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    windows = eval_windows(text, tokenizer, seqlen=16, max_windows=None)
+    count = len(ids) // 15  # each window: the BOS, then 15 text tokens
+    assert windows.shape == (count, 16) and len(ids) % 15 != 0
+    assert windows[:, 0].tolist() == [bos] * count
+    assert windows[:, 1:].flatten().tolist() == ids[: count * 15]
+    assert torch.equal(eval_windows(text, tokenizer, seqlen=16, max_windows=2), windows[:2])
+
+
+def test_plain_eval_windows_are_the_gptq_references(tokenizer):
     text = " ".join(SENTENCES * 5)
     ids = tokenizer(text)["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id  # the default call's BOS stays, at the start of window 0
-    windows = eval_windows(text, tokenizer, seqlen=16, max_windows=None)
+    assert ids[0] == tokenizer.bos_token_id  # the default call's BOS stays, at the start of window 0 only
+    windows = eval_windows(text, tokenizer, seqlen=16, max_windows=None, bos=False)
     count = len(ids) // 16
     assert windows.shape == (count, 16) and len(ids) % 16 != 0
     assert windows.flatten().tolist() == ids[: count * 16]
-    assert torch.equal(eval_windows(text, tokenizer, seqlen=16, max_windows=2), windows[:2])
+
+
+def test_start_tokens_are_what_the_tokenizer_puts_before_text(tokenizer):
+    assert start_tokens(tokenizer) == [tokenizer.bos_token_id]
+    plain = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>")
+    plain.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    assert start_tokens(plain) == []
+    text = " ".join(SENTENCES * 5)
+    assert torch.equal(eval_windows(text, plain, 16, None), eval_windows(text, plain, 16, None, bos=False))
 
 
 def test_eval_text_shorter_than_one_window_is_a_usage_error(tokenizer):
