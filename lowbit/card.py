@@ -230,6 +230,8 @@ def _calibration_section(manifest: dict) -> str:
         lines.append(f"- Seed: {calibration['seed']}")
     if "chat_template" in calibration:
         lines.append(f"- Chat template applied: {'yes' if calibration['chat_template'] else 'no'}")
+    if calibration.get("start_tokens"):
+        lines.append(f"- Each window begins with the tokenizer's start tokens {calibration['start_tokens']} (its BOS)")
     if calibration.get("windows_sha256"):
         lines.append(f"- Token windows sha256: `{calibration['windows_sha256']}`")
     if calibration.get("tokens_file"):

@@ -31,9 +31,9 @@ SCHEMA: dict[str, dict] = {
         "target_bpw": float,
         "device": str, "dtype": str, "max_shard_size": str,
     },
-    "calibration": {"source": str, "nsamples": int, "seqlen": int, "seed": int, "chat_template": bool},
+    "calibration": {"source": str, "nsamples": int, "seqlen": int, "seed": int, "chat_template": bool, "bos": bool},
     "eval": {
-        "dataset": str, "seqlen": int, "max_windows": int, "device": str, "dtype": str, "chunk_tokens": int,
+        "dataset": str, "seqlen": int, "max_windows": int, "device": str, "dtype": str, "chunk_tokens": int, "bos": bool,
         "gates": {"max_ppl_delta": float, "max_ppl_ratio": float, "max_kld": float, "min_same_top": float},
     },
     "push": {"repo_id": str, "private": bool, "revision": str, "create_pr": bool, "commit_message": str,

@@ -398,3 +398,32 @@ def test_start_tokens_are_what_the_tokenizer_puts_before_text(tokenizer):
 def test_eval_text_shorter_than_one_window_is_a_usage_error(tokenizer):
     with pytest.raises(UsageError, match="fewer than one window of 4096"):
         eval_windows(SENTENCES[0], tokenizer, seqlen=4096, max_windows=None)
+
+
+# ---------------------------------------------------------------- from the command line
+
+
+def test_quantize_windows_begin_with_the_bos_unless_no_bos(tmp_path):
+    from tokenizers import processors as token_processors
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+    from tests.conftest import byte_tokenizer, save_tiny_model
+
+    model = save_tiny_model(tmp_path / "tiny", layers=1, hidden=64)
+    tokenizer = byte_tokenizer()  # byte ids; byte 1 stands for the BOS
+    bos = tokenizer.convert_ids_to_tokens(1)
+    tokenizer.backend_tokenizer.post_processor = token_processors.TemplateProcessing(single=f"{bos} $A",
+                                                                                     special_tokens=[(bos, 1)])
+    tokenizer.save_pretrained(model)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(SENTENCES * 20))
+    for flag, start in (("--bos", [1]), ("--no-bos", [])):
+        out = tmp_path / flag
+        result = CliRunner().invoke(app, ["-q", "quantize", str(model), "-o", str(out), "--method", "gptq",
+                                          "--group-size", "32", "--calibration", str(corpus), "--nsamples", "3",
+                                          "--seqlen", "16", flag])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "lowbit_manifest.json").read_text())["calibration"]["start_tokens"] == start
+        first = [window[0] for window in json.loads((out / "lowbit_calibration.json").read_text())["windows"]]
+        assert (first == [1] * 3) == (flag == "--bos")
