@@ -78,12 +78,13 @@ def solved_together(shapes: list[tuple[int, int]], layer_shapes: list[tuple[int,
                     settings: QuantizeSettings) -> bool:
     """Whether GPTQ solves the Linears [N_i, K] of one projection group as one (solve_stacked).
 
-    Only where their stacked float32 rows are no larger than the layer's largest Linear, so that no solve's
-    peak grows: q/k/v, not the gate/up of an unfused model; and not under a size budget, whose candidate
-    formats are chosen Linear by Linear.
+    Only where the stacked solve holds no more than the layer's largest solve of one Linear does, its float32
+    rows and its K x K Hessian (sum N_i K + K^2 against N K + K^2), so that no solve's peak grows: q/k/v, and
+    an unfused gate/up beside a down_proj whose Hessian is intermediate^2 (Llama, Gemma, Qwen: one column
+    loop where there were two); and not under a size budget, whose candidate formats are chosen Linear by Linear.
     """
     return (settings.method == Method.GPTQ and settings.target_bpw is None and len(shapes) > 1
-            and sum(n * k for n, k in shapes) <= max(n * k for n, k in layer_shapes))
+            and sum(n * k for n, k in shapes) + shapes[0][1] ** 2 <= max(n * k + k * k for n, k in layer_shapes))
 
 
 def solved_as(group: tuple[Linear, ...], layer: list[Linear], settings: QuantizeSettings) -> list[Linear]:

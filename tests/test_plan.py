@@ -132,7 +132,7 @@ def test_predictions_move_the_way_the_settings_do():
     assert quantize_gpu_peak(deeper, base) == gpu
 
 
-def test_q_k_v_solved_as_one_are_one_solve_in_the_plan_with_no_copy_of_their_hessian():
+def test_q_k_v_and_gate_up_solved_as_one_are_one_solve_in_the_plan_with_no_copy_of_their_hessian():
     def solves(**settings):
         plan_settings = PlanSettings(QuantizeSettings(group_size=32, **settings), device="cpu", nsamples=8, seqlen=64)
         return {p.name: p for p in quantize_phases(model_shape(TINY), plan_settings) if p.name.startswith("solve ")}
@@ -141,7 +141,8 @@ def test_q_k_v_solved_as_one_are_one_solve_in_the_plan_with_no_copy_of_their_hes
     qkv = together["solve self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"]
     assert "copy of the group's Hessian" not in qkv.device
     assert qkv.device["solver temporaries of self_attn.q_proj+self_attn.k_proj+self_attn.v_proj"] > 0
-    assert "copy of the group's Hessian" in together["solve mlp.gate_proj"].device  # gate/up: apart
+    gate_up = together["solve mlp.gate_proj+mlp.up_proj"]  # within down_proj's rows and Hessian: one solve too
+    assert "copy of the group's Hessian" not in gate_up.device
     assert "solve self_attn.q_proj" in solves(target_bpw=5.0)  # a budget chooses Linear by Linear
 
 

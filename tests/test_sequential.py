@@ -121,14 +121,14 @@ def test_gemma3_sandwich_norms_describe_its_layer_and_pre_norms_do_not():
 
 
 @pytest.mark.parametrize("arch,solves", [
-    ("llama", [3, 1, 1, 1, 1]),  # q/k/v as one (64 + 32 + 32 rows of 64: no more than down_proj's 64 x 128)
+    ("llama", [3, 1, 2, 1]),  # q/k/v as one, gate/up as one: rows and Hessian within down_proj's 64 x 128 and 128^2
     ("phi3", [1, 1, 1, 1]),  # qkv_proj and gate_up_proj are fused already
-    ("gemma3", [1] * 7),  # q/k/v: 128 + 64 + 64 rows of 64, past down_proj's 64 x 128
+    ("gemma3", [3, 1, 2, 1]),  # q/k/v: (128 + 64 + 64) x 64 + 64^2, within down_proj's too
 ])
 def test_q_k_v_solved_as_one_give_the_codes_of_one_solve_each(tmp_path, monkeypatch, arch, solves):
-    """q/k/v share their input: GPTQ sweeps their stacked rows once (solve.solve_stacked) where that stays
-    within the layer's largest Linear, and the checkpoint is the one that solving them one by one gives,
-    bit for bit. gate/up would stack past down_proj and stay apart."""
+    """q/k/v, and gate/up, share their input: GPTQ sweeps their stacked rows once (solve.solve_stacked) where
+    that stays within the layer's largest solve, and the checkpoint is the one that solving them one by one
+    gives, bit for bit."""
     from lowbit.quantize import gptq
 
     model = save_tiny_model(tmp_path / "model", arch, layers=2)
@@ -157,7 +157,9 @@ def test_what_is_solved_together():
     layer = qkv + gate_up + down
     gptq = QuantizeSettings(group_size=32)
     assert solved_together(qkv, layer, gptq)
-    assert not solved_together(gate_up, layer, gptq)  # 2 x 128 x 32 rows stacked: past down_proj's 32 x 128
+    assert solved_together(gate_up, layer, gptq)  # 2 x 128 x 32 + 32^2 stacked: within down_proj's 32 x 128 + 128^2
+    narrow = [(48, 32)] * 2 + [(32, 48)]  # an MLP barely wider than its input: 2 x 48 x 32 + 32^2 > 32 x 48 + 48^2
+    assert not solved_together(narrow[:2], qkv + narrow, gptq)
     assert not solved_together([(64, 32)], layer, gptq)  # a fused Linear is one solve already
     assert not solved_together(qkv, layer, QuantizeSettings(group_size=32, target_bpw=5.0))
     assert not solved_together(qkv, layer, QuantizeSettings(method="nf4"))
