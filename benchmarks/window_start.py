@@ -5,8 +5,8 @@ tokenizer's BOS before every window (lowbit's windows) and without it (the GPTQ 
     python benchmarks/window_start.py --models gemma3 --windows 40 --seqlen 512
 
 Each window of the plain run is [text tokens t .. t + seqlen) (the reference's first window begins with
-the BOS already); the BOS run puts the BOS in place of token t, so both score the same targets, tokens
-t + 1 .. t + seqlen - 1. Plain transformers (float32, the base model), one window at a time. The mean NLL is reported per
+the BOS already); the BOS run puts the start tokens (Gemma's BOS) in place of the first text tokens, so
+both score the same targets after them. Plain transformers (float32, the base model), one window at a time. The mean NLL is reported per
 band of positions, so that it shows whether a missing BOS costs only the first tokens or the whole window.
 """
 
@@ -53,7 +53,7 @@ def compare(folder: Path, windows: int, seqlen: int) -> dict:
     if not start:
         return result  # no BOS: lowbit's windows are the plain ones
     with_bos = plain.clone()
-    with_bos[:, 0] = start[-1]
+    with_bos[:, : len(start)] = torch.tensor(start)  # the start tokens in place of the window's first text tokens
     nll = {"plain": token_nll(model, plain), "bos": token_nll(model, with_bos)}  # the same targets
     for name, values in nll.items():
         result[name] = {"ppl": math.exp(float(values.mean())),
@@ -88,7 +88,6 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    torch.manual_seed(0)
     results = {}
     for name in args.models.split(","):
         results[name] = compare(MODELS[name], args.windows, args.seqlen)
