@@ -46,8 +46,8 @@ def solved_job(name: str, args):
     folder, group_size = MODELS[name]
     settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, target_bpw=SCORING_TARGET,
                                 scale_search=not args.no_scale_search, awq_scales=not args.no_awq_scales)
-    calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen)
-    out = args.out / name / f"candidates-{args.nsamples}x{args.seqlen}{solver_tag(args)}"
+    calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen, bos=not args.no_bos)
+    out = args.out / name / f"candidates-{args.nsamples}x{args.seqlen}{run_tag(name, args)}"
     started = time.time()
     job = open_job(str(folder), out, settings, calibration, RunOptions(device="cpu", force=True),
                    on_progress=lambda stage, done, total: print(f"{name} {stage} {done}/{total}", flush=True))
@@ -119,8 +119,9 @@ def evaluate_variants(model: Path, folders: dict[str, Path], args) -> dict[str, 
     from lowbit.quantize.loader import DenseWeights
 
     text, _ = load_eval_text("wikitext2")
-    windows = eval_windows(text, AutoTokenizer.from_pretrained(model), args.eval_seqlen, args.eval_windows)
-    options = EvalOptions(seqlen=args.eval_seqlen, max_windows=args.eval_windows, device="cpu")
+    windows = eval_windows(text, AutoTokenizer.from_pretrained(model), args.eval_seqlen, args.eval_windows,
+                           bos=not args.no_bos)
+    options = EvalOptions(seqlen=args.eval_seqlen, max_windows=args.eval_windows, device="cpu", bos=not args.no_bos)
     base_hidden = final_hidden_states(model, windows, options)
     base_head = DenseWeights(model).lm_head_weight().float()
     scores = {}
@@ -138,7 +139,7 @@ def run_model(name: str, args) -> dict:
     """One model's figures: from its record when this script already scored it with these settings."""
     if args.variants:  # a subset: not the record of the whole set
         return score_model(name, args)
-    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{solver_tag(args)}-"
+    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{run_tag(name, args)}-"
                                 f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
     if record.exists() and not args.fresh:
         return json.loads(record.read_text())
@@ -155,7 +156,7 @@ def score_model(name: str, args) -> dict:
         chosen = {label: chosen[label] for label in args.variants.split(";")}
     folders = {}
     for label, (formats, size) in chosen.items():
-        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}{solver_tag(args)}" / slug(label)
+        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}{run_tag(name, args)}" / slug(label)
         if args.fresh or not (folder / "lowbit_manifest.json").exists():
             write_checkpoint(job, formats, folder, allow_split=True)
         folders[label] = folder
@@ -170,6 +171,17 @@ def score_model(name: str, args) -> dict:
 def solver_tag(args) -> str:
     """What in the solver's settings differs from lowbit's defaults, for the cache's file names."""
     return ("-noss" if args.no_scale_search else "") + ("-noawq" if args.no_awq_scales else "")
+
+
+def run_tag(name: str, args) -> str:
+    """solver_tag, plus "-bos" where the windows begin with the model's start tokens (none for SmolLM2, whose
+    windows are the same either way, so its earlier records still count)."""
+    from transformers import AutoTokenizer
+
+    from lowbit.calibration.windows import start_tokens
+
+    starts = not args.no_bos and start_tokens(AutoTokenizer.from_pretrained(MODELS[name][0]))
+    return solver_tag(args) + ("-bos" if starts else "")
 
 
 def slug(label: str) -> str:
@@ -214,12 +226,13 @@ def verdicts(scores: dict) -> list[str]:
 
 
 def markdown(results: dict, args, command: str) -> str:
+    starts = "" if args.no_bos else ", every window begun with the tokenizer's start tokens (Gemma: its BOS; SmolLM2: none)"
     lines = [
         f"One GPTQ pass per model (4-bit, act-order with static groups, damping 0.01, true-sequential"
         f"{'' if args.no_scale_search else ', scale search'}{'' if args.no_awq_scales else ', AWQ input scales'}: "
         f"lowbit's defaults{' less what is named' if solver_tag(args) else ''}) scores "
         f"every Linear's candidates (4-bit at group 32, 8-bit, 16-bit) on c4 calibration, {args.nsamples} x "
-        f"{args.seqlen} tokens, seed 0; every row is assembled from those same kept candidates. Evaluation: lowbit's "
+        f"{args.seqlen} tokens, seed 0{starts}; every row is assembled from those same kept candidates. Evaluation: lowbit's "
         f"evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
         f"KLD and same-top against the bf16 base. CPU, {torch.get_num_threads()} threads. 'ratio': the row's delta "
         f"(or KLD) over uniform 4-bit's. Budget rows: `--target-bpw`'s choice (quantize/mixed.py), errors weighted "
@@ -266,10 +279,13 @@ def main() -> None:
     parser.add_argument("--weightings", default=",".join(WEIGHTINGS), help="how the budget rows weigh errors")
     parser.add_argument("--no-scale-search", action="store_true", help="solve without lowbit's default scale search")
     parser.add_argument("--no-awq-scales", action="store_true", help="solve without lowbit's default AWQ input scales")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="windows without the tokenizer's start tokens (the GPTQ reference's, as before 2026-12-06)")
     parser.add_argument("--out", type=Path, default=Path.home() / ".cache" / "lowbit-bench" / "mixed")
     parser.add_argument("--solve-only", action="store_true", help="only the one GPTQ pass per model")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--fresh", action="store_true", help="score again even when a model's record exists")
+    parser.add_argument("--section", default="mixed", help="the BENCHMARKS.md section to write")
     parser.add_argument("--variants", help="score only these variants (labels as the table prints them, ';'-separated)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -283,7 +299,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         title = f"A size budget (--target-bpw) against uniform 4-bit and peers' rules, {args.eval_windows} x {args.eval_seqlen} windows"
-        replace_section(REPO / "BENCHMARKS.md", "mixed", title, text)
+        replace_section(REPO / "BENCHMARKS.md", args.section, title, text)
 
 
 if __name__ == "__main__":
