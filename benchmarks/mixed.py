@@ -299,6 +299,8 @@ def main() -> None:
     print(text)
     if not args.no_write:
         title = f"A size budget (--target-bpw) against uniform 4-bit and peers' rules, {args.eval_windows} x {args.eval_seqlen} windows"
+        if args.section != "mixed":
+            title += f" ({args.section})"
         replace_section(REPO / "BENCHMARKS.md", args.section, title, text)
 
 
