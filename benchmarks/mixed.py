@@ -16,6 +16,7 @@ its `use_more_bits` picks) in 8 bits; and the budget at exactly each rule's size
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -47,7 +48,7 @@ def solved_job(name: str, args):
     settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, target_bpw=SCORING_TARGET,
                                 scale_search=not args.no_scale_search, awq_scales=not args.no_awq_scales)
     calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen, bos=not args.no_bos)
-    out = args.out / name / f"candidates-{args.nsamples}x{args.seqlen}{run_tag(name, args)}"
+    out = args.out / name / f"candidates-{run_stem(folder, args)}"
     started = time.time()
     job = open_job(str(folder), out, settings, calibration, RunOptions(device="cpu", force=True),
                    on_progress=lambda stage, done, total: print(f"{name} {stage} {done}/{total}", flush=True))
@@ -139,7 +140,7 @@ def run_model(name: str, args) -> dict:
     """One model's figures: from its record when this script already scored it with these settings."""
     if args.variants:  # a subset: not the record of the whole set
         return score_model(name, args)
-    record = args.out / name / (f"scores-{args.nsamples}x{args.seqlen}{run_tag(name, args)}-"
+    record = args.out / name / (f"scores-{run_stem(MODELS[name][0], args)}-"
                                 f"{args.eval_windows}x{args.eval_seqlen}-{args.weightings}.json")
     if record.exists() and not args.fresh:
         return json.loads(record.read_text())
@@ -156,7 +157,7 @@ def score_model(name: str, args) -> dict:
         chosen = {label: chosen[label] for label in args.variants.split(";")}
     folders = {}
     for label, (formats, size) in chosen.items():
-        folder = args.out / name / f"variants-{args.nsamples}x{args.seqlen}{run_tag(name, args)}" / slug(label)
+        folder = args.out / name / f"variants-{run_stem(MODELS[name][0], args)}" / slug(label)
         if args.fresh or not (folder / "lowbit_manifest.json").exists():
             write_checkpoint(job, formats, folder, allow_split=True)
         folders[label] = folder
@@ -173,15 +174,22 @@ def solver_tag(args) -> str:
     return ("-noss" if args.no_scale_search else "") + ("-noawq" if args.no_awq_scales else "")
 
 
-def run_tag(name: str, args) -> str:
-    """solver_tag, plus "-bos" where the windows begin with the model's start tokens (none for SmolLM2, whose
-    windows are the same either way, so its earlier records still count)."""
+def run_stem(folder: Path, args) -> str:
+    """What names a run's files in the cache: its calibration windows, solver_tag, and "-bos" where the windows
+    begin with the model's start tokens (none for SmolLM2, whose windows are the same either way, so its earlier
+    records still count)."""
+    bos = "-bos" if not args.no_bos and has_start_tokens(folder) else ""
+    return f"{args.nsamples}x{args.seqlen}{solver_tag(args)}{bos}"
+
+
+@functools.cache
+def has_start_tokens(folder: Path) -> bool:
+    """Whether the tokenizer in FOLDER puts tokens before any text (read once per model, not once per cache path)."""
     from transformers import AutoTokenizer
 
     from lowbit.calibration.windows import start_tokens
 
-    starts = not args.no_bos and start_tokens(AutoTokenizer.from_pretrained(MODELS[name][0]))
-    return solver_tag(args) + ("-bos" if starts else "")
+    return bool(start_tokens(AutoTokenizer.from_pretrained(folder)))
 
 
 def slug(label: str) -> str:
