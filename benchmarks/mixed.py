@@ -164,7 +164,9 @@ def score_model(name: str, args) -> dict:
     scores = evaluate_variants(MODELS[name][0], folders, args)
     for label, (formats, size) in chosen.items():
         manifest = json.loads((folders[label] / "lowbit_manifest.json").read_text())
-        counts = {tag: sum(1 for f in formats.values() if f.tag.startswith(tag)) for tag in ("8g", "4g32", "16")}
+        base = LinearFormat(job.settings.bits, job.settings.group_size)
+        counts = {tag: sum(1 for f in formats.values() if f != base and f.tag.startswith(tag))
+                  for tag in ("8g", "4g64", "4g32", "16")}
         scores[label].update(bytes=size, bits_per_weight=manifest["bits_per_weight"], counts=counts)
     return {"scores": scores, "layers": job.arch.num_layers, "group_size": job.settings.group_size}
 
@@ -218,7 +220,9 @@ def verdicts(scores: dict) -> list[str]:
         (rule_label,) = found
         r = scores[rule_label]
         for w in weightings:
-            b = scores[f"budget at {rule}'s size ({w})"]
+            b = scores.get(f"budget at {rule}'s size ({w})")
+            if b is None:  # a subset of the variants
+                continue
             beats = [what for what, ours, theirs in (("delta", b["ppl_delta"], r["ppl_delta"]),
                                                      ("KLD", b["kld"]["mean"], r["kld"]["mean"]),
                                                      ("same top", -b["same_top"], -r["same_top"])) if ours < theirs]
@@ -226,7 +230,8 @@ def verdicts(scores: dict) -> list[str]:
                        f"{b['kld']['mean']:.4f} vs {r['kld']['mean']:.4f}: the budget is better on "
                        f"{', '.join(beats) if beats else 'nothing'}.")
     if len(weightings) == 2:
-        pairs = [label for label in scores if label.startswith("budget") and label.endswith(f"({weightings[0]})")]
+        pairs = [label for label in scores if label.startswith("budget") and label.endswith(f"({weightings[0]})")
+                 and label.replace(weightings[0], weightings[1]) in scores]
         wins = sum(scores[label]["kld"]["mean"] < scores[label.replace(weightings[0], weightings[1])]["kld"]["mean"]
                    for label in pairs)
         out.append(f"- weighting: {weightings[0]} has the lower KLD in {wins} of {len(pairs)} budget pairs.")
@@ -239,7 +244,7 @@ def markdown(results: dict, args, command: str) -> str:
         f"One GPTQ pass per model (4-bit, act-order with static groups, damping 0.01, true-sequential"
         f"{'' if args.no_scale_search else ', scale search'}{'' if args.no_awq_scales else ', AWQ input scales'}: "
         f"lowbit's defaults{' less what is named' if solver_tag(args) else ''}) scores "
-        f"every Linear's candidates (4-bit at group 32, 8-bit, 16-bit) on c4 calibration, {args.nsamples} x "
+        f"every Linear's candidates (4-bit at each finer group of 64 and 32, 8-bit, 16-bit) on c4 calibration, {args.nsamples} x "
         f"{args.seqlen} tokens, seed 0{starts}; every row is assembled from those same kept candidates. Evaluation: lowbit's "
         f"evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
         f"KLD and same-top against the bf16 base. CPU, {torch.get_num_threads()} threads. 'ratio': the row's delta "
@@ -263,7 +268,7 @@ def markdown(results: dict, args, command: str) -> str:
         base_ppl = uniform["ppl_base"]
         lines += [f"### {name} ({result['layers']} layers, group size {result['group_size']}); base perplexity "
                   f"{base_ppl:.3f}", "",
-                  "| variant | bits/weight | decoder-Linear bytes | PPL | delta | delta ratio | KLD mean | KLD ratio | same top | 8-bit / 4g32 / 16-bit Linears |",
+                  "| variant | bits/weight | decoder-Linear bytes | PPL | delta | delta ratio | KLD mean | KLD ratio | same top | 8-bit / 4g64 / 4g32 / 16-bit Linears |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, s in scores.items():
             counts = s["counts"]
@@ -271,7 +276,7 @@ def markdown(results: dict, args, command: str) -> str:
                 f"| {label} | {s['bits_per_weight']:.3f} | {s['bytes']:,} | {s['ppl_quantized']:.3f} | "
                 f"{s['ppl_delta']:+.3f} | {s['ppl_delta'] / uniform['ppl_delta']:.2f} | {s['kld']['mean']:.4f} | "
                 f"{s['kld']['mean'] / uniform['kld']['mean']:.2f} | {100 * s['same_top']:.1f}% | "
-                f"{counts['8g']} / {counts['4g32']} / {counts['16']} |")
+                f"{counts['8g']} / {counts.get('4g64', 0)} / {counts['4g32']} / {counts['16']} |")
         lines += ["", *verdicts(scores), ""]
     lines += [f"Produced by: `{command}`"]
     return "\n".join(lines)

@@ -12,17 +12,23 @@ only lowers.
 A unit of choice is one projection group of one layer (q/k/v, o, gate/up, down): its Linears share an
 input, and vLLM fuses q/k/v and gate/up into one Linear that must have one format (pack.VLLM_FUSED_NAMES).
 
-How errors are weighed (`error_weight`): "update", the default, weighs each Linear's relative output
-error by its sublayer's share of the residual stream (steps.UpdateShare: the mean over tokens of
-||u||^2 / ||h + u||^2, attention's update for q/k/v/o, the MLP's for gate/up/down), so that the sum
-estimates how far each Linear's error moves the stream it writes to; "relative" sums the relative
-errors as they are. Both come from the layer loop (no second pass). benchmarks/mixed_weighting_probe.py
-scored them on the same candidates (BENCHMARKS.md, "The size budget's weighting"): update had the lower
-KLD in 5 of 6 budget pairs over SmolLM2 and Gemma-3-270M (two of them by under 0.1 %, and lost the
-sixth by 0.04 %), and the lower perplexity delta in 4 of 6.
-An earlier "residual" weighting divided the absolute error by the stream's mean energy; it lost to
-relative on every budget, because a few tokens with massive activations (1e6 times the others' energy
-in SmolLM2 from layer 12 on) set that mean, which the per-token share avoids.
+How errors are weighed (`error_weight`): "weights", the default, counts each Linear's relative output
+error ||(W - Q) X||^2 / ||W X||^2 times its number of weights. Bytes grow with the number of weights too,
+so the greedy ranks every upgrade by the relative error it cuts per extra bit per weight, the same way
+for Gemma-3-270M's k_proj [256, 640] as for its down_proj [640, 2048]. "relative" sums the relative errors as they are,
+which makes a small Linear's upgrade look many times cheaper a unit of error, and the greedy buys q/k/v
+first. "update" weighs the relative error by its sublayer's share of the residual stream (steps.UpdateShare:
+the mean over tokens of ||u||^2 / ||h + u||^2), which puts the budget into the first layers. All three come
+from the layer loop (no second pass).
+
+Measured side by side (BENCHMARKS.md, "mixed-weights" and "The size budget's weighting by weights"): on
+Gemma-3-270M, whose weights lie on no grid, "weights" spends +0.25 bits per weight on 4-bit at groups of 64
+and 32 nearly everywhere and cuts the perplexity delta and the KLD far more than "update", which lost even
+to every Linear at group size 64 (a smaller checkpoint). On SmolLM2, whose weights sit on a 4-bit grid with
+blocks of 32, finer groups buy little and "update"'s few 8-bit Linears do better. The default follows the
+model that is not on a grid, as users' models are not. An earlier "residual" weighting divided the absolute
+error by the stream's mean energy; it lost to relative on every budget, because a few tokens with massive
+activations (1e6 times the others' energy in SmolLM2 from layer 12 on) set that mean.
 """
 
 from __future__ import annotations
@@ -36,16 +42,16 @@ from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.pack import UNQUANTIZED, LinearFormat, linear_bytes
 from lowbit.quantize.settings import QuantizeSettings
 
-FINER_GROUP = 32  # the 4-bit candidate's group size when the base's is coarser
+FINER_GROUPS = (64, 32)  # the 4-bit candidates' group sizes where the base's is coarser (Marlin runs both)
 
 
 def candidate_formats(bits: int, group_size: int, n: int, k: int) -> list[LinearFormat]:
-    """The formats a Linear [N, K] may get, the base (the uniform setting) first: 4-bit at a finer group
+    """The formats a Linear [N, K] may get, the base (the uniform setting) first: 4-bit at each finer group
     size, 8-bit at the base group size, and unquantized. Only those that cost more than the base and
     that pack (whole 32-bit words, a group size dividing K); all inside what Marlin runs when the base is."""
     base = LinearFormat(bits, group_size)
-    finer = FINER_GROUP if group_size == -1 or group_size > FINER_GROUP else group_size
-    options = [base, LinearFormat(4, finer), LinearFormat(8, group_size), UNQUANTIZED]
+    finer = [LinearFormat(4, size) for size in FINER_GROUPS if group_size == -1 or group_size > size]
+    options = [base, *finer, LinearFormat(8, group_size), UNQUANTIZED]
     base_bytes = format_bytes(base, n, k, 2)
     chosen = [base]
     for fmt in options[1:]:
@@ -159,18 +165,22 @@ class LinearScore:
     errors: dict[LinearFormat, float]  # the base's and every quantized candidate's; unquantized is 0
 
 
-WEIGHTINGS = ("relative", "update")
-DEFAULT_WEIGHTING = "update"  # measured against relative: see the module docstring
+WEIGHTINGS = ("weights", "relative", "update")
+DEFAULT_WEIGHTING = "weights"  # measured against the other two: see the module docstring
 
 
-def error_weight(stats: dict, weighting: str) -> float:
+def error_weight(stats: dict, weighting: str, weights: int) -> float:
     """What one unit of a Linear's relative output error counts for in the total (see the module's docstring).
 
-    relative: 1, every Linear alike. update: its sublayer's share of the residual stream, which the layer
-    loop's stepwise passes measure (driver: _record_update_shares); a run without them (RTN, plain NF4, a
-    layer whose layout the steps do not describe) counts every Linear alike."""
+    weights: the Linear's number of weights (WEIGHTS), so that the greedy ranks each upgrade by the relative
+    error it cuts per extra bit per weight, whatever the Linear's size. relative: 1, every Linear alike.
+    update: its sublayer's share of the residual stream, which the layer loop's stepwise passes measure
+    (driver: _record_update_shares); a run without them (RTN, plain NF4, a layer whose layout the steps do
+    not describe) counts every Linear alike."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, not {weighting!r}")
+    if weighting == "weights":
+        return float(weights)
     if weighting == "relative":
         return 1.0
     return stats.get("update_share", 1.0)
@@ -200,7 +210,7 @@ def score_of(settings: QuantizeSettings, n: int, k: int, dense_bytes: int, stats
              weighting: str = DEFAULT_WEIGHTING) -> LinearScore:
     """A Linear's score from its entry in progress.json ("error", and "candidates": {tag: error} for the
     other quantized formats), each error weighted by error_weight."""
-    weight = error_weight(stats, weighting)
+    weight = error_weight(stats, weighting, n * k)
     formats = unit_formats(settings, n, k)
     errors = {formats[0]: weight * stats["error"], UNQUANTIZED: 0.0}
     for fmt in formats[1:]:

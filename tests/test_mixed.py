@@ -84,11 +84,14 @@ def test_a_budget_with_room_for_everything_leaves_no_error():
 
 
 def test_candidates_stay_on_marlin_formats_and_cost_more_than_the_base():
-    assert candidate_formats(4, 128, 4096, 4096) == [LinearFormat(4, 128), LinearFormat(4, 32), LinearFormat(8, 128),
-                                                     UNQUANTIZED]
-    assert candidate_formats(4, 32, 64, 64) == [LinearFormat(4, 32), LinearFormat(8, 32), UNQUANTIZED]
-    assert candidate_formats(4, -1, 64, 96) == [LinearFormat(4, -1), LinearFormat(4, 32), LinearFormat(8, -1),
+    assert candidate_formats(4, 128, 4096, 4096) == [LinearFormat(4, 128), LinearFormat(4, 64), LinearFormat(4, 32),
+                                                     LinearFormat(8, 128), UNQUANTIZED]
+    assert candidate_formats(4, 64, 64, 64) == [LinearFormat(4, 64), LinearFormat(4, 32), LinearFormat(8, 64),
                                                 UNQUANTIZED]
+    assert candidate_formats(4, 32, 64, 64) == [LinearFormat(4, 32), LinearFormat(8, 32), UNQUANTIZED]
+    assert candidate_formats(4, -1, 64, 128) == [LinearFormat(4, -1), LinearFormat(4, 64), LinearFormat(4, 32),
+                                                 LinearFormat(8, -1), UNQUANTIZED]
+    assert candidate_formats(4, -1, 64, 96)[1] == LinearFormat(4, 32)  # 64 does not divide K = 96
     assert LinearFormat(4, 32) not in candidate_formats(4, 128, 64, 128 + 16)[1:]  # 32 does not divide K
 
 
@@ -382,3 +385,32 @@ def test_a_budget_run_records_each_sublayers_share_and_the_update_weighting_scal
     assert all(update[f] == pytest.approx(stats["update_share"] * relative[f]) for f in relative)
     with pytest.raises(ValueError, match="weighting"):
         score_of(settings, 64, 64, 2, stats, "residual")
+
+
+# ---- the "weights" weighting (the default) ----
+
+def test_the_weights_weighting_ranks_upgrades_by_relative_error_cut_per_extra_bit_whatever_the_size():
+    """Two Linears with the same relative errors in every format, one 16x the other's size: under "relative"
+    the small one's upgrade is 16x cheaper a unit of error, so the greedy takes it first; under "weights" both
+    cut the same relative error per extra bit per weight, and the large one counts 16x."""
+    from lowbit.quantize.mixed import DEFAULT_WEIGHTING, score_of, unit_of
+
+    settings = QuantizeSettings(method="gptq", bits=4, group_size=128, target_bpw=5.0)
+    stats = {"error": 0.01, "candidates": {"4g64": 0.008, "4g32": 0.007, "8g128": 0.0005}, "update_share": 0.5}
+    shapes = {"small": (256, 256), "large": (1024, 1024)}
+    for weighting in ("relative", "weights"):
+        scores = {name: score_of(settings, n, k, 2, stats, weighting) for name, (n, k) in shapes.items()}
+        assert scores["small"].bytes.keys() == scores["large"].bytes.keys()
+        ratio = scores["large"].errors[LinearFormat(4, 128)] / scores["small"].errors[LinearFormat(4, 128)]
+        assert ratio == pytest.approx(16 if weighting == "weights" else 1)
+        units = [unit_of((name,), [score], LinearFormat(4, 128)) for name, score in scores.items()]
+        step = {u.modules[0]: (u.options[0].error - u.options[1].error) / (u.options[1].bytes - u.options[0].bytes)
+                for u in units}
+        if weighting == "weights":
+            assert step["large"] == pytest.approx(step["small"], rel=0.02)  # bytes scale with weights, up to rounding
+        else:
+            assert step["small"] > 10 * step["large"]
+    assert DEFAULT_WEIGHTING == "weights"
+    plain = score_of(settings, 256, 256, 2, stats, "relative").errors
+    weighted = score_of(settings, 256, 256, 2, stats, "weights").errors
+    assert all(weighted[f] == pytest.approx(256 * 256 * plain[f]) for f in plain)
