@@ -162,9 +162,9 @@ def score_model(name: str, args) -> dict:
             write_checkpoint(job, formats, folder, allow_split=True)
         folders[label] = folder
     scores = evaluate_variants(MODELS[name][0], folders, args)
+    base = LinearFormat(job.settings.bits, job.settings.group_size)
     for label, (formats, size) in chosen.items():
         manifest = json.loads((folders[label] / "lowbit_manifest.json").read_text())
-        base = LinearFormat(job.settings.bits, job.settings.group_size)
         counts = {tag: sum(1 for f in formats.values() if f != base and f.tag.startswith(tag))
                   for tag in ("8g", "4g64", "4g32", "16")}
         scores[label].update(bytes=size, bits_per_weight=manifest["bits_per_weight"], counts=counts)
@@ -245,8 +245,8 @@ def markdown(results: dict, args, command: str) -> str:
         f"{'' if args.no_scale_search else ', scale search'}{'' if args.no_awq_scales else ', AWQ input scales'}: "
         f"lowbit's defaults{' less what is named' if solver_tag(args) else ''}) scores "
         f"every Linear's candidates (4-bit at each finer group of 64 and 32, 8-bit, 16-bit) on c4 calibration, "
-        f"{args.nsamples} x {args.seqlen} tokens, seed 0{starts}; every row is assembled from those same kept candidates. Evaluation: lowbit's "
-        f"evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
+        f"{args.nsamples} x {args.seqlen} tokens, seed 0{starts}; every row is assembled from those same kept "
+        f"candidates. Evaluation: lowbit's evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
         f"KLD and same-top against the bf16 base. CPU, {torch.get_num_threads()} threads. 'ratio': the row's delta "
         f"(or KLD) over uniform 4-bit's. Budget rows: `--target-bpw`'s choice (quantize/mixed.py), errors weighted "
         f"as named. The llama.cpp rule promotes v_proj and down_proj in the layers its Q4_K_M `use_more_bits` "

@@ -17,9 +17,9 @@ error ||(W - Q) X||^2 / ||W X||^2 times its number of weights. Bytes grow with t
 so the greedy ranks every upgrade by the relative error it cuts per extra bit per weight, the same way
 for Gemma-3-270M's k_proj [256, 640] as for its down_proj [640, 2048]. "relative" sums the relative
 errors as they are, which makes a small Linear's upgrade look many times cheaper a unit of error, and
-the greedy buys q/k/v first. "update" weighs the relative error by its sublayer's share of the residual stream (steps.UpdateShare:
-the mean over tokens of ||u||^2 / ||h + u||^2), which puts the budget into the first layers. All three come
-from the layer loop (no second pass).
+the greedy buys q/k/v first. "update" weighs the relative error by its sublayer's share of the residual
+stream (steps.UpdateShare: the mean over tokens of ||u||^2 / ||h + u||^2), which puts the budget into the
+first layers. All three come from the layer loop (no second pass).
 
 Measured side by side (BENCHMARKS.md, "mixed-weights" and "The size budget's weighting by weights"): on
 Gemma-3-270M, whose weights lie on no grid, "weights" spends +0.25 bits per weight on 4-bit at groups of 64
