@@ -30,8 +30,8 @@ from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import LayerSaver, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
-from lowbit.quantize.solve import (HessianAccumulator, SolvedLinear, make_solver, relative_output_error,
-                                  solve_stacked, solved_together)
+from lowbit.quantize.solve import (TOKEN_SAMPLE_ROWS, HessianAccumulator, SolvedLinear, make_solver,
+                                  relative_output_error, solve_stacked, solved_together)
 from lowbit.quantize.steps import (UpdateShare, run_attention_residual, run_down_residual, run_layer_until,
                                   run_mlp_residual, steps_match_layer)
 from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, matmul_precision,
@@ -204,10 +204,13 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         names = [name for name in group if not settings.is_skipped(prefix + name)]
         owners = solvers.owners(names, order)
         mine = [name for name in names if owners[name] == ranks.rank]
+        sample = accumulator.sample() if mine else None  # under a size budget: per-token errors (mixed.py)
         hessian = group_hessian(accumulator, ranks, keep=bool(mine))
         index = arch.groups.index(group)
         scale = group_input_scale(scaling, layer, source_tensors, names, owners[names[0]] if names else 0, index,
                                   hessian, ranks)
+        if sample is not None and scale is not None:  # the input W s sees: x / s
+            sample = sample.div_(scale.cpu())
         solved_here = {}
         shapes = lambda names_: [tuple(layer.get_submodule(n).weight.shape) for n in names_]  # noqa: E731
         together = solved_together(shapes(mine), shapes(order), settings)
@@ -216,13 +219,13 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             shared = hessian if chunk[-1] == mine[-1] else hessian.clone()
             try:
                 solves = (_solve_together(layer, chunk, settings, source_tensors, shared, scale) if together else
-                          [_solve_linear(layer, chunk[0], solve, source_tensors, shared, True, scale)])
+                          [_solve_linear(layer, chunk[0], solve, source_tensors, shared, True, scale, sample)])
             except LowbitError as e:
                 raise type(e)(f"{prefix}{'+'.join(chunk)}: {e}") from None
             for name, (solved, stat) in zip(chunk, solves):
                 solved_here[name] = (without_dequantized(solved, layer.get_submodule(name).weight.data), stat)
             del shared, solves
-        del hessian
+        del hessian, sample
         for name, (solved, stat) in share_solves(layer, owners, solved_here, ranks):  # rank 0's part
             for key in ("weight", "bias"):
                 out.pop(f"{prefix}{name}.{key}", None)
@@ -232,9 +235,11 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         if scale is not None and ranks.primary:
             scaling.fold_everywhere(out, candidates, prefix, index, scale, settings.target_bpw is not None)
 
+    sample_rows = TOKEN_SAMPLE_ROWS if settings.target_bpw is not None else 0
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares)
+        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares,
+                          sample_rows)
         if shares is not None:
             _record_update_shares(stats, prefix, arch, shares, ranks)
         return out, stats, candidates
@@ -242,7 +247,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
     for batch in batches:
-        hessians = _collect_hessians(layer, batch, acts, device)
+        hessians = _collect_hessians(layer, batch, acts, device, sample_rows)
         for group, hessian in zip(batch, hessians):
             solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
@@ -264,7 +269,7 @@ def _record_update_shares(stats: dict, prefix: str, arch: Architecture, shares, 
 
 def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
                       keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None,
-                      shares: tuple[UpdateShare, UpdateShare] | None = None) -> None:
+                      shares: tuple[UpdateShare, UpdateShare] | None = None, sample_rows: int = 0) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -276,14 +281,15 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
        Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
        at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
     5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
-    shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare).
+    shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare);
+    sample_rows: how many input rows each group's Hessian keeps for per-token errors (solve.HessianAccumulator).
     """
     attention_share, mlp_share = shares or (None, None)
     attention_in, o_group, mlp_in, down_group = arch.groups
     module = layer.get_submodule
 
     def hessian_of(group) -> HessianAccumulator | None:
-        return HessianAccumulator(module(group[0]).in_features, device) if wanted(group) else None
+        return HessianAccumulator(module(group[0]).in_features, device, sample_rows) if wanted(group) else None
 
     hessian = hessian_of(attention_in)
     if hessian is not None:
@@ -340,9 +346,10 @@ def _sequential_steps(layer, arch: Architecture, acts: Activations, device, want
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False,
-                  scale=None) -> tuple[SolvedLinear, dict]:
+                  scale=None, sample=None) -> tuple[SolvedLinear, dict]:
     """Quantize one Linear and put its dequantized weight in the layer; returns (the solve, its stats).
     With input scales, W s is solved (the Hessian is the scaled input's) and the layer gets Q / s.
+    SAMPLE (input rows, under a size budget) gives the stats each format's per-token error.
 
     Under a size budget the layer goes on with the base format's weight: the activations that reach the
     next group and layer are the base's (quantize/mixed.py).
@@ -350,7 +357,7 @@ def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=F
     A function of its own so that the float32 weight and dequantized copies die with it.
     """
     weight = _weight_as_read(layer, name, source_tensors, scale)
-    solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian)
+    solved = solve(weight, hessian, source_tensors.get(name + ".bias"), consume_hessian, sample)
     return solved, _put_in_layer(layer, name, solved, weight, hessian, scale)
 
 
@@ -384,10 +391,11 @@ def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian, scale=None
     return stats
 
 
-def _collect_hessians(layer, groups, acts: Activations, device) -> list[HessianAccumulator]:
+def _collect_hessians(layer, groups, acts: Activations, device, sample_rows: int = 0) -> list[HessianAccumulator]:
     """One pass over the windows from the layer's start, stopped at the last group's input, with a
     Hessian per group."""
-    accumulators = [HessianAccumulator(layer.get_submodule(group[0]).in_features, device) for group in groups]
+    accumulators = [HessianAccumulator(layer.get_submodule(group[0]).in_features, device, sample_rows)
+                    for group in groups]
     hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x)) for group, acc in zip(groups, accumulators)}
     run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
     return accumulators

@@ -2,8 +2,14 @@
 
 Each Linear is solved once per candidate format inside the ordinary layer loop (solve.py asks
 `candidate_formats`; gptq.gptq_quantize_each sweeps them all against one factor of the Hessian), and
-each candidate's output error ||(W - Q) X||^2 / ||W X||^2 is kept with its tensors in the progress
-folder. Once every layer is scored, `choose` spends the budget over the whole model at once.
+each candidate's relative output error is kept with its tensors in the progress folder. Once every layer
+is scored, `choose` spends the budget over the whole model at once.
+
+The error is taken per token, ||(W - Q) x||^2 / ||W x||^2 averaged over the first 4096 calibration tokens
+that the group's Hessian sees (solve.relative_token_error, solve.TOKEN_SAMPLE_ROWS), not over all tokens at
+once: there a few tokens with massive activations set ||W X||^2 (SmolLM2's down_proj from layer 12 on), and
+an upgrade's score says little about the other tokens. Measured on both test models, the per-token
+choice beat the all-token one on delta and KLD at +0.25 bits per weight (BENCHMARKS.md, "token errors").
 
 The activations that move on to the next group and layer are those of the base format (the uniform
 setting): the scores of later Linears assume their inputs carry the base's error, which a richer choice
@@ -208,14 +214,19 @@ def linear_cost(settings: QuantizeSettings, fmt: LinearFormat, n: int, k: int, d
 
 def score_of(settings: QuantizeSettings, n: int, k: int, dense_bytes: int, stats: dict,
              weighting: str = DEFAULT_WEIGHTING) -> LinearScore:
-    """A Linear's score from its entry in progress.json ("error", and "candidates": {tag: error} for the
-    other quantized formats), each error weighted by error_weight."""
+    """A Linear's score from its entry in progress.json, each error weighted by error_weight: the per-token
+    errors ("token_errors": {tag: error}, the base's and every candidate's) where the loop measured them, else
+    the errors over all tokens at once ("error", and "candidates": {tag: error} for the other quantized formats:
+    a progress folder from before per-token errors)."""
     weight = error_weight(stats, weighting, n * k)
     formats = unit_formats(settings, n, k)
-    errors = {formats[0]: weight * stats["error"], UNQUANTIZED: 0.0}
+    measured = stats.get("token_errors")
+    if measured is None:
+        measured = {formats[0].tag: stats["error"], **stats.get("candidates", {})}
+    errors = {formats[0]: weight * measured[formats[0].tag], UNQUANTIZED: 0.0}
     for fmt in formats[1:]:
         if fmt.quantized:
-            errors[fmt] = weight * stats["candidates"][fmt.tag]
+            errors[fmt] = weight * measured[fmt.tag]
     return LinearScore({fmt: linear_cost(settings, fmt, n, k, dense_bytes) for fmt in errors}, errors)
 
 

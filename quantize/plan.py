@@ -25,7 +25,7 @@ from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_
 from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
-from lowbit.quantize.solve import solved_as
+from lowbit.quantize.solve import TOKEN_SAMPLE_ROWS, solved_as
 
 GiB = 2**30
 HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its peak on a hidden-64 model (CPU torch 2.13)
@@ -243,15 +243,19 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     down_inputs = down_inputs_kept(s.nsamples, s.seqlen, shape.groups[-1][0].in_features, c)
     kept_by_step = {1: {"o_proj inputs kept": o_inputs}, 2: {"o_proj inputs kept": o_inputs},
                     3: {"down_proj inputs kept": down_inputs} if down_inputs else {}}
+    sample_rows = min(s.nsamples * s.seqlen, TOKEN_SAMPLE_ROWS) if s.quantize.target_bpw is not None else 0
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
+        # a size budget's per-token errors: each group's first input rows, kept in host memory with its Hessian
+        sample = {"input rows kept for per-token errors": sum(sample_rows * g[0].in_features * FLOAT32 for g in batch)}
+        host_here = {**host, **(sample if sample_rows else {})}
         kept_here = kept_by_step.get(index, {}) if s.quantize.true_sequential else {}
         kept, kept_host = ({}, kept_here) if on_gpu else (kept_here, {})  # always in host memory
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
                             device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
                                     "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
-                            host={**host, **kept_host}))
+                            host={**host_here, **kept_host}))
         for group in batch:
             solves = solved_as(group, shape.linears, s.quantize)
             for linear in solves:
@@ -269,7 +273,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 solver = gptq_solver_bytes(linear, s.group_size, sweeps) if s.method == "gptq" else nf4_solver_bytes(linear)
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
-                                    host={**host, **(kept_host if index in (1, 3) else {})}))
+                                    host={**host_here, **(kept_host if index in (1, 3) else {})}))
                 if s.method != "gptq":
                     phases.append(Phase(f"check {linear.name}", device={**resident, "packed codes": linear.weights // 2},
                                         host={**host, f"error check of {linear.name}": nf4_check_bytes(linear, on_gpu)}))

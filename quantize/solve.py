@@ -13,7 +13,7 @@ import torch
 
 from lowbit.quantize.arch import Linear
 from lowbit.quantize.gptq import GPTQConfig, GPTQStats, gptq_quantize_each, gptq_quantize_stacked, rtn_quantize
-from lowbit.quantize.mixed import candidate_formats
+from lowbit.quantize.mixed import base_format, candidate_formats
 from lowbit.quantize.nf4 import BnbConfig, quantize_bnb
 from lowbit.quantize.pack import LinearFormat, pack_gptq_v1
 from lowbit.quantize.settings import Method, QuantizeSettings
@@ -30,15 +30,18 @@ class SolvedLinear:
 
 
 def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
-    """One function (weight, hessian or None, bias or None, consume_hessian) -> what to write, for the chosen method.
+    """One function (weight, hessian or None, bias or None, consume_hessian, sample) -> what to write, for the
+    chosen method.
 
     consume_hessian: the solver may work in the Hessian's buffer (one K x K matrix, not two); the caller
     must not use it afterwards. The stats then carry the output error, which needs H.
+    sample: input rows [T, K] (HessianAccumulator's sample, under a size budget); the stats then carry
+    "token_errors", each format's relative_token_error by tag (the base's and every candidate's).
     """
     if settings.gptq_format:
         config = GPTQConfig.from_settings(settings)
 
-        def solve_uniform(weight, hessian, bias, consume_hessian=False):
+        def solve_uniform(weight, hessian, bias, consume_hessian=False, sample=None):
             configs = [config]
             if settings.target_bpw is not None:
                 formats = candidate_formats(settings.bits, settings.group_size, *weight.shape)
@@ -51,19 +54,28 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
             (q, base_stats), others = results[0], results[1:]
             stats = {} if base_stats is None else _stats_of(base_stats)
             candidates = {}
+            dequantized = q.dequantize()
+            if sample is not None:
+                stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight, dequantized, sample)}
             for c, (cq, cstats) in zip(configs[1:], others):
-                error = cstats.error if cstats is not None else relative_output_error(weight, cq.dequantize(), hessian)
-                candidates[LinearFormat(c.bits, c.group_size)] = (pack_gptq_v1(cq, bias), error)
-            return SolvedLinear(pack_gptq_v1(q, bias), q.dequantize(), stats, candidates)
+                fmt, cdequantized = LinearFormat(c.bits, c.group_size), cq.dequantize()
+                error = cstats.error if cstats is not None else relative_output_error(weight, cdequantized, hessian)
+                candidates[fmt] = (pack_gptq_v1(cq, bias), error)
+                if sample is not None:
+                    stats["token_errors"][fmt.tag] = relative_token_error(weight, cdequantized, sample)
+                del cdequantized
+            return SolvedLinear(pack_gptq_v1(q, bias), dequantized, stats, candidates)
 
         return solve_uniform
 
     bnb = BnbConfig.from_settings(settings)
 
-    def solve_bnb(weight, hessian, bias, consume_hessian=False):
+    def solve_bnb(weight, hessian, bias, consume_hessian=False, sample=None):
         tensors, dequantized, stats = quantize_bnb(weight, bnb, hessian, consume_hessian)
         if bias is not None:
             tensors["bias"] = bias
+        if sample is not None:
+            stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight, dequantized, sample)}
         return SolvedLinear(tensors, dequantized, stats)
 
     return solve_bnb
@@ -117,6 +129,26 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessi
     return float(((d @ hessian) * d).sum() / ((w @ hessian) * w).sum().clamp_min(1e-30))
 
 
+def relative_token_error(weight: torch.Tensor, dequantized: torch.Tensor, sample: torch.Tensor,
+                         chunk_rows: int = 512) -> float:
+    """The mean over the sample's input rows x of ||(W - Q) x||^2 / ||W x||^2: each token's relative output error
+    counts alike, where relative_output_error's sum over all tokens at once is set by the few tokens with
+    massive activations (quantize/mixed.py). SAMPLE [T, K] may sit in host memory; it is moved to the
+    weight's device CHUNK_ROWS rows at a time."""
+    w = weight.float()
+    d = w - dequantized.to(w.device).float()
+    total = 0.0
+    for start in range(0, sample.shape[0], chunk_rows):
+        x = sample[start : start + chunk_rows].to(w.device).float()
+        error = (x @ d.T).square().sum(-1)
+        energy = (x @ w.T).square().sum(-1)
+        total += float((error / energy.clamp_min(1e-30)).sum())
+    return total / max(sample.shape[0], 1)
+
+
+TOKEN_SAMPLE_ROWS = 4096  # a size budget's per-token errors: 8 windows of 512 (BENCHMARKS.md, "token errors")
+
+
 class HessianAccumulator:
     """H = 2/n * sum(x^T x) over all input rows seen: a float32 sum, made the mean in its own buffer by `mean()`.
 
@@ -131,16 +163,26 @@ class HessianAccumulator:
     past the 32 GiB it must fit): not worth it.
     """
 
-    def __init__(self, columns: int, device: torch.device):
+    def __init__(self, columns: int, device: torch.device, sample_rows: int = 0):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.rows = 0
         self.bands = hessian_bands(columns)
+        self.sample_rows = sample_rows  # the first input rows seen are also kept, in host memory (sample())
+        self._sample: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
         x = x.float()
         for start, end in self.bands:
             self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+        wanted = self.sample_rows - self.rows
+        if wanted > 0:
+            self._sample.append(x[:wanted].to("cpu", copy=True))
         self.rows += x.shape[0]
+
+    def sample(self) -> torch.Tensor | None:
+        """The first sample_rows input rows (fewer where fewer were seen) [T, K], float32 on the host; None
+        without a sample."""
+        return torch.cat(self._sample) if self._sample else None
 
     def mean(self) -> torch.Tensor:
         """The float32 Hessian, in the sum's own buffer (the sum is gone after)."""

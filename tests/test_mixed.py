@@ -387,6 +387,76 @@ def test_a_budget_run_records_each_sublayers_share_and_the_update_weighting_scal
         score_of(settings, 64, 64, 2, stats, "residual")
 
 
+# ---- per-token errors ----
+
+def naive_token_error(weight, dequantized, rows) -> float:
+    ratios = [float(((weight - dequantized) @ x).square().sum() / (weight @ x).square().sum()) for x in rows]
+    return sum(ratios) / len(ratios)
+
+
+def test_a_per_token_error_counts_every_token_alike_where_a_massive_token_sets_the_all_token_error():
+    from lowbit.quantize.solve import relative_output_error, relative_token_error
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    dequantized = weight + 0.05 * torch.randn(32, 64)
+    rows = torch.randn(200, 64)
+    rows[0] *= 1e3  # a token with massive activations
+    token = relative_token_error(weight, dequantized, rows, chunk_rows=7)  # chunks that do not divide the rows
+    assert token == pytest.approx(naive_token_error(weight, dequantized, rows), rel=1e-4)
+    assert token == pytest.approx(relative_token_error(weight, dequantized, rows), rel=1e-6)
+    all_tokens = relative_output_error(weight, dequantized, rows.T @ rows)
+    massive_alone = naive_token_error(weight, dequantized, rows[:1])
+    assert all_tokens == pytest.approx(massive_alone, rel=0.01)  # one token of 200 sets it
+    assert token == pytest.approx(naive_token_error(weight, dequantized, rows[1:]), rel=0.05)
+
+
+def test_a_hessian_keeps_its_first_input_rows_as_its_sample_and_the_same_sum():
+    from lowbit.quantize.solve import HessianAccumulator
+
+    torch.manual_seed(0)
+    batches = [torch.randn(n, 48) for n in (30, 30, 30)]
+    sampled, plain = HessianAccumulator(48, torch.device("cpu"), 45), HessianAccumulator(48, torch.device("cpu"))
+    for x in batches:
+        sampled.add(x)
+        plain.add(x)
+        x.zero_()  # the hook's tensor is reused by the next window: the sample must be a copy
+    assert plain.sample() is None
+    assert torch.equal(sampled.mean(), plain.mean())
+    torch.manual_seed(0)
+    expected = torch.cat([torch.randn(n, 48) for n in (30, 30, 30)])[:45]
+    assert torch.equal(sampled.sample(), expected)
+
+
+def test_a_budget_run_scores_every_format_by_its_per_token_error_on_the_groups_first_rows(
+        tmp_path, calibration, monkeypatch):
+    from lowbit.quantize.mixed import score_of
+
+    seen = {}
+    solve_linear = driver._solve_linear
+
+    def record(layer, name, solve, source_tensors, hessian, consume_hessian=False, scale=None, sample=None):
+        seen[name] = (source_tensors[name + ".weight"].float().clone(), sample.clone())
+        return solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian, scale, sample)
+
+    monkeypatch.setattr(driver, "_solve_linear", record)
+    model = save_tiny_model(tmp_path / "tiny", "llama", layers=1, hidden=64, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    produced = quantize_mixed(model, out, calibration, 5.5, monkeypatch)
+    layers = json.loads((out / "lowbit_manifest.json").read_text())["layers"]
+    settings = QuantizeSettings(method="gptq", bits=4, group_size=64, target_bpw=5.5)
+    for module, formats in produced.items():
+        stats, (weight, sample) = layers[module], seen[module.split(".layers.0.", 1)[1]]
+        assert sample.shape[0] == 4 * 32  # every calibration token: fewer than the sample's 4096 rows
+        assert set(stats["token_errors"]) == {fmt.tag for fmt in formats}
+        for fmt, dequantized in formats.items():
+            assert stats["token_errors"][fmt.tag] == pytest.approx(
+                naive_token_error(weight, dequantized.float(), sample), rel=1e-3)
+        n, k = weight.shape
+        errors = score_of(settings, n, k, 2, stats, "relative").errors
+        assert all(errors[fmt] == stats["token_errors"][fmt.tag] for fmt in formats)
+
+
 # ---- the "weights" weighting (the default) ----
 
 def test_the_weights_weighting_ranks_upgrades_by_relative_error_cut_per_extra_bit_whatever_the_size():
