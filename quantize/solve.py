@@ -56,13 +56,15 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
             candidates = {}
             dequantized = q.dequantize()
             if sample is not None:
-                stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight, dequantized, sample)}
+                energy = token_energy(weight, sample)
+                stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight, dequantized, sample,
+                                                                                         energy)}
             for c, (cq, cstats) in zip(configs[1:], others):
                 fmt, cdequantized = LinearFormat(c.bits, c.group_size), cq.dequantize()
                 error = cstats.error if cstats is not None else relative_output_error(weight, cdequantized, hessian)
                 candidates[fmt] = (pack_gptq_v1(cq, bias), error)
                 if sample is not None:
-                    stats["token_errors"][fmt.tag] = relative_token_error(weight, cdequantized, sample)
+                    stats["token_errors"][fmt.tag] = relative_token_error(weight, cdequantized, sample, energy)
                 del cdequantized
             return SolvedLinear(pack_gptq_v1(q, bias), dequantized, stats, candidates)
 
@@ -130,20 +132,25 @@ def relative_output_error(weight: torch.Tensor, dequantized: torch.Tensor, hessi
 
 
 def relative_token_error(weight: torch.Tensor, dequantized: torch.Tensor, sample: torch.Tensor,
-                         chunk_rows: int = 512) -> float:
+                         energy: torch.Tensor | None = None, chunk_rows: int = 512) -> float:
     """The mean over the sample's input rows x of ||(W - Q) x||^2 / ||W x||^2: each token's relative output error
     counts alike, where relative_output_error's sum over all tokens at once is set by the few tokens with
     massive activations (quantize/mixed.py). SAMPLE [T, K] may sit in host memory; it is moved to the
-    weight's device CHUNK_ROWS rows at a time."""
+    weight's device CHUNK_ROWS rows at a time. ENERGY: token_energy(weight, sample), when several formats
+    of one weight are scored."""
     w = weight.float()
+    energy = token_energy(w, sample, chunk_rows) if energy is None else energy
     d = w - dequantized.to(w.device).float()
     total = 0.0
-    for start in range(0, sample.shape[0], chunk_rows):
-        x = sample[start : start + chunk_rows].to(w.device).float()
-        error = (x @ d.T).square().sum(-1)
-        energy = (x @ w.T).square().sum(-1)
-        total += float((error / energy.clamp_min(1e-30)).sum())
+    for x, e in zip(sample.split(chunk_rows), energy.split(chunk_rows)):
+        total += float(((x.to(w.device).float() @ d.T).square().sum(-1) / e.clamp_min(1e-30)).sum())
     return total / max(sample.shape[0], 1)
+
+
+def token_energy(weight: torch.Tensor, sample: torch.Tensor, chunk_rows: int = 512) -> torch.Tensor:
+    """||W x||^2 of every row x of SAMPLE [T, K], on the weight's device."""
+    w = weight.float()
+    return torch.cat([(x.to(w.device).float() @ w.T).square().sum(-1) for x in sample.split(chunk_rows)])
 
 
 TOKEN_SAMPLE_ROWS = 4096  # a size budget's per-token errors: 8 windows of 512 (BENCHMARKS.md, "token errors")
