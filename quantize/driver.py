@@ -394,8 +394,7 @@ def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian, scale=None
 def _collect_hessians(layer, groups, acts: Activations, device, sample_rows: int = 0) -> list[HessianAccumulator]:
     """One pass over the windows from the layer's start, stopped at the last group's input, with a
     Hessian per group."""
-    accumulators = [HessianAccumulator(layer.get_submodule(group[0]).in_features, device, sample_rows)
-                    for group in groups]
+    accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows) for g in groups]
     hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x)) for group, acc in zip(groups, accumulators)}
     run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
     return accumulators

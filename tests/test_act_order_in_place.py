@@ -32,8 +32,8 @@ def quantize_tiny(tmp_path, monkeypatch, **settings):
     def recording_solver(s):
         solve = make_solver(s)
 
-        def wrapped(weight, hessian, bias, consume_hessian=False):
-            solved = solve(weight, hessian, bias, consume_hessian)
+        def wrapped(weight, hessian, bias, consume_hessian=False, sample=None):
+            solved = solve(weight, hessian, bias, consume_hessian, sample)
             produced.append(solved.dequantized.clone())
             return solved
         return wrapped
