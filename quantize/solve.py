@@ -55,16 +55,17 @@ def make_solver(settings: QuantizeSettings) -> Callable[..., SolvedLinear]:
             stats = {} if base_stats is None else _stats_of(base_stats)
             candidates = {}
             dequantized = q.dequantize()
-            if sample is not None:
-                energy = token_energy(weight, sample)
-                stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight, dequantized, sample,
+            if sample is not None:  # one float32 copy of W (none where it is float32) for every format's error
+                weight32 = weight.float()
+                energy = token_energy(weight32, sample)
+                stats["token_errors"] = {base_format(settings).tag: relative_token_error(weight32, dequantized, sample,
                                                                                          energy)}
             for c, (cq, cstats) in zip(configs[1:], others):
                 fmt, cdequantized = LinearFormat(c.bits, c.group_size), cq.dequantize()
                 error = cstats.error if cstats is not None else relative_output_error(weight, cdequantized, hessian)
                 candidates[fmt] = (pack_gptq_v1(cq, bias), error)
                 if sample is not None:
-                    stats["token_errors"][fmt.tag] = relative_token_error(weight, cdequantized, sample, energy)
+                    stats["token_errors"][fmt.tag] = relative_token_error(weight32, cdequantized, sample, energy)
                 del cdequantized
             return SolvedLinear(pack_gptq_v1(q, bias), dequantized, stats, candidates)
 
