@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
 from lowbit.quantize.arch import Linear, ModelShape
-from lowbit.quantize.nf4 import BLOCKSIZE as BNB_BLOCKSIZE, linear_bytes as bnb_linear_bytes
+from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
+from lowbit.quantize.plan_solver import (FLOAT32, error_check_bytes, gptq_solver_bytes, nf4_check_bytes,
+                                          nf4_solver_bytes, pack_bytes)
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, Method, QuantizeSettings, uses_activations
 from lowbit.quantize.solve import TOKEN_SAMPLE_ROWS, solved_as
 
@@ -32,8 +33,6 @@ HOST_BASELINE = int(0.56 * GiB)  # the `lowbit quantize` process itself: its pea
 HOST_CUDA_RUNTIME = 1 * GiB  # CUDA libraries mapped into the process (an estimate, not measured here)
 CUDA_CONTEXT = int(0.5 * GiB)  # on the card, outside torch's allocated bytes
 ALLOCATOR_SLACK = 0.10  # reserved over allocated in torch's caching allocator
-FLOAT32 = 4
-PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (int64 temporaries)
 
 
 @dataclass(frozen=True)
@@ -103,66 +102,6 @@ def linear_output_bytes(linear: Linear, s: PlanSettings) -> int:
 
 
 # ---- what one step holds ----
-
-def gptq_solver_bytes(linear: Linear, group_size: int = 128, sweeps: int = 1) -> int:
-    """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian:
-    the Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
-    K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
-    place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
-    codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
-    sweeps > 1 (a size budget, gptq._sweep_stacked): W's rows stacked per format, codes and block errors per format.
-    """
-    nk = linear.weights * FLOAT32
-    solving = nk + (sweeps * nk if sweeps > 1 else 0) + sweeps * linear.weights + max(
-        2 * sweeps * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear), scale_search_bytes(linear, group_size))
-    packing = linear.weights + _pack_bytes(linear)
-    dequantize = linear.weights + nk + _row_chunk_bytes(linear)
-    return max(solving, packing, dequantize)
-
-
-def nf4_solver_bytes(linear: Linear) -> int:
-    """quantize/nf4.py's calibrated sweep for one Linear, beside its Hessian: bitsandbytes' packed codes,
-    W in float32, the codes and the factorisation's panels (the Hessian is factored in its own buffer)."""
-    nk = linear.weights * FLOAT32
-    return linear.weights // 2 + nk + linear.weights + max(_factor_panel_bytes(linear), _row_chunk_bytes(linear),
-                                                           scale_search_bytes(linear, BNB_BLOCKSIZE, temporaries=4))
-
-
-def scale_search_bytes(linear: Linear, group_size: int, temporaries: int = 1) -> int:
-    """grid.searched_grid_params: one float32 [candidates, rows, group] temporary, worked in place, its rows
-    chunked to at most SEARCH_CHUNK values; nf4.searched_absmax about four (its int32 buckets, which
-    indexing widens to int64, and the values looked up)."""
-    group = linear.in_features if group_size == -1 else group_size
-    return temporaries * FLOAT32 * min(len(CLIP_RATIOS) * linear.out_features * group, SEARCH_CHUNK)
-
-
-def _factor_panel_bytes(linear: Linear) -> int:
-    """hessian_factor's temporaries: a [K, 256] panel, its solved copy and a [256, K] product."""
-    return 3 * linear.in_features * 256 * FLOAT32
-
-
-def _row_chunk_bytes(linear: Linear) -> int:
-    """Dequantizing or measuring the error 512 rows at a time: about three [512, K] float32 temporaries."""
-    return 3 * min(512, linear.out_features) * linear.in_features * FLOAT32
-
-
-def nf4_check_bytes(linear: Linear, on_gpu: bool) -> int:
-    """quantize_bnb's error check, in host memory: the dequantized weight, the error and its square,
-    and on a GPU a host copy of the weight."""
-    return (4 if on_gpu else 3) * linear.weights * FLOAT32
-
-
-def error_check_bytes(linear: Linear) -> int:
-    """driver.relative_output_error without a Hessian: a float32 weight, the full difference (sliced to
-    512 rows after it is made) and the square of the slice."""
-    return 2 * linear.weights * FLOAT32 + linear.weights * FLOAT32 * min(1.0, 512 / linear.out_features)
-
-
-def _pack_bytes(linear: Linear) -> int:
-    """pack_rows' temporaries for one chunk of codes: two int64 copies and the int64 words."""
-    chunk = min(linear.weights, PACK_CHUNK_VALUES)
-    return 2 * 8 * chunk + chunk
-
 
 def forward_bytes(shape: ModelShape, seqlen: int, c: int, upto: tuple[Linear, ...] | None = None) -> int:
     """Intermediates of one window through one decoder layer, sdpa attention (no [S, S] matrix).
@@ -270,7 +209,9 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 resident = {**layer, **acts_device, **quantized, **candidates, **hessians, **weight_copy,
                             **hessian_copy, **(kept if index in (1, 3) else {})}
                 sweeps = len(swept_formats(s.quantize, linear.out_features, linear.in_features))
-                solver = gptq_solver_bytes(linear, s.group_size, sweeps) if s.method == "gptq" else nf4_solver_bytes(linear)
+                budget = s.quantize.target_bpw is not None
+                solver = (gptq_solver_bytes(linear, s.group_size, sweeps, c == FLOAT32) if s.method == "gptq" else
+                          nf4_solver_bytes(linear, budget, c == FLOAT32))
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
                                     host={**host_here, **(kept_host if index in (1, 3) else {})}))
@@ -304,7 +245,7 @@ def _weights_only_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
         nk = linear.weights
         as_read = {"weight as read": nk * src, **({} if src == FLOAT32 else {"weight in float32": nk * FLOAT32})}
         if s.method == "rtn":
-            solver = max(2 * nk * FLOAT32, nk + _pack_bytes(linear), 17 * nk)
+            solver = max(2 * nk * FLOAT32, nk + pack_bytes(linear), 17 * nk)
         else:
             solver = nk // 2 + 3 * nk * FLOAT32
         # the previous Linear's result (its float32 dequantized weight) lives until this one's is returned
@@ -356,7 +297,7 @@ def eval_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     largest = max(shape.linears, key=lambda linear: linear.weights)
     # the loader dequantizes every Linear of the layer to float32, one at a time (unpack, then dequantize)
     dense_layer = shape.layer_params * FLOAT32
-    dequantize = 17 * largest.weights + _pack_bytes(largest)
+    dequantize = 17 * largest.weights + pack_bytes(largest)
     layer_device = {} if on_cpu and c == FLOAT32 else {"decoder layer (compute dtype)": shape.layer_params * c}
     head = shape.embedding_params * FLOAT32
     chunk = 5 * s.eval_chunk * shape.vocab * FLOAT32 + s.eval_chunk * h * FLOAT32  # log-probs of both models, KLD terms

@@ -181,7 +181,7 @@ def test_evaluator_offloads_exactly_when_the_plan_says_it_would_not_fit(monkeypa
 # ---- against the engine ----
 
 def test_chunked_packing_equals_packing_at_once(monkeypatch):
-    from lowbit.quantize import pack, plan as memory_model
+    from lowbit.quantize import pack, plan_solver as memory_model
 
     assert memory_model.PACK_CHUNK_VALUES == pack.CHUNK_VALUES  # the plan counts the temporaries of one chunk
     codes = torch.randint(0, 8, (64, 37), dtype=torch.int32)
