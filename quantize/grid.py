@@ -7,9 +7,9 @@ the grid a loader reconstructs.
 
 Scale search (searched_grid_params): instead of the range of a row, try the range
 shrunk by each of CLIP_RATIOS and keep, per row, the candidate whose rounding error
-weighted by the importance of each column is least (RTN and NF4: the Hessian diagonal,
-the mean squared activation of that input; GPTQ: what its sweep charges for an error in
-that column, see gptq.py). Ratio 1.0 is a candidate, and it is exactly
+weighted by the importance of each column is least (the Hessian diagonal, the mean
+squared activation of that input; see gptq.py for the other weights it can take).
+Each error counts as |error|**SEARCH_NORM. Ratio 1.0 is a candidate, and it is exactly
 grid_params, so the search never does worse on the error it minimises.
 """
 
@@ -28,6 +28,12 @@ CLIP_RATIOS = tuple(1.0 - 0.025 * i for i in range(21))
 # the CPU's cache (a 2048 x 640 Linear's search: 2**24 values 2.1x the time of 2**20; the five temporaries
 # it once made at 2**24, 13x)
 SEARCH_CHUNK = 2**20
+# The search's error is sum_k importance[k] * |w - q|**SEARCH_NORM. A cube charges one clipped outlier more
+# than many small rounding errors, so it clips less than the square. Against the square it took Gemma-3-270M
+# 3g64 from 43.36 to 40.03 and 4g128 from 27.30 to 27.24, SmolLM2 3g64 from 48.58 to 48.36, and lost on
+# SmolLM2 4g64 (33.57 against 33.29), whose weights sit on a 4-bit grid; 4 did better at 3 bits alone
+# (BENCHMARKS.md, "search-norm"). llm-compressor's imatrix_mse observer uses 3 as well.
+SEARCH_NORM = 3.0
 
 
 def grid_params(w: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:
@@ -47,7 +53,7 @@ def searched_grid_params(w: Tensor, importance: Tensor, bits: int, sym: bool,
                          ratios: tuple[float, ...] = CLIP_RATIOS) -> tuple[Tensor, Tensor]:
     """grid_params with the range of each row of w [N, G] shrunk by the best of ratios.
 
-    Best: least sum over columns of importance[k] * (w[n, k] - dequantized[n, k])**2,
+    Best: least sum over columns of importance[k] * |w[n, k] - dequantized[n, k]|**SEARCH_NORM,
     importance [G] >= 0. All rows and candidates at once, in chunks of rows.
     """
     w = w.to(torch.float32).contiguous()  # the sweep's weights are column-major; the search runs along rows
@@ -66,11 +72,12 @@ def searched_grid_params(w: Tensor, importance: Tensor, bits: int, sym: bool,
 
 
 def weighted_rounding_error(w: Tensor, scale: Tensor, zero: Tensor, bits: int, importance: Tensor) -> Tensor:
-    """sum_k importance[k] * (w[n, k] - RTN(w)[n, k])**2 for each grid: w [N, G], scale and zero [..., N] -> [..., N]."""
+    """sum_k importance[k] * |w[n, k] - RTN(w)[n, k]|**SEARCH_NORM for each grid: w [N, G], scale and zero
+    [..., N] -> [..., N]."""
     s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
     # one temporary, worked in place: codes, then their value, then the error (the search's time is this)
     error = torch.div(w, s).round_().add_(z).clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(w)
-    return error.square_() @ importance
+    return error.abs_().pow_(SEARCH_NORM) @ importance
 
 
 def _candidate_params(w: Tensor, bits: int, sym: bool, ratios: Tensor) -> tuple[Tensor, Tensor]:
