@@ -120,10 +120,10 @@ def speed_rows(results: dict) -> list[str]:
                 if not (ok(a) and ok(b)):
                     continue
                 qa, qb = a["quantize"], b["quantize"]
-                mark = " (reused)" if a.get("reused") or b.get("reused") else ""
+                mark_a, mark_b = (" (reused)" if cell.get("reused") else "" for cell in (a, b))
                 lines.append(
-                    f"| {model} | {config} | {ours}{mark} | {qa['seconds']:.0f} | {qa['cpu_seconds']:.0f} | "
-                    f"{gib(qa['peak_rss_bytes'])} | {theirs} | {qb['seconds']:.0f} | {qb['cpu_seconds']:.0f} | "
+                    f"| {model} | {config} | {ours}{mark_a} | {qa['seconds']:.0f} | {qa['cpu_seconds']:.0f} | "
+                    f"{gib(qa['peak_rss_bytes'])} | {theirs}{mark_b} | {qb['seconds']:.0f} | {qb['cpu_seconds']:.0f} | "
                     f"{b['peer_run']['oneshot_seconds']:.0f} | {gib(qb['peak_rss_bytes'])} | "
                     f"{qa['seconds'] / qb['seconds']:.2f} | {qa['cpu_seconds'] / qb['cpu_seconds']:.2f} | "
                     f"{qa['peak_rss_bytes'] / qb['peak_rss_bytes']:.2f} |")
