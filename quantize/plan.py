@@ -155,6 +155,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
         return _weights_only_phases(shape, s)
     c, src, h = s.c, shape.source_bytes, shape.hidden
     on_gpu = s.device != "cpu"
+    budget = s.quantize.target_bpw is not None  # a size budget: per-token errors on sample rows in every solve
     acts = s.nsamples * s.seqlen * h * c
     acts_device = {} if s.offload else {"calibration activations": acts}
     acts_host = {"calibration activations (offloaded)": acts} if s.offload else {}
@@ -182,7 +183,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     down_inputs = down_inputs_kept(s.nsamples, s.seqlen, shape.groups[-1][0].in_features, c)
     kept_by_step = {1: {"o_proj inputs kept": o_inputs}, 2: {"o_proj inputs kept": o_inputs},
                     3: {"down_proj inputs kept": down_inputs} if down_inputs else {}}
-    sample_rows = min(s.nsamples * s.seqlen, TOKEN_SAMPLE_ROWS) if s.quantize.target_bpw is not None else 0
+    sample_rows = min(s.nsamples * s.seqlen, TOKEN_SAMPLE_ROWS) if budget else 0
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
         # a size budget's per-token errors: each group's first input rows, kept in host memory with its Hessian
@@ -209,9 +210,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                 resident = {**layer, **acts_device, **quantized, **candidates, **hessians, **weight_copy,
                             **hessian_copy, **(kept if index in (1, 3) else {})}
                 sweeps = len(swept_formats(s.quantize, linear.out_features, linear.in_features))
-                budget = s.quantize.target_bpw is not None
-                solver = (gptq_solver_bytes(linear, s.group_size, sweeps, c == FLOAT32) if s.method == "gptq" else
-                          nf4_solver_bytes(linear, budget, c == FLOAT32))
+                solver = (gptq_solver_bytes(linear, s.group_size, sweeps, budget, c == FLOAT32) if s.method == "gptq"
+                          else nf4_solver_bytes(linear, budget, c == FLOAT32))
                 phases.append(Phase(f"solve {linear.name}",
                                     device={**resident, f"solver temporaries of {linear.name}": solver},
                                     host={**host_here, **(kept_host if index in (1, 3) else {})}))

@@ -11,22 +11,23 @@ FLOAT32 = 4
 PACK_CHUNK_VALUES = 2**22  # quantize/pack.py packs this many codes at a time (int64 temporaries)
 
 
-def gptq_solver_bytes(linear: Linear, group_size: int = 128, sweeps: int = 1, weight_in_float32: bool = True) -> int:
+def gptq_solver_bytes(linear: Linear, group_size: int = 128, sweeps: int = 1, budget: bool = False,
+                      weight_in_float32: bool = True) -> int:
     """The solver's own peak for one Linear (quantize/gptq.py, then pack and dequantize), beside its Hessian:
     the Hessian is damped, factored and inverted in its own buffer (quantize/hessian_factor.py), so no
     K x K term: the factorisation holds a few [K, 256] panels. While solving: W in float32 (permuted in
     place with act-order), the codes (NK bytes) and one block's errors, or the panels. Once W is gone: the
     codes and packing, or the codes and dequantize (the float32 result and one chunk of rows' temporaries).
-    sweeps > 1 (a size budget, gptq._sweep_stacked): W's rows stacked per format, codes and block errors per
-    format; then the per-token errors (token_error_bytes), beside every format's codes, the base's dequantized
-    weight and one candidate's.
+    sweeps > 1 (a size budget's other formats, gptq._sweep_stacked): W's rows stacked per format, codes and block
+    errors per format. budget: then the per-token errors (token_error_bytes), beside every format's codes, the
+    base's dequantized weight and one candidate's (none where the base is the only format swept).
     """
     nk = linear.weights * FLOAT32
     solving = nk + (sweeps * nk if sweeps > 1 else 0) + sweeps * linear.weights + max(
         2 * sweeps * linear.out_features * 128 * FLOAT32, _factor_panel_bytes(linear), scale_search_bytes(linear, group_size))
     packing = linear.weights + pack_bytes(linear)
     dequantize = linear.weights + nk + _row_chunk_bytes(linear)
-    tokens = sweeps * linear.weights + 2 * nk + token_error_bytes(linear, weight_in_float32) if sweeps > 1 else 0
+    tokens = sweeps * linear.weights + min(sweeps, 2) * nk + token_error_bytes(linear, weight_in_float32) if budget else 0
     return max(solving, packing, dequantize, tokens)
 
 
