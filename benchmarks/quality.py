@@ -359,11 +359,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def prepare(args) -> None:
+    """What a grid run needs besides its arguments: the source revision, llm-compressor's venv, the cache."""
     args.revision = code_hash()
     args.llmc_python = ensure_llmc_venv(args.venv) if any(m in PEER_CONFIGS for m in args.methods) else None
     args.cache.mkdir(parents=True, exist_ok=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    prepare(args)
     started = time.time()
     results = grid(args)
     if args.dry_run:
