@@ -111,7 +111,7 @@ def git_commit() -> str:
 
 
 def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group_size: int, true_sequential: bool,
-                awq_scales: bool = True) -> dict:
+                awq_scales: bool = True, fast_matmul: bool = True) -> dict:
     import torch
 
     from lowbit.calibration.windows import CalibrationConfig
@@ -120,7 +120,7 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
     clock = PhaseClock()
     wrapped = install(clock)
     settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, true_sequential=true_sequential,
-                                awq_scales=awq_scales)
+                                awq_scales=awq_scales, fast_matmul=fast_matmul)
     config = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as work:
@@ -130,7 +130,7 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
     clock.wall["other"] = wall - sum(clock.wall.values())
     clock.cpu["other"] = cpu - sum(clock.cpu.values())
     return {"model": model.name, "nsamples": nsamples, "seqlen": seqlen, "group_size": group_size,
-            "true_sequential": true_sequential, "awq_scales": awq_scales, "calibration": calibration, "commit": git_commit(),
+            "true_sequential": true_sequential, "awq_scales": awq_scales, "fast_matmul": fast_matmul, "calibration": calibration, "commit": git_commit(),
             "torch_threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "phases": {name: {"wall_s": round(clock.wall[name], 2), "cpu_s": round(clock.cpu[name], 2),
@@ -209,6 +209,7 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=None, help="default: 64 for SmolLM2, 128 for Phi-4")
     parser.add_argument("--no-true-sequential", action="store_true")
     parser.add_argument("--no-awq-scales", action="store_true")
+    parser.add_argument("--exact-matmul", action="store_true", help="float32 products throughout, as lowbit's flag")
     parser.add_argument("--label", default="run")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--report", type=Path, nargs="+", help="render these result files as BENCHMARKS.md's section")
@@ -226,7 +227,7 @@ def main() -> None:
         model = first_layers(model, args.layers, args.work)
     group_size = args.group_size or (128 if args.phi4_layer else 64)
     result = profile_run(model, args.calibration, args.nsamples, args.seqlen, group_size, not args.no_true_sequential,
-                         not args.no_awq_scales)
+                         not args.no_awq_scales, not args.exact_matmul)
     result["label"] = args.label
     result["command"] = "python benchmarks/phases.py " + " ".join(sys.argv[1:])
     for name, p in sorted(result["phases"].items(), key=lambda kv: -kv[1]["cpu_s"]):
