@@ -47,7 +47,8 @@ def solved_job(name: str, args):
     folder, group_size = MODELS[name]
     settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, target_bpw=SCORING_TARGET,
                                 scale_search=not args.no_scale_search, awq_scales=not args.no_awq_scales)
-    calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen, bos=not args.no_bos)
+    calibration = CalibrationConfig(source="c4", nsamples=args.nsamples, seqlen=args.seqlen, bos=not args.no_bos,
+                                    seed=args.calibration_seed)
     out = args.out / name / f"candidates-{run_stem(folder, args)}"
     started = time.time()
     job = open_job(str(folder), out, settings, calibration, RunOptions(device="cpu", force=True),
@@ -173,7 +174,8 @@ def score_model(name: str, args) -> dict:
 
 def solver_tag(args) -> str:
     """What in the solver's settings differs from lowbit's defaults, for the cache's file names."""
-    return ("-noss" if args.no_scale_search else "") + ("-noawq" if args.no_awq_scales else "")
+    return (("-noss" if args.no_scale_search else "") + ("-noawq" if args.no_awq_scales else "")
+            + (f"-seed{args.calibration_seed}" if args.calibration_seed else ""))
 
 
 def run_stem(folder: Path, args) -> str:
@@ -245,7 +247,7 @@ def markdown(results: dict, args, command: str) -> str:
         f"{'' if args.no_scale_search else ', scale search'}{'' if args.no_awq_scales else ', AWQ input scales'}: "
         f"lowbit's defaults{' less what is named' if solver_tag(args) else ''}) scores "
         f"every Linear's candidates (4-bit at each finer group of 64 and 32, 8-bit, 16-bit) on c4 calibration, "
-        f"{args.nsamples} x {args.seqlen} tokens, seed 0{starts}; every row is assembled from those same kept "
+        f"{args.nsamples} x {args.seqlen} tokens, seed {args.calibration_seed}{starts}; every row is assembled from those same kept "
         f"candidates. Evaluation: lowbit's evaluator, wikitext-2 test, {args.eval_windows} windows x {args.eval_seqlen} tokens, the same for every row; "
         f"KLD and same-top against the bf16 base. CPU, {torch.get_num_threads()} threads. 'ratio': the row's delta "
         f"(or KLD) over uniform 4-bit's. Budget rows: `--target-bpw`'s choice (quantize/mixed.py), errors weighted "
@@ -287,6 +289,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,gemma3")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--calibration-seed", type=int, default=0, help="which calibration sample the solve draws")
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--eval-seqlen", type=int, default=512)
     parser.add_argument("--weightings", default=",".join(WEIGHTINGS), help="how the budget rows weigh errors")
