@@ -130,7 +130,8 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
     clock.wall["other"] = wall - sum(clock.wall.values())
     clock.cpu["other"] = cpu - sum(clock.cpu.values())
     return {"model": model.name, "nsamples": nsamples, "seqlen": seqlen, "group_size": group_size,
-            "true_sequential": true_sequential, "awq_scales": awq_scales, "fast_matmul": fast_matmul, "calibration": calibration, "commit": git_commit(),
+            "true_sequential": true_sequential, "awq_scales": awq_scales, "fast_matmul": fast_matmul,
+            "calibration": calibration, "commit": git_commit(),
             "torch_threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in load_before],
             "load_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
             "phases": {name: {"wall_s": round(clock.wall[name], 2), "cpu_s": round(clock.cpu[name], 2),

@@ -27,9 +27,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks import quality  # noqa: E402
 from benchmarks.markdown import replace_section  # noqa: E402
 from benchmarks.peer_llmcompressor import PEER_BEST_CANDIDATES  # noqa: E402
-from benchmarks.quality_report import LABELS  # noqa: E402
-
-TARGETS = {"4": (0.7, 0.9), "3": (0.6, None)}  # lowbit's default delta over llm-compressor's default, and its best
+from benchmarks.quality_report import LABELS, TARGETS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -43,13 +41,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def deltas_by_seed(seeds: list[int], grid_argv: list[str]) -> tuple[dict, argparse.Namespace]:
-    """{model: {config: {method: {seed: delta}}}} and the grid's arguments (the first seed's)."""
+    """{model: {config: {method: {seed: delta}}}} and the grid's arguments. One source revision for every seed:
+    the grid is prepared once, then run with each seed in turn."""
     table: dict = {}
-    first = None
+    args = quality.parse_args([*grid_argv, "--no-write"])
+    quality.prepare(args)
     for seed in seeds:
-        args = quality.parse_args([*grid_argv, "--calibration-seed", str(seed), "--no-write"])
-        quality.prepare(args)
-        first = first or args
+        args.calibration_seed = seed
         for model, per_model in quality.grid(args).items():
             base = per_model.get("base", {}).get("ppl")
             for config, cells in per_model.items():
@@ -59,7 +57,7 @@ def deltas_by_seed(seeds: list[int], grid_argv: list[str]) -> tuple[dict, argpar
                     if "ppl" in result:
                         table.setdefault(model, {}).setdefault(config, {}).setdefault(method, {})[seed] = (
                             result["ppl"] - base)
-    return table, first
+    return table, args
 
 
 def mean(values: dict[int, float]) -> float:
