@@ -71,6 +71,8 @@ LOWBIT_METHODS = {
     "gptq-no-ss": (["--method", "gptq", "--no-scale-search"], True, True),
     "gptq-dynamic": (["--method", "gptq", "--no-static-groups"], True, True),  # search on error-updated weights
     "gptq-no-ao": (["--method", "gptq", "--no-act-order"], True, True),
+    "gptq-fp": (["--method", "gptq", "--fp-targets"], True, True),  # fit towards the unquantized outputs at any bits
+    "gptq-no-fp": (["--method", "gptq", "?--no-fp-targets"], True, True),  # each Linear fit to its own inputs only
     "gptq-exact": (["--method", "gptq", "--exact-matmul"], True, True),  # the defaults in full float32 matmuls
     "gptq-bf16": (["--method", "gptq", "--dtype", "bfloat16"], True, True),  # the layers in a GPU's compute dtype
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),

@@ -18,6 +18,8 @@ LABELS = {
     "gptq-dynamic": "GPTQ, lowbit's defaults with groups in sweep order (--no-static-groups: desc_act true)",
     "gptq-no-ao": "GPTQ, lowbit's defaults without act-order (--no-act-order)",
     "gptq-exact": "GPTQ, lowbit's defaults in full float32 matmuls (--exact-matmul)",
+    "gptq-fp": "GPTQ, lowbit's defaults + fit towards the unquantized outputs (--fp-targets)",
+    "gptq-no-fp": "GPTQ, lowbit's defaults, each Linear fit to its own inputs only (--no-fp-targets)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
     "llmc-mse": "llm-compressor GPTQ, mse observer", "llmc-imatrix": "llm-compressor GPTQ, imatrix_mse observer",

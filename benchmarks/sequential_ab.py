@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 from benchmarks.markdown import replace_section  # noqa: E402
 from benchmarks.phases import C4, SMOLLM2, first_layers  # noqa: E402
 from lowbit.calibration.windows import CalibrationConfig  # noqa: E402
-from lowbit.quantize import driver  # noqa: E402
+from lowbit.quantize import driver, steps  # noqa: E402
 from lowbit.quantize.settings import QuantizeSettings  # noqa: E402
 
 PASSES = ("run_layer_until", "run_attention_residual", "run_mlp_residual", "run_down_residual")
@@ -40,7 +40,7 @@ def timed_passes(clock: dict):
     from torch.utils.flop_counter import FlopCounterMode
 
     for name in PASSES:
-        real = getattr(driver, name)
+        real = getattr(steps, name)
 
         def timed(*args, real=real, **kwargs):
             counter = FlopCounterMode(display=False)
@@ -52,7 +52,7 @@ def timed_passes(clock: dict):
                 clock["passes"] += time.process_time() - started
                 clock["flops"] += counter.get_total_flops()
 
-        setattr(driver, name, timed)
+        setattr(steps, name, timed)
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 
 from lowbit.console import (bad_option, handle_errors, print_json, progress_bar, progress_callback,
                             quiet_third_parties, state, stderr, stdout)
+from lowbit.errors import GateFailed, UsageError
 from lowbit.network import hub_token
 from lowbit.quantize.settings import GPTQ_FORMAT_METHODS, InvalidSetting, Method, QuantizeSettings
 from lowbit.redact import redact
@@ -56,6 +57,7 @@ def quantize(
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
     awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on at 4 and 8 bits wherever there is calibration)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    fp_targets: Optional[bool] = typer.Option(None, "--fp-targets/--no-fp-targets", help="gptq, calibrated nf4/fp4: fit each Linear towards the unquantized model's outputs too (GPTAQ), making up part of the error of the layers before it; about 1.6x the time and more host memory (default: on for gptq below 4 bits)."),
     fast_matmul: bool = typer.Option(True, "--fast-matmul/--exact-matmul", help="Calibration passes and Hessian sums in float32 with bfloat16 operands (the solver is always exact); --exact-matmul for full float32."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
@@ -95,8 +97,8 @@ def quantize(
     try:
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
-                                    true_sequential=true_sequential, double_quant=double_quant, skip=skip,
-                                    target_bpw=target_bpw, awq_scales=awq_scales, fast_matmul=fast_matmul)
+                                    true_sequential=true_sequential, fp_targets=fp_targets, double_quant=double_quant,
+                                    skip=skip, target_bpw=target_bpw, awq_scales=awq_scales, fast_matmul=fast_matmul)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration
@@ -215,7 +217,6 @@ def eval_command(
     revision = None
     if base is None:
         from lowbit.evals.evaluate import default_base
-        from lowbit.errors import UsageError
 
         if not is_lowbit:
             raise UsageError(f"{quantized} has no {MANIFEST} to name its base model: pass --base MODEL "
@@ -248,8 +249,6 @@ def eval_command(
     if warning:
         stderr.print("[yellow bold]warning:[/] the evaluation text overlaps the calibration data: the delta flatters the model")
     if failures:
-        from lowbit.errors import GateFailed
-
         raise GateFailed("gate failed: " + "; ".join(failures))
 
 
@@ -301,7 +300,6 @@ def run_command(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Quantize -> eval (with gates) -> push, as RECIPE says; a re-run skips unchanged stages. Exit 1 when a gate fails."""
-    from lowbit.errors import GateFailed
     from lowbit.recipe import run_recipe, summary_lines
 
     hub_token()  # registers HF_TOKEN, so that no output shows it
@@ -335,6 +333,7 @@ def plan(
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
     offload: bool = typer.Option(False, "--offload", help="Calibration activations in host memory."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
+    fp_targets: Optional[bool] = typer.Option(None, "--fp-targets/--no-fp-targets", help="As lowbit quantize takes it."),
     eval_windows: int = typer.Option(40, help="Evaluation windows (lowbit eval --max-windows)."),
     eval_seqlen: int = typer.Option(2048, help="Tokens per evaluation window."),
     eval_chunk: int = typer.Option(512, help="Positions projected through the head at once (lowbit eval --chunk-tokens)."),
@@ -345,7 +344,6 @@ def plan(
     json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
 ) -> None:
     """Predict peak GPU and host memory of quantizing and evaluating MODEL; exit 1 when it does not fit."""
-    from lowbit.errors import GateFailed, UsageError
     from lowbit.plan_view import render
     from lowbit.quantize.checkpoint import read_config
     from lowbit.quantize.fit import plan as make_plan
@@ -360,7 +358,8 @@ def plan(
             raise UsageError(f"{name}: not a size: {text!r} (e.g. 16GiB, 24GB)") from None
     try:
         quantize_settings = QuantizeSettings(method=method, bits=bits, group_size=group_size,
-                                             true_sequential=true_sequential, target_bpw=target_bpw)
+                                             true_sequential=true_sequential, target_bpw=target_bpw,
+                                             fp_targets=fp_targets)
     except InvalidSetting as e:
         raise bad_option(e) from None
     settings = PlanSettings(quantize=quantize_settings, calibrated=method == Method.GPTQ or calibrated,

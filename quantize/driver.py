@@ -25,6 +25,7 @@ from lowbit.quantize.assemble import assemble
 from lowbit.quantize.distributed import SINGLE, Ranks, joined, rank_device
 from lowbit.quantize.job import ProgressFn, QuantizeJob, RunOptions, cleanup_on_bad_input, open_job
 from lowbit.quantize.fit import should_offload
+from lowbit.quantize.fp_targets import FullPrecisionStream, fit_to_fp_targets
 from lowbit.quantize.input_scales import InputScaling, group_input_scale
 from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import LayerSaver, read_activations, save_layer
@@ -32,8 +33,7 @@ from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
 from lowbit.quantize.solve import (TOKEN_SAMPLE_ROWS, HessianAccumulator, SolvedLinear, make_solver,
                                   relative_output_error, solve_stacked, solved_together)
-from lowbit.quantize.steps import (UpdateShare, run_attention_residual, run_down_residual, run_layer_until,
-                                  run_mlp_residual, steps_match_layer)
+from lowbit.quantize.steps import UpdateShare, collect_hessians, sequential_steps, steps_match_layer
 from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, matmul_precision,
                                    pick_device, release_free_heap, run_layer)
 from lowbit.quantize.writer import output_lock, publish_folder
@@ -145,6 +145,10 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
+    fp_stream = None
+    if settings.fp_targets:  # the unquantized model's hidden states, alongside
+        fp_stream = FullPrecisionStream(acts.hidden if start == 0 else read_activations(
+            progress_dir / f"fp-activations-{start:05d}.safetensors", block), start)
     del embed
     steps, scaling = None, InputScaling.of(arch, config, settings)
     with (matmul_precision(settings.fast_matmul),
@@ -154,19 +158,27 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
                                                    prefetch=reader.prefetch_prefix):
             if steps is None:  # once a run, as rank 0 finds (its first window is the first of all)
                 steps = tuple(ranks.from_primary(_stepwise_possible(layer, arch, settings, acts, device)))
+            if fp_stream is not None:  # before any of the layer's weights is quantized
+                fp_stream.run_layer(layer, arch.groups, acts, device)
             out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve,
                                                      source_tensors, acts, device, *steps, Solvers(ranks, i),
-                                                     before_update=saver.wait, scaling=scaling)
+                                                     before_update=saver.wait, scaling=scaling,
+                                                     targets=fp_stream.inputs if fp_stream is not None else {})
+            if fp_stream is not None:
+                fp_stream.release_inputs()
+            fp_hidden = fp_stream.hidden if fp_stream is not None else None
             if ranks.primary:
-                saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count)
-            else:
+                saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count, fp_hidden)
+            else:  # in the order rank 0 saves them (progress.save_layer_state)
+                if fp_hidden is not None:
+                    ranks.send_to_primary(fp_hidden)
                 ranks.send_to_primary(acts.hidden)
             del out, candidates
 
 
 def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, acts: Activations,
                        device) -> tuple[bool, bool]:
-    """(Whether true-sequential can take the stepwise passes (_sequential_steps), whether they keep down_proj's
+    """(Whether true-sequential can take the stepwise passes (steps.sequential_steps), whether they keep down_proj's
     inputs): the architecture's layout is described, computing a layer from its steps gives what its forward
     gives, and down_proj's inputs are small enough to keep (plan.down_inputs_kept)."""
     if not settings.true_sequential or arch.norms is None or len(arch.groups) != 4:
@@ -184,12 +196,14 @@ def _stepwise_possible(layer, arch: Architecture, settings: QuantizeSettings, ac
 
 def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, device, stepwise: bool = False,
                     keep_down_inputs: bool = False, solvers: Solvers = Solvers(),
-                    before_update: Callable[[], None] = lambda: None, scaling: InputScaling | None = None):
+                    before_update: Callable[[], None] = lambda: None, scaling: InputScaling | None = None,
+                    targets: dict[int, torch.Tensor] | None = None):
     """Quantize the Linears of one loaded decoder layer, group by group, and move the activations on
     to the next layer (the quantized layer's outputs). Returns (tensors to write, stats, the tensors of
     each other candidate format under a size budget, by format tag); under torchrun complete on rank 0.
     BEFORE_UPDATE runs before the first write to the activations (the last layer's save may still read them).
-    SCALING: AWQ's input scales, searched for each group and folded into its producer's tensors."""
+    SCALING: AWQ's input scales, searched for each group and folded into its producer's tensors.
+    TARGETS: the unquantized model's inputs of group g's Linears, where each is fit to them (fp_targets.py)."""
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -205,7 +219,10 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
         owners = solvers.owners(names, order)
         mine = [name for name in names if owners[name] == ranks.rank]
         sample = accumulator.sample() if mine else None  # under a size budget: per-token errors (mixed.py)
-        hessian = group_hessian(accumulator, ranks, keep=bool(mine))
+        hessian, cross = group_hessian(accumulator, ranks, keep=bool(mine))
+        if cross is not None:
+            fit_to_fp_targets(layer, names, source_tensors, hessian, cross, settings.damp)
+        del cross
         index = arch.groups.index(group)
         scale = group_input_scale(scaling, layer, source_tensors, names, owners[names[0]] if names else 0, index,
                                   hessian, ranks)
@@ -238,8 +255,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     sample_rows = TOKEN_SAMPLE_ROWS if settings.target_bpw is not None else 0
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
-        _sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares,
-                          sample_rows)
+        sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares,
+                          sample_rows, targets or {})
         if shares is not None:
             _record_update_shares(stats, prefix, arch, shares, ranks)
         return out, stats, candidates
@@ -247,7 +264,8 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     # true sequential: each group's Hessian is measured with the earlier groups already quantized
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
     for batch in batches:
-        hessians = _collect_hessians(layer, batch, acts, device, sample_rows)
+        hessians = collect_hessians(layer, batch, acts, device, sample_rows,
+                                     [(targets or {}).get(arch.groups.index(g)) for g in batch])
         for group, hessian in zip(batch, hessians):
             solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass
@@ -265,84 +283,6 @@ def _record_update_shares(stats: dict, prefix: str, arch: Architecture, shares, 
         for name in (n for group in groups for n in group):
             if prefix + name in stats:
                 stats[prefix + name]["update_share"] = value
-
-
-def _sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
-                      keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None,
-                      shares: tuple[UpdateShare, UpdateShare] | None = None, sample_rows: int = 0) -> None:
-    """True-sequential at the cost of about one pass over the windows: each step starts from what the
-    step before kept, with the groups before it already quantized.
-
-    1. q/k/v: from the normed layer input (the pass stops there).
-    2. o_proj: one pass through attention, keeping o_proj's input for every window.
-    3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
-       attention, which replaces the layer input in place; the MLP's input comes from it.
-    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time.
-       Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
-       at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
-    5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
-    shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare);
-    sample_rows: how many input rows each group's Hessian keeps for per-token errors (solve.HessianAccumulator).
-    """
-    attention_share, mlp_share = shares or (None, None)
-    attention_in, o_group, mlp_in, down_group = arch.groups
-    module = layer.get_submodule
-
-    def hessian_of(group) -> HessianAccumulator | None:
-        return HessianAccumulator(module(group[0]).in_features, device, sample_rows) if wanted(group) else None
-
-    hessian = hessian_of(attention_in)
-    if hessian is not None:
-        run_layer_until(layer, acts, device, stop_at=module(attention_in[0]),
-                        on_input={module(attention_in[0]): lambda i, x: hessian.add(x)})
-        solve_group(attention_in, hessian)
-    del hessian  # each K x K Hessian is gone before the next is made
-
-    o_proj = module(o_group[0])
-    kept = acts.input_buffer(o_proj.in_features)
-    hessian = hessian_of(o_group)
-
-    def keep(i, x):
-        kept[i] = x.to(kept.device)
-        if hessian is not None:
-            hessian.add(x)
-
-    run_layer_until(layer, acts, device, stop_at=o_proj, on_input={o_proj: keep})
-    if hessian is not None:
-        solve_group(o_group, hessian)
-    del hessian, keep
-
-    hessian = hessian_of(mlp_in)
-    before_update()  # steps 1 and 2 only read the layer input; step 3 replaces it
-    run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
-                           on_mlp_input=(lambda i, x: hessian.add(x)) if hessian is not None else (lambda i, x: None),
-                           share=attention_share)
-    del kept
-    if not keep_down_inputs:  # the room kept o_proj's inputs; the MLP's steps do not need it
-        acts.release_buffer()
-    if hessian is not None:
-        solve_group(mlp_in, hessian)
-    del hessian
-
-    down = module(down_group[0])
-    hessian = hessian_of(down_group)
-    if hessian is None:  # down_proj skipped: the layer's second half as it is
-        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
-        return
-    kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
-
-    def measure(i, x):
-        hessian.add(x)
-        if kept is not None:
-            kept[i] = x.to(kept.device)
-
-    run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
-    solve_group(down_group, hessian)
-    del hessian, measure
-    if kept is not None:
-        run_down_residual(layer, arch.norms, acts, down, kept, device, share=mlp_share)
-    else:
-        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
 
 
 def _solve_linear(layer, name, solve, source_tensors, hessian, consume_hessian=False,
@@ -389,12 +329,3 @@ def _put_in_layer(layer, name, solved: SolvedLinear, weight, hessian, scale=None
     if "error" not in stats:  # the solver left H untouched (RTN; NF4 where K is no multiple of its block size)
         stats["error"] = relative_output_error(weight, solved.dequantized, hessian)
     return stats
-
-
-def _collect_hessians(layer, groups, acts: Activations, device, sample_rows: int = 0) -> list[HessianAccumulator]:
-    """One pass over the windows from the layer's start, stopped at the last group's input, with a
-    Hessian per group."""
-    accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows) for g in groups]
-    hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x)) for group, acc in zip(groups, accumulators)}
-    run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
-    return accumulators

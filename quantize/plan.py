@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lowbit.quantize.arch import Linear, ModelShape
+from lowbit.quantize.fp_targets import fp_inputs_bytes
 from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
@@ -73,6 +74,10 @@ class PlanSettings:
     @property
     def uses_activations(self) -> bool:
         return uses_activations(self.method, self.calibrated)
+
+    @property
+    def fp_targets(self) -> bool:
+        return self.uses_activations and bool(self.quantize.resolved(self.calibrated).fp_targets)
 
 
 @dataclass
@@ -161,6 +166,10 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     acts_host = {"calibration activations (offloaded)": acts} if s.offload else {}
     window = {"one window copied to the device": s.seqlen * h * c} if s.offload else {}
     host = {"decoder layer as read": shape.layer_params * src, **acts_host}
+    if s.fp_targets:  # fp_targets.FullPrecisionStream: the unquantized hidden states, in two buffers
+        host["unquantized hidden states"] = 2 * acts
+    fp_inputs = {"unquantized inputs kept": sum(fp_inputs_bytes(s.nsamples, s.seqlen, g[0].in_features, c)
+                                                for g in shape.groups)} if s.fp_targets else {}
     shares_source = not on_gpu and c == src  # load_weights keeps the tensors as read
     layer = {} if shares_source else {"decoder layer (compute dtype)": shape.layer_params * c}
     packed = _packed_layer_bytes(shape, s)
@@ -176,6 +185,12 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                     device={**({} if shares_source else {"embedding (compute dtype)": shape.embedding_params * c}),
                             **acts_device, "one window's embeddings": 2 * s.seqlen * h * c},
                     host={"embedding as read": shape.embedding_params * src, **acts_host})]
+    if s.fp_targets:
+        host_fp = {**host, **fp_inputs}
+        phases.append(Phase("run the layer unquantized", host=host_fp,
+                            device={**layer, **acts_device, **quantized,
+                                    "one window's intermediates": forward_bytes(shape, s.seqlen, c)}))
+        host = host_fp  # until the layer is done
     batches = [[g] for g in shape.groups] if s.quantize.true_sequential else [list(shape.groups)]
     # true sequential keeps o_proj's input of every window from the attention pass to the residual pass,
     # and down_proj's from its Hessian pass to the layer's outputs where that is small
@@ -186,6 +201,9 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     sample_rows = min(s.nsamples * s.seqlen, TOKEN_SAMPLE_ROWS) if budget else 0
     for index, batch in enumerate(batches):
         hessians = {"Hessians": sum(g[0].in_features ** 2 * FLOAT32 for g in batch)}
+        fitted = [g for g in batch if s.fp_targets and fp_inputs_bytes(s.nsamples, s.seqlen, g[0].in_features, c)]
+        if fitted:  # HessianAccumulator's cross sums, and one window's unquantized inputs copied for them
+            hessians["cross sums"] = sum(g[0].in_features ** 2 * FLOAT32 for g in fitted)
         # a size budget's per-token errors: each group's first input rows, kept in host memory with its Hessian
         sample = {"input rows kept for per-token errors": sum(sample_rows * g[0].in_features * FLOAT32 for g in batch)}
         host_here = {**host, **(sample if sample_rows else {})}
@@ -194,9 +212,18 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
         phases.append(Phase(f"Hessian pass up to {batch[-1][-1].name}",
                             device={**layer, **acts_device, **window, **quantized, **hessians, **kept,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c, batch[-1]),
-                                    "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)},
+                                    "Hessian update": max(_hook_bytes(g[0], s.seqlen, c) for g in batch)
+                                    + max((s.seqlen * g[0].in_features * FLOAT32 for g in fitted), default=0)},
                             host={**host_here, **kept_host}))
         for group in batch:
+            if group in fitted:  # fp_targets.fit_to_fp_targets: a damped factor of H, then W* Linear by Linear
+                widest = max(group, key=lambda linear: linear.weights)
+                phases.append(Phase(f"fit {group[0].name} towards the unquantized outputs", host=host_here,
+                                    device={**layer, **acts_device, **quantized, **candidates, **hessians,
+                                            **(kept if index in (1, 3) else {}),
+                                            "factor of the damped Hessian": group[0].in_features ** 2 * FLOAT32,
+                                            f"W* of {widest.name} and its temporaries": 4 * widest.weights * FLOAT32}))
+                hessians = {k: v for k, v in hessians.items() if k != "cross sums"}  # spent by the fit
             solves = solved_as(group, shape.linears, s.quantize)
             for linear in solves:
                 # the GPTQ solver's float32 W is among its temporaries; quantize_bnb's error check makes another
@@ -224,6 +251,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
                         host={**host, **kept_host}))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
+    host = {k: v for k, v in host.items() if k not in fp_inputs}  # released with the layer
     phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized,
                         **candidates}, host={**host, **copy, "quantized Linears copied to the host": packed + kept_candidates}))
     phases.append(_writer_phase(shape, s))

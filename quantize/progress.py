@@ -110,19 +110,22 @@ def save_layer_tensors(progress_dir: Path, index: int, tensors: dict[str, torch.
 
 
 def save_layer_state(progress_dir: Path, index: int, progress: dict, layer_stats: dict, acts: Activations | None,
-                     ranks: Ranks = SINGLE, windows: int = 0) -> None:
-    """The hidden states leaving the layer, then progress.json: from here a resumed run starts after it."""
-    if acts is not None:
-        tmp = progress_dir / f"activations-{index + 1:05d}.safetensors.tmp"
-        hidden = acts.hidden
+                     ranks: Ranks = SINGLE, windows: int = 0, fp_hidden: torch.Tensor | None = None) -> None:
+    """The hidden states leaving the layer (and the unquantized model's, FP_HIDDEN, where fp_targets.py runs
+    them), then progress.json: from here a resumed run starts after it."""
+    saved = [("activations", acts.hidden)] if acts is not None else []
+    if fp_hidden is not None:
+        saved.insert(0, ("fp-activations", fp_hidden))
+    for stem, hidden in saved:
+        tmp = progress_dir / f"{stem}-{index + 1:05d}.safetensors.tmp"
         count = windows or hidden.shape[0]
         write_in_blocks(tmp, "hidden", ranks.blocks_on_primary(hidden, count), hidden.dtype, (count, *hidden.shape[1:]))
-        tmp.replace(progress_dir / f"activations-{index + 1:05d}.safetensors")
+        tmp.replace(progress_dir / f"{stem}-{index + 1:05d}.safetensors")
     progress["layers_done"] = index + 1
     progress["layers"].update(layer_stats)
     write_json(progress_dir / "progress.json", progress)
-    old = progress_dir / f"activations-{index:05d}.safetensors"
-    old.unlink(missing_ok=True)
+    for stem, _ in saved:
+        (progress_dir / f"{stem}-{index:05d}.safetensors").unlink(missing_ok=True)
 
 
 class LayerSaver:
@@ -138,10 +141,11 @@ class LayerSaver:
         self.pending: Future | None = None
 
     def save(self, progress_dir: Path, index: int, tensors: dict[str, torch.Tensor], progress: dict,
-             layer_stats: dict, acts: Activations, candidates=None, ranks: Ranks = SINGLE, windows: int = 0) -> None:
+             layer_stats: dict, acts: Activations, candidates=None, ranks: Ranks = SINGLE, windows: int = 0,
+             fp_hidden: torch.Tensor | None = None) -> None:
         self.wait()
         save_layer_tensors(progress_dir, index, tensors, candidates)
-        state = (progress_dir, index, progress, layer_stats, acts, ranks, windows)
+        state = (progress_dir, index, progress, layer_stats, acts, ranks, windows, fp_hidden)
         if self.pool is None:
             save_layer_state(*state)
         else:

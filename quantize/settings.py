@@ -128,6 +128,11 @@ class QuantizeSettings:
     awq_scales: bool | None = None
     damp: float = 0.01
     true_sequential: bool = True
+    # each Linear fit towards the unquantized model's outputs as well as its own quantized inputs (GPTAQ:
+    # quantize/fp_targets.py), for the Hessian-based methods (gptq, calibrated nf4/fp4). None: GPTQ below
+    # 4 bits, where it cut the perplexity delta by a quarter to a third on both test models; at 4 bits it
+    # moved it by about the noise of a calibration sample, for ~1.6x the time (BENCHMARKS.md, "fp-targets")
+    fp_targets: bool | None = None
     # float32 window passes and Hessian sums with bfloat16 operands where the hardware has such a path (oneDNN
     # on AMX/AVX512-BF16 CPUs; TF32 on GPUs), the solver exact: 3-5x faster products on an AMX CPU, quality
     # within noise; elsewhere the same bits (BENCHMARKS.md, "fast-matmul")
@@ -146,6 +151,8 @@ class QuantizeSettings:
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
         if self.awq_scales and not self.awq_scales_apply:
             raise InvalidSetting("awq_scales", "applies to the GPTQ format (gptq, rtn) only")
+        if self.fp_targets and self.method == Method.RTN:
+            raise InvalidSetting("fp_targets", "applies to gptq and calibrated nf4/fp4, not to rtn")
         if self.target_bpw is not None and self.skip is not None:
             raise InvalidSetting("skip", "cannot be combined with target_bpw, which chooses the 16-bit modules itself")
         if self.skip is not None:
@@ -169,14 +176,16 @@ class QuantizeSettings:
         return uses_activations(self.method, has_calibration)
 
     def resolved(self, has_calibration: bool) -> QuantizeSettings:
-        """The settings as the run applies them: no scale search where there is no Hessian to weigh it, and
-        input scales only where awq_scales says they apply."""
+        """The settings as the run applies them: no scale search where there is no Hessian to weigh it, input
+        scales only where awq_scales says they apply, and fp targets only where there are calibration windows."""
         resolved = self
         if self.scale_search and not self.calibrated(has_calibration):
             resolved = replace(resolved, scale_search=False)
         wanted = self.awq_scales if self.awq_scales is not None else self.bits >= 4
         applies = wanted and self.awq_scales_apply and resolved.calibrated(has_calibration)
-        return replace(resolved, awq_scales=applies)
+        wanted = self.fp_targets if self.fp_targets is not None else self.method == Method.GPTQ and self.bits < 4
+        fp_targets = wanted and resolved.calibrated(has_calibration)
+        return replace(resolved, awq_scales=applies, fp_targets=fp_targets)
 
     @property
     def awq_scales_apply(self) -> bool:

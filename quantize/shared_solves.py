@@ -30,14 +30,18 @@ class Solvers:
         return {name: self.ranks.owner(self.layer, order.index(name)) for name in names}
 
 
-def group_hessian(accumulator: HessianAccumulator, ranks: Ranks, keep: bool) -> torch.Tensor | None:
+def group_hessian(accumulator: HessianAccumulator, ranks: Ranks,
+                  keep: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The group's float32 Hessian over every rank's windows (their partial sums added in rank order) where
-    KEEP (a Linear of the group is solved here); None elsewhere. The accumulator is spent."""
+    KEEP (a Linear of the group is solved here), and its cross sum with the unquantized inputs (None without
+    them); (None, None) elsewhere. The accumulator is spent."""
     total = ranks.sum_rows(accumulator.sum, keep)
+    cross = ranks.sum_rows(accumulator.cross, keep) if accumulator.cross is not None else None
     accumulator.rows = ranks.sum_count(accumulator.rows, "summing Hessians")
     hessian = accumulator.mean() if total is not None else None
-    accumulator.sum = None
-    return hessian
+    cross = accumulator.cross_mean() if cross is not None else None
+    accumulator.sum = accumulator.cross = None
+    return hessian, cross
 
 
 def share_solves(layer: nn.Module, owners: dict[str, int], solved_here: dict[str, Solve],

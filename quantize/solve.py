@@ -171,17 +171,26 @@ class HessianAccumulator:
     past the 32 GiB it must fit): not worth it.
     """
 
-    def __init__(self, columns: int, device: torch.device, sample_rows: int = 0):
+    def __init__(self, columns: int, device: torch.device, sample_rows: int = 0, targets: torch.Tensor | None = None):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.rows = 0
         self.bands = hessian_bands(columns)
         self.sample_rows = sample_rows  # the first input rows seen are also kept, in host memory (sample())
         self._sample: list[torch.Tensor] = []
+        # the unquantized model's inputs of every window [windows, seqlen, K] (fp_targets.py): with them the
+        # cross sum (x - x~)^T x~ is kept too, a full K x K (it is not symmetric)
+        self.targets = targets
+        self.cross = None if targets is None else torch.zeros(columns, columns, dtype=torch.float32, device=device)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, window: int = 0) -> None:
+        """Add one window's inputs x [tokens, K] (window: its index, which pairs it with its targets)."""
         x = x.float()
         for start, end in self.bands:
             self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+        if self.cross is not None:
+            target = self.targets[window].to(x.device, torch.float32, copy=True).reshape(x.shape)
+            self.cross.addmm_(target.sub_(x).T, x)
+            del target
         wanted = self.sample_rows - self.rows
         if wanted > 0:
             self._sample.append(x[:wanted].to("cpu", copy=True))
@@ -198,6 +207,11 @@ class HessianAccumulator:
         for start, end in self.bands:  # the lower triangle from the upper, one band's columns at a time
             mean[end:, start:end].copy_(mean[start:end, end:].T)
         return mean.mul_(2 / self.rows)
+
+    def cross_mean(self) -> torch.Tensor | None:
+        """2/n * sum((x - x~)^T x~), on the Hessian's scale, in the cross sum's own buffer; None without targets."""
+        cross, self.cross = self.cross, None
+        return None if cross is None else cross.mul_(2 / self.rows)
 
 
 HESSIAN_BAND = 256  # measured on the CPU (576-2048 columns): wider bands save fewer products, narrower make small GEMMs

@@ -1,4 +1,5 @@
-"""True-sequential's stepwise passes through one decoder layer (quantize/driver.py: _sequential_steps).
+"""True-sequential's stepwise passes through one decoder layer (sequential_steps), and the plain pass that
+collects several groups' Hessians at once (collect_hessians).
 
 Each step starts from what the step before kept: a pass stopped at a module's input, attention's
 residual from o_proj's kept inputs, the MLP from the residual stream after attention, the layer's
@@ -13,7 +14,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from lowbit.quantize.arch import LayerNorms
+from lowbit.quantize.arch import Architecture, LayerNorms
+from lowbit.quantize.solve import HessianAccumulator
 from lowbit.quantize.stream import Activations
 
 
@@ -168,3 +170,97 @@ def steps_match_layer(layer: nn.Module, norms: LayerNorms, o_proj: nn.Module, ac
     one.hidden, one.depth = after_attention, acts.depth
     run_down_residual(layer, norms, one, down, kept["down"][None], device)
     return close(one.hidden)
+
+
+def sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
+                      keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None,
+                      shares: tuple[UpdateShare, UpdateShare] | None = None, sample_rows: int = 0,
+                      targets: dict[int, torch.Tensor] | None = None) -> None:
+    """True-sequential at the cost of about one pass over the windows: each step starts from what the
+    step before kept, with the groups before it already quantized.
+
+    1. q/k/v: from the normed layer input (the pass stops there).
+    2. o_proj: one pass through attention, keeping o_proj's input for every window.
+    3. gate/up: o_proj (now quantized) applied to the kept inputs gives the residual stream after
+       attention, which replaces the layer input in place; the MLP's input comes from it.
+    4. down_proj: the MLP from that residual stream, up to down_proj's input, one window at a time.
+       Its input is kept for every window where that is small (keep_down_inputs, plan.down_inputs_kept);
+       at Phi-4's width it would be 9.4 GB at 128 x 2048, and is not.
+    5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
+    shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare);
+    sample_rows: how many input rows each group's Hessian keeps for per-token errors (solve.HessianAccumulator);
+    targets: the unquantized inputs of group g, paired with the quantized ones window by window.
+    """
+    attention_share, mlp_share = shares or (None, None)
+    attention_in, o_group, mlp_in, down_group = arch.groups
+    module = layer.get_submodule
+
+    def hessian_of(group) -> HessianAccumulator | None:
+        if not wanted(group):
+            return None
+        return HessianAccumulator(module(group[0]).in_features, device, sample_rows,
+                                  (targets or {}).get(arch.groups.index(group)))
+
+    hessian = hessian_of(attention_in)
+    if hessian is not None:
+        run_layer_until(layer, acts, device, stop_at=module(attention_in[0]),
+                        on_input={module(attention_in[0]): lambda i, x: hessian.add(x, i)})
+        solve_group(attention_in, hessian)
+    del hessian  # each K x K Hessian is gone before the next is made
+
+    o_proj = module(o_group[0])
+    kept = acts.input_buffer(o_proj.in_features)
+    hessian = hessian_of(o_group)
+
+    def keep(i, x):
+        kept[i] = x.to(kept.device)
+        if hessian is not None:
+            hessian.add(x, i)
+
+    run_layer_until(layer, acts, device, stop_at=o_proj, on_input={o_proj: keep})
+    if hessian is not None:
+        solve_group(o_group, hessian)
+    del hessian, keep
+
+    hessian = hessian_of(mlp_in)
+    before_update()  # steps 1 and 2 only read the layer input; step 3 replaces it
+    run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
+                           on_mlp_input=(lambda i, x: hessian.add(x, i)) if hessian is not None else (lambda i, x: None),
+                           share=attention_share)
+    del kept
+    if not keep_down_inputs:  # the room kept o_proj's inputs; the MLP's steps do not need it
+        acts.release_buffer()
+    if hessian is not None:
+        solve_group(mlp_in, hessian)
+    del hessian
+
+    down = module(down_group[0])
+    hessian = hessian_of(down_group)
+    if hessian is None:  # down_proj skipped: the layer's second half as it is
+        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
+        return
+    kept = acts.input_buffer(down.in_features) if keep_down_inputs else None
+
+    def measure(i, x):
+        hessian.add(x, i)
+        if kept is not None:
+            kept[i] = x.to(kept.device)
+
+    run_mlp_residual(layer, arch.norms, acts, device, stop_at=down, on_input={down: measure})
+    solve_group(down_group, hessian)
+    del hessian, measure
+    if kept is not None:
+        run_down_residual(layer, arch.norms, acts, down, kept, device, share=mlp_share)
+    else:
+        run_mlp_residual(layer, arch.norms, acts, device, share=mlp_share)
+
+
+def collect_hessians(layer, groups, acts: Activations, device, sample_rows: int = 0,
+                      targets: list[torch.Tensor | None] | None = None) -> list[HessianAccumulator]:
+    """One pass over the windows from the layer's start, stopped at the last group's input, with a
+    Hessian per group (paired with the group's unquantized inputs where TARGETS has them)."""
+    accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows, target)
+                    for g, target in zip(groups, targets or [None] * len(groups))]
+    hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x, i)) for group, acc in zip(groups, accumulators)}
+    run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
+    return accumulators

@@ -66,8 +66,9 @@ def quantize_args(work) -> list[str]:
     # (99 % and more on the Zen 4 this was first measured on). The rest of the path is the same.
     # No AWQ input scales either, for the same reason: each group's alpha is a discrete choice on that Hessian
     # (16 % of the codes moved when one flipped on this model). Their broadcast between ranks is not run here.
+    # --fp-targets: each rank pairs its own windows' inputs with the unquantized ones, and saves both streams
     return ["quantize", str(model), "--method", "gptq", "--nsamples", "7", "--seqlen", "128", "--group-size", "32",
-            "--no-act-order", "--no-awq-scales",
+            "--no-act-order", "--no-awq-scales", "--fp-targets",
             "--calibration", str(calibration), "--device", "cpu"]
 
 

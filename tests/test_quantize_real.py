@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lowbit.calibration.windows import CalibrationConfig, build_calibration
-from lowbit.quantize import driver, stream
+from lowbit.quantize import driver, steps, stream
 from lowbit.quantize.arch import architecture_of
 from lowbit.quantize.checkpoint import SafetensorsCheckpoint, load_config_dict
 from lowbit.quantize.driver import QuantizeSettings, quantize_model
@@ -41,7 +41,7 @@ def real_linears_with_hessians(smollm2_dir, n_layers: int = 2):
     for i in range(n_layers):
         layer = skeleton.model.layers[i]
         stream.load_weights(layer, reader.read_prefix(arch.layer_prefix(i)), device, torch.float32)
-        hessians = driver._collect_hessians(layer, list(arch.groups), acts, device)
+        hessians = steps.collect_hessians(layer, list(arch.groups), acts, device)
         for group, acc in zip(arch.groups, hessians):
             hessian = acc.mean()  # the group's Linears share it
             for name in group:
@@ -174,8 +174,9 @@ def test_only_one_decoder_layer_is_materialised(tmp_path, monkeypatch, arch):
         return run
 
     monkeypatch.setattr(driver, "build_skeleton", build)
-    for name in ("run_layer", "run_layer_until", "run_attention_residual", "run_mlp_residual", "run_down_residual"):
-        monkeypatch.setattr(driver, name, record(getattr(driver, name)))
+    monkeypatch.setattr(driver, "run_layer", record(driver.run_layer))
+    for name in ("run_layer_until", "run_attention_residual", "run_mlp_residual", "run_down_residual"):
+        monkeypatch.setattr(steps, name, record(getattr(steps, name)))
     settings = QuantizeSettings(method="gptq", bits=4, group_size=32)
     quantize_model(str(folder), tmp_path / "q", settings, CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))
     layer_bytes = sum(p.numel() * 4 for p in skeletons[-1].model.layers[0].parameters())

@@ -67,9 +67,10 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_killed_run_resumes_to_the_same_bytes(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--fp-targets"]])  # with the unquantized hidden states saved beside
+def test_killed_run_resumes_to_the_same_bytes(tmp_path, extra):
     model = save_tiny_model(tmp_path / "model", layers=6, hidden=64)
-    args = ["quantize", str(model), *gptq_args(tmp_path)]
+    args = ["quantize", str(model), *gptq_args(tmp_path), *extra]
     out = tmp_path / "resumed"
     progress = tmp_path / "resumed.partial" / ".lowbit-progress"
     env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "OMP_NUM_THREADS": "1"}
@@ -202,20 +203,20 @@ def test_a_layer_is_saved_while_the_next_one_starts_and_its_activations_do_not_m
 
     events, save_state, run_until = [], progress_module.save_layer_state, steps.run_layer_until
 
-    def slow_save(progress_dir, index, progress, stats, acts, *args):
-        before = acts.hidden.clone()
+    def slow_save(progress_dir, index, progress, stats, acts, ranks, windows, fp_hidden):
+        before, fp_before = acts.hidden.clone(), fp_hidden.clone()  # the unquantized model's too (fp_targets.py)
         events.append(("save starts", index))
         time.sleep(0.5)
-        save_state(progress_dir, index, progress, stats, acts, *args)
-        events.append(("save ends", index, torch.equal(before, acts.hidden)))
+        save_state(progress_dir, index, progress, stats, acts, ranks, windows, fp_hidden)
+        events.append(("save ends", index, torch.equal(before, acts.hidden) and torch.equal(fp_before, fp_hidden)))
 
     def pass_until(*args, **kwargs):
         events.append(("pass",))
         return run_until(*args, **kwargs)
 
     monkeypatch.setattr(progress_module, "save_layer_state", slow_save)
-    monkeypatch.setattr(driver, "run_layer_until", pass_until)
-    driver.quantize_model(str(model), tmp_path / "q", driver.QuantizeSettings(group_size=32),
+    monkeypatch.setattr(steps, "run_layer_until", pass_until)
+    driver.quantize_model(str(model), tmp_path / "q", driver.QuantizeSettings(group_size=32, fp_targets=True),
                           CalibrationConfig(source="pydoc", nsamples=2, seqlen=32))
     ends = [e for e in events if e[0] == "save ends"]
     assert [e[1] for e in ends] == [0, 1, 2] and all(e[2] for e in ends)  # every save, on unchanged activations
