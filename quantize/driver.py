@@ -145,14 +145,14 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
         acts = embed_windows(skeleton, embed, windows[:1], device, dtype, offload)
         hidden = read_activations(progress_dir / f"activations-{start:05d}.safetensors", block)
         acts.hidden, acts.depth = hidden.to(acts.hidden.device), start
+    in_background = acts.hidden.device.type == "cpu" and ranks.world == 1  # the layer's state saved in a thread
     fp_stream = None
     if settings.fp_targets:  # the unquantized model's hidden states, alongside
         fp_stream = FullPrecisionStream(acts.hidden if start == 0 else read_activations(
-            progress_dir / f"fp-activations-{start:05d}.safetensors", block), start)
+            progress_dir / f"fp-activations-{start:05d}.safetensors", block), start, double_buffer=in_background)
     del embed
     steps, scaling = None, InputScaling.of(arch, config, settings)
-    with (matmul_precision(settings.fast_matmul),
-          LayerSaver(in_background=acts.hidden.device.type == "cpu" and ranks.world == 1) as saver):
+    with matmul_precision(settings.fast_matmul), LayerSaver(in_background) as saver:
         for i, layer, source_tensors in each_layer(skeleton, arch, reader.read_prefix, device, dtype, start,
                                                    report if ranks.primary else None, "quantize",
                                                    prefetch=reader.prefetch_prefix):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.quantize.stream import Activations
+from lowbit.quantize.sweep import ROWS_AT_ONCE
 
 log = logging.getLogger("lowbit")
 
@@ -41,13 +42,15 @@ class FullPrecisionStream:
     inputs of each group's first Linear in the last layer run (inputs[g]: [windows, seqlen, K], or absent
     where too large to keep).
 
-    A layer's outputs go to a second buffer, which then takes the first's place: the hidden states saved
-    with the layer before (progress.LayerSaver, in the background) are not written while they are read."""
+    With DOUBLE_BUFFER a layer's outputs go to a second buffer, which then takes the first's place: the hidden
+    states saved with the layer before, in the background (progress.LayerSaver, where the activations are in
+    host memory), are not written while they are read. Otherwise each output replaces its input."""
 
-    def __init__(self, hidden: Tensor, depth: int):
+    def __init__(self, hidden: Tensor, depth: int, double_buffer: bool = True):
         self.hidden = hidden.to("cpu", copy=True)
         self.depth = depth
         self.inputs: dict[int, Tensor] = {}
+        self.double_buffer = double_buffer
         self._spare: Tensor | None = None
 
     def run_layer(self, layer: nn.Module, groups: list[tuple[str, ...]], acts: Activations,
@@ -70,7 +73,8 @@ class FullPrecisionStream:
                 kept[current[0]] = inputs[0].reshape(seqlen, -1).to("cpu")
 
             hooks.append(module.register_forward_pre_hook(hook))
-        outputs = self._spare if self._spare is not None else torch.empty_like(self.hidden)
+        outputs = self.hidden if not self.double_buffer else (
+            self._spare if self._spare is not None else torch.empty_like(self.hidden))
         try:
             with torch.no_grad():
                 for i in range(windows):
@@ -80,39 +84,54 @@ class FullPrecisionStream:
         finally:
             for hook in hooks:
                 hook.remove()
-        self._spare, self.hidden = self.hidden, outputs
+        if self.double_buffer:
+            self._spare, self.hidden = self.hidden, outputs
         self.depth += 1
 
     def release_inputs(self) -> None:
         self.inputs = {}
 
 
-def fp_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float,
-                     share: float = FP_TARGET_SHARE) -> Tensor | None:
-    """W + share * W C (H + damp * mean(diag H) I)^-1 in float32, on H's device: W [N, K], H and C = D X~^T
-    [K, K] on the same scale (2/n sums). The damping is the solver's. None where the damped H has no
-    Cholesky factor (the solver then retries with more damping, and W is left as it is)."""
+def damped_factor(hessian: Tensor, damp: float) -> Tensor | None:
+    """The lower Cholesky factor of H + damp * mean(diag H) I (the solver's damping), float32 on H's device;
+    None where there is none (the solver then retries with more damping, and W is left as it is)."""
     factor = hessian.to(torch.float32).clone()
     factor.diagonal().add_(damp * factor.diagonal().mean())
     _, info = torch.linalg.cholesky_ex(factor, out=(factor, torch.empty((), dtype=torch.int32, device=factor.device)))
-    if int(info) != 0:
-        return None
-    W = weight.to(device=cross.device, dtype=torch.float32)
-    step = torch.cholesky_solve((W @ cross).T.contiguous(), factor).T  # H symmetric: (W C) H^-1 = (H^-1 (W C)^T)^T
-    return W + share * step
+    return factor if int(info) == 0 else None
+
+
+def fp_target_rows(rows: Tensor, factor: Tensor, cross: Tensor, share: float = FP_TARGET_SHARE) -> Tensor:
+    """W + share * W C H^-1 for rows of W [n, K], in float32 on the factor's device (C = D X~^T on H's scale).
+    H is symmetric, so (W C) H^-1 = (H^-1 (W C)^T)^T: one triangular solve pair on the factor."""
+    W = rows.to(device=factor.device, dtype=torch.float32)
+    return W + share * torch.cholesky_solve((W @ cross).T.contiguous(), factor).T
+
+
+def fp_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float,
+                     share: float = FP_TARGET_SHARE) -> Tensor | None:
+    """W* for a whole weight [N, K]: fp_target_rows on damped_factor (None where H has no factor)."""
+    factor = damped_factor(hessian, damp)
+    return None if factor is None else fp_target_rows(weight, factor, cross, share)
 
 
 def fit_to_fp_targets(layer: nn.Module, names: list[str], source_tensors: dict[str, Tensor], hessian: Tensor,
                       cross: Tensor, damp: float) -> None:
-    """Put W* (fp_target_weight) in place of W for each of NAMES (a group's Linears, which share H and C): in the
-    layer, and in SOURCE_TENSORS (the layer's tensors as read, in their dtype), which the solver reads."""
+    """Put W* in place of W for each of NAMES (a group's Linears, which share H and C): in the layer, and in
+    SOURCE_TENSORS (the layer's tensors as read, in their dtype), which the solver reads. One factor for the
+    group; each weight ROWS_AT_ONCE rows at a time, so that the float32 temporaries stay small beside the
+    weight (Phi-4's gate_up_proj whole: 2.7 GiB of them)."""
+    factor = damped_factor(hessian, damp)
+    if factor is None:
+        log.warning("%s: damped Hessian not positive definite; fit to its own inputs only", "/".join(names))
+        return
     for name in names:
         linear = layer.get_submodule(name)
-        target = fp_target_weight(linear.weight.detach(), hessian, cross, damp)
-        if target is None:
-            log.warning("%s: damped Hessian not positive definite; fit to its own inputs only", name)
-            return
-        linear.weight.data = target.to(linear.weight.device, linear.weight.dtype)
+        target = torch.empty_like(linear.weight)
+        for start in range(0, target.shape[0], ROWS_AT_ONCE):
+            rows = slice(start, start + ROWS_AT_ONCE)
+            target[rows] = fp_target_rows(linear.weight.detach()[rows], factor, cross)
+        linear.weight.data = target
         key = name + ".weight"
         if key in source_tensors:
             source_tensors[key] = target.to(source_tensors[key].device, source_tensors[key].dtype)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from lowbit.quantize.arch import Linear, ModelShape
 from lowbit.quantize.fp_targets import fp_inputs_bytes
+from lowbit.quantize.sweep import ROWS_AT_ONCE
 from lowbit.quantize.nf4 import linear_bytes as bnb_linear_bytes
 from lowbit.quantize.mixed import kept_candidate_bytes, swept_formats
 from lowbit.quantize.pack import linear_bytes as gptq_linear_bytes
@@ -166,8 +167,8 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
     acts_host = {"calibration activations (offloaded)": acts} if s.offload else {}
     window = {"one window copied to the device": s.seqlen * h * c} if s.offload else {}
     host = {"decoder layer as read": shape.layer_params * src, **acts_host}
-    if s.fp_targets:  # fp_targets.FullPrecisionStream: the unquantized hidden states, in two buffers
-        host["unquantized hidden states"] = 2 * acts
+    if s.fp_targets:  # fp_targets.FullPrecisionStream: two buffers where the activations are saved in a thread
+        host["unquantized hidden states"] = (2 if s.offload or not on_gpu else 1) * acts
     fp_inputs = {"unquantized inputs kept": sum(fp_inputs_bytes(s.nsamples, s.seqlen, g[0].in_features, c)
                                                 for g in shape.groups)} if s.fp_targets else {}
     shares_source = not on_gpu and c == src  # load_weights keeps the tensors as read
@@ -222,7 +223,9 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                     device={**layer, **acts_device, **quantized, **candidates, **hessians,
                                             **(kept if index in (1, 3) else {}),
                                             "factor of the damped Hessian": group[0].in_features ** 2 * FLOAT32,
-                                            f"W* of {widest.name} and its temporaries": 4 * widest.weights * FLOAT32}))
+                                            f"W* of {widest.name}": widest.weights * c,
+                                            "its rows' float32 temporaries": 4 * ROWS_AT_ONCE * widest.in_features
+                                            * FLOAT32}))
                 hessians = {k: v for k, v in hessians.items() if k != "cross sums"}  # spent by the fit
             solves = solved_as(group, shape.linears, s.quantize)
             for linear in solves:
