@@ -27,7 +27,7 @@ from lowbit.quantize.sweep import ROWS_AT_ONCE
 
 log = logging.getLogger("lowbit")
 
-FP_TARGET_SHARE = 0.25  # of the step to W*: BENCHMARKS.md, "fp-targets"
+FP_TARGET_SHARE = 0.25  # of the step to W*: BENCHMARKS.md, "fp-targets-notes"
 FP_INPUTS_KEPT_UP_TO = 4 * 2**30  # bytes of one group's unquantized inputs; above this the group fits its own
 
 

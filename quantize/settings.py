@@ -131,7 +131,7 @@ class QuantizeSettings:
     # each Linear fit towards the unquantized model's outputs as well as its own quantized inputs (GPTAQ:
     # quantize/fp_targets.py), for the Hessian-based methods (gptq, calibrated nf4/fp4). None: GPTQ below
     # 4 bits, where it cut the perplexity delta by a quarter to a third on both test models; at 4 bits it
-    # moved it by about the noise of a calibration sample, for ~1.6x the time (BENCHMARKS.md, "fp-targets")
+    # moved it by about the noise of a calibration sample, for ~1.6x the time (BENCHMARKS.md, "fp-targets-notes")
     fp_targets: bool | None = None
     # float32 window passes and Hessian sums with bfloat16 operands where the hardware has such a path (oneDNN
     # on AMX/AVX512-BF16 CPUs; TF32 on GPUs), the solver exact: 3-5x faster products on an AMX CPU, quality
