@@ -225,7 +225,8 @@ def sequential_steps(layer, arch: Architecture, acts: Activations, device, wante
     hessian = hessian_of(mlp_in)
     before_update()  # steps 1 and 2 only read the layer input; step 3 replaces it
     run_attention_residual(layer, arch.norms, acts, o_proj, kept, device,
-                           on_mlp_input=(lambda i, x: hessian.add(x, i)) if hessian is not None else (lambda i, x: None),
+                           on_mlp_input=(lambda i, x: hessian.add(x, i)) if hessian is not None
+                           else (lambda i, x: None),
                            share=attention_share)
     del kept
     if not keep_down_inputs:  # the room kept o_proj's inputs; the MLP's steps do not need it
@@ -261,6 +262,7 @@ def collect_hessians(layer, groups, acts: Activations, device, sample_rows: int 
     Hessian per group (paired with the group's unquantized inputs where TARGETS has them)."""
     accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows, target)
                     for g, target in zip(groups, targets or [None] * len(groups))]
-    hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x, i)) for group, acc in zip(groups, accumulators)}
+    hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x, i))
+             for group, acc in zip(groups, accumulators)}
     run_layer_until(layer, acts, device, stop_at=layer.get_submodule(groups[-1][0]), on_input=hooks)
     return accumulators
