@@ -78,6 +78,7 @@ LOWBIT_METHODS = {
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),
     "nf4-cal": (["--method", "nf4", "?--no-scale-search"], True, False),
     "nf4-cal-ss": (["--method", "nf4", "--scale-search"], True, False),
+    "nf4-cal-fp": (["--method", "nf4", "--scale-search", "--fp-targets"], True, False),
 }
 METHODS = ("base", *LOWBIT_METHODS, *PEER_CONFIGS)
 
