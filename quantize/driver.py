@@ -163,7 +163,7 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
             out, stats, candidates = _quantize_layer(layer, arch.layer_prefix(i), arch, settings, solve,
                                                      source_tensors, acts, device, *steps, Solvers(ranks, i),
                                                      before_update=saver.wait, scaling=scaling,
-                                                     targets=fp_stream.inputs if fp_stream is not None else {})
+                                                     targets=fp_stream.inputs if fp_stream is not None else None)
             if fp_stream is not None:
                 fp_stream.release_inputs()
             fp_hidden = fp_stream.hidden if fp_stream is not None else None
@@ -204,6 +204,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     BEFORE_UPDATE runs before the first write to the activations (the last layer's save may still read them).
     SCALING: AWQ's input scales, searched for each group and folded into its producer's tensors.
     TARGETS: the unquantized model's inputs of group g's Linears, where each is fit to them (fp_targets.py)."""
+    targets = targets or {}
     out = {prefix + name: t for name, t in source_tensors.items()}  # norms etc. stay as they are
     stats: dict[str, dict] = {}
     candidates: dict[str, dict[str, torch.Tensor]] = {}
@@ -256,7 +257,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
         sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares,
-                          sample_rows, targets or {})
+                          sample_rows, targets)
         if shares is not None:
             _record_update_shares(stats, prefix, arch, shares, ranks)
         return out, stats, candidates
@@ -265,7 +266,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
     for batch in batches:
         hessians = collect_hessians(layer, batch, acts, device, sample_rows,
-                                     [(targets or {}).get(arch.groups.index(g)) for g in batch])
+                                     [targets.get(arch.groups.index(g)) for g in batch])
         for group, hessian in zip(batch, hessians):
             solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass

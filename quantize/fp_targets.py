@@ -108,13 +108,6 @@ def fp_target_rows(rows: Tensor, factor: Tensor, cross: Tensor, share: float = F
     return W + share * torch.cholesky_solve((W @ cross).T.contiguous(), factor).T
 
 
-def fp_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float,
-                     share: float = FP_TARGET_SHARE) -> Tensor | None:
-    """W* for a whole weight [N, K]: fp_target_rows on damped_factor (None where H has no factor)."""
-    factor = damped_factor(hessian, damp)
-    return None if factor is None else fp_target_rows(weight, factor, cross, share)
-
-
 def fit_to_fp_targets(layer: nn.Module, names: list[str], source_tensors: dict[str, Tensor], hessian: Tensor,
                       cross: Tensor, damp: float) -> None:
     """Put W* in place of W for each of NAMES (a group's Linears, which share H and C): in the layer, and in

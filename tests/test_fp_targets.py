@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from lowbit.calibration.windows import CalibrationConfig
 from lowbit.quantize import driver
-from lowbit.quantize.fp_targets import fp_target_weight
+from lowbit.quantize.fp_targets import damped_factor, fp_target_rows
 from lowbit.quantize.settings import InvalidSetting, QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator
 from tests.conftest import save_tiny_model
@@ -25,13 +25,14 @@ def test_the_full_undamped_step_is_the_least_squares_fit_of_the_unquantized_outp
     X, X_q = inputs(0)
     W = torch.randn(10, X.shape[1], generator=torch.Generator().manual_seed(1))
     n = X.shape[0]
-    fitted = fp_target_weight(W, 2 / n * X_q.T @ X_q, 2 / n * (X - X_q).T @ X_q, damp=0.0, share=1.0)
+    H, C = 2 / n * X_q.T @ X_q, 2 / n * (X - X_q).T @ X_q
+    fitted = fp_target_rows(W, damped_factor(H, 0.0), C, share=1.0)
     least_squares = torch.linalg.lstsq(X_q, X @ W.T).solution.T
     torch.testing.assert_close(fitted, least_squares, rtol=1e-4, atol=1e-4)
     # so Q = W* on the quantized inputs comes closer to the unquantized outputs than W itself; a part of
     # the step part of the way
     miss = lambda Q: float((X_q @ Q.T - X @ W.T).square().sum())  # noqa: E731
-    part = fp_target_weight(W, 2 / n * X_q.T @ X_q, 2 / n * (X - X_q).T @ X_q, damp=0.01)
+    part = fp_target_rows(W, damped_factor(H, 0.01), C)
     assert miss(fitted) < miss(part) < miss(W)
 
 
