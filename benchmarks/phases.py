@@ -49,6 +49,9 @@ PHASES = [
     ("lowbit.quantize.driver", "group_input_scale", "input scales (AWQ search)"),
     ("lowbit.quantize.gptq", "inverse_hessian_factor", "solve: Cholesky and inverse"),
     ("lowbit.quantize.gptq", "gptq_sweep", "solve: column sweep"),
+    ("lowbit.quantize.nf4", "gptq_sweep", "solve: column sweep"),  # calibrated NF4's
+    ("lowbit.quantize.nf4", "damped_inverse_factor_", "solve: Cholesky and inverse"),
+    ("lowbit.quantize.nf4", "searched_absmax", "solve: scale search (NF4 absmax)"),
     ("lowbit.quantize.driver", "_solve_linear", "solve: rest (copies, grid, dequantize)"),
     ("lowbit.quantize.driver", "_solve_together", "solve: rest (copies, grid, dequantize)"),
     ("lowbit.quantize.solve", "pack_gptq_v1", "solve: packing"),
@@ -113,7 +116,8 @@ def git_commit() -> str:
 
 
 def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group_size: int, true_sequential: bool,
-                awq_scales: bool = True, fast_matmul: bool = True) -> dict:
+                awq_scales: bool = True, fast_matmul: bool = True, bits: int = 4, fp_targets: bool | None = None,
+                method: str = "gptq") -> dict:
     import torch
 
     from lowbit.calibration.windows import CalibrationConfig
@@ -121,8 +125,9 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
 
     clock = PhaseClock()
     wrapped = install(clock)
-    settings = QuantizeSettings(method="gptq", bits=4, group_size=group_size, true_sequential=true_sequential,
-                                awq_scales=awq_scales, fast_matmul=fast_matmul)
+    settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, true_sequential=true_sequential,
+                                awq_scales=None if awq_scales else False,  # None: where lowbit applies them
+                                fast_matmul=fast_matmul, fp_targets=fp_targets)
     config = CalibrationConfig(source=calibration, nsamples=nsamples, seqlen=seqlen)
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as work:
@@ -131,7 +136,7 @@ def profile_run(model: Path, calibration: str, nsamples: int, seqlen: int, group
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     clock.wall["other"] = wall - sum(clock.wall.values())
     clock.cpu["other"] = cpu - sum(clock.cpu.values())
-    return {"model": model.name, "nsamples": nsamples, "seqlen": seqlen, "group_size": group_size,
+    return {"model": model.name, "method": method, "bits": bits, "fp_targets": fp_targets, "nsamples": nsamples, "seqlen": seqlen, "group_size": group_size,
             "true_sequential": true_sequential, "awq_scales": awq_scales, "fast_matmul": fast_matmul,
             "calibration": calibration, "commit": git_commit(),
             "torch_threads": torch.get_num_threads(), "load_before": [round(x, 2) for x in load_before],
@@ -182,7 +187,8 @@ def render(results: list[dict]) -> str:
         runs = [r for r in results if r["model"] == model]
         phases = list(dict.fromkeys(p for r in runs for p in sorted(r["phases"], key=lambda p: -r["phases"][p]["cpu_s"])))
         head = "| phase | " + " | ".join(f"{r['label']}: wall s | {r['label']}: CPU s" for r in runs) + " |"
-        lines += [f"**{model}**, GPTQ 4-bit g{runs[0]['group_size']}, {runs[0]['nsamples']} x {runs[0]['seqlen']} "
+        kind = "calibrated NF4" if runs[0].get("method") == "nf4" else f"GPTQ {runs[0].get('bits', 4)}-bit"
+        lines += [f"**{model}**, {kind} g{runs[0]['group_size']}, {runs[0]['nsamples']} x {runs[0]['seqlen']} "
                   f"windows of `{Path(runs[0]['calibration']).name}`, CPU, float32 compute", "",
                   head, "|---|" + "---|---|" * len(runs)]
         for phase in phases:
@@ -213,6 +219,10 @@ def main() -> None:
     parser.add_argument("--no-true-sequential", action="store_true")
     parser.add_argument("--no-awq-scales", action="store_true")
     parser.add_argument("--exact-matmul", action="store_true", help="float32 products throughout, as lowbit's flag")
+    parser.add_argument("--method", default="gptq", help="gptq, or nf4 (calibrated)")
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
+                        help="as lowbit quantize takes it (default: lowbit's, on below 4 bits)")
     parser.add_argument("--label", default="run")
     parser.add_argument("--json", type=Path, help="write the result here")
     parser.add_argument("--report", type=Path, nargs="+", help="render these result files as BENCHMARKS.md's section")
@@ -230,7 +240,7 @@ def main() -> None:
         model = first_layers(model, args.layers, args.work)
     group_size = args.group_size or (128 if args.phi4_layer else 64)
     result = profile_run(model, args.calibration, args.nsamples, args.seqlen, group_size, not args.no_true_sequential,
-                         not args.no_awq_scales, not args.exact_matmul)
+                         not args.no_awq_scales, not args.exact_matmul, args.bits, args.fp_targets, args.method)
     result["label"] = args.label
     result["command"] = "python benchmarks/phases.py " + " ".join(sys.argv[1:])
     for name, p in sorted(result["phases"].items(), key=lambda kv: -kv[1]["cpu_s"]):

@@ -57,7 +57,7 @@ def quantize(
     scale_search: Optional[bool] = typer.Option(None, "--scale-search/--no-scale-search", help="Choose each group's clipping by the Hessian-weighted error (default: on wherever there is calibration)."),
     awq_scales: Optional[bool] = typer.Option(None, "--awq-scales/--no-awq-scales", help="gptq/rtn: scale each input channel by its activation (AWQ) before solving, folded into the norm or Linear before it; the checkpoint stays plain GPTQ (default: on at 4 and 8 bits wherever there is calibration)."),
     true_sequential: bool = typer.Option(True, "--true-sequential/--no-true-sequential"),
-    fp_targets: Optional[bool] = typer.Option(None, "--fp-targets/--no-fp-targets", help="gptq, calibrated nf4/fp4: fit each Linear towards the unquantized model's outputs too (GPTAQ), making up part of the error of the layers before it; about 1.6x the time and more host memory (default: on for gptq below 4 bits)."),
+    fp_targets: Optional[bool] = typer.Option(None, "--fp-targets/--no-fp-targets", help="gptq, calibrated nf4/fp4: fit each Linear towards the unquantized model's outputs too (GPTAQ), making up part of the error of the layers before it; about 1.6x the time and more host memory (default: on for gptq below 4 bits and for calibrated nf4/fp4)."),
     fast_matmul: bool = typer.Option(True, "--fast-matmul/--exact-matmul", help="Calibration passes and Hessian sums in float32 with bfloat16 operands (the solver is always exact); --exact-matmul for full float32."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),

@@ -130,8 +130,10 @@ class QuantizeSettings:
     true_sequential: bool = True
     # each Linear fit towards the unquantized model's outputs as well as its own quantized inputs (GPTAQ:
     # quantize/fp_targets.py), for the Hessian-based methods (gptq, calibrated nf4/fp4). None: GPTQ below
-    # 4 bits, where it cut the perplexity delta by a quarter to a third on both test models; at 4 bits it
-    # moved it by about the noise of a calibration sample, for ~1.6x the time (BENCHMARKS.md, "fp-targets-notes")
+    # 4 bits, where it cut the perplexity delta by a quarter to a third on both test models, and calibrated
+    # nf4/fp4 (one sweep; measured on NF4: 0.58x and 0.87x over two samples, "quality-nf4-fp-targets"); for
+    # GPTQ at 4 bits it moved the delta by about the noise of a calibration sample, for ~1.6x the time
+    # (BENCHMARKS.md, "fp-targets-notes")
     fp_targets: bool | None = None
     # float32 window passes and Hessian sums with bfloat16 operands where the hardware has such a path (oneDNN
     # on AMX/AVX512-BF16 CPUs; TF32 on GPUs), the solver exact: 3-5x faster products on an AMX CPU, quality
@@ -183,7 +185,8 @@ class QuantizeSettings:
             resolved = replace(resolved, scale_search=False)
         wanted = self.awq_scales if self.awq_scales is not None else self.bits >= 4
         applies = wanted and self.awq_scales_apply and resolved.calibrated(has_calibration)
-        wanted = self.fp_targets if self.fp_targets is not None else self.method == Method.GPTQ and self.bits < 4
+        by_default = self.method in BNB_METHODS or (self.method == Method.GPTQ and self.bits < 4)
+        wanted = self.fp_targets if self.fp_targets is not None else by_default
         fp_targets = wanted and resolved.calibrated(has_calibration)
         return replace(resolved, awq_scales=applies, fp_targets=fp_targets)
 

@@ -53,8 +53,10 @@ def test_settings_apply_fp_targets_to_calibrated_hessian_methods_only():
     assert QuantizeSettings(bits=3).resolved(True).fp_targets is True  # below: on
     assert QuantizeSettings(bits=3, fp_targets=False).resolved(True).fp_targets is False
     assert QuantizeSettings(fp_targets=True).resolved(True).fp_targets is True
-    assert QuantizeSettings(method="nf4", fp_targets=True).resolved(True).fp_targets is True
+    assert QuantizeSettings(method="nf4").resolved(True).fp_targets is True  # calibrated nf4/fp4: on
+    assert QuantizeSettings(method="fp4", fp_targets=False).resolved(True).fp_targets is False
     assert QuantizeSettings(method="nf4", fp_targets=True).resolved(False).fp_targets is False  # no windows
+    assert QuantizeSettings(method="nf4").resolved(False).fp_targets is False
     with pytest.raises(InvalidSetting, match="fp_targets"):
         QuantizeSettings(method="rtn", fp_targets=True)
 
