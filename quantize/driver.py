@@ -164,8 +164,6 @@ def _quantize_calibrated(job: QuantizeJob, solve, ranks: Ranks = SINGLE) -> None
                                                      source_tensors, acts, device, *steps, Solvers(ranks, i),
                                                      before_update=saver.wait, scaling=scaling,
                                                      targets=fp_stream.inputs if fp_stream is not None else None)
-            if fp_stream is not None:
-                fp_stream.release_inputs()
             fp_hidden = fp_stream.hidden if fp_stream is not None else None
             if ranks.primary:
                 saver.save(progress_dir, i, out, progress, stats, acts, candidates, ranks, count, fp_hidden)

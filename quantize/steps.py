@@ -46,7 +46,7 @@ def run_layer_until(layer: nn.Module, acts: Activations, device: torch.device, s
     """Run every window through the layer until `stop_at` is about to run (it and what follows do not);
     on_input[m](i, x) sees module m's input for window i on the way."""
     acts.check_layer(layer)
-    with _input_hooks(on_input or {}, stop_at) as current:
+    with input_hooks(on_input or {}, stop_at) as current:
         with torch.no_grad():
             for i in range(acts.hidden.shape[0]):
                 current[0] = i
@@ -84,7 +84,7 @@ def run_mlp_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, dev
     share measures the MLP's update."""
     before_mlp = layer.get_submodule(norms.before_mlp)
     after_mlp = layer.get_submodule(norms.after_mlp) if norms.after_mlp else None
-    with _input_hooks(on_input or {}, stop_at) as current:
+    with input_hooks(on_input or {}, stop_at) as current:
         with torch.no_grad():
             for i in range(acts.hidden.shape[0]):
                 current[0] = i
@@ -121,7 +121,7 @@ def run_down_residual(layer: nn.Module, norms: LayerNorms, acts: Activations, do
 
 
 @contextmanager
-def _input_hooks(on_input: dict[nn.Module, InputFn], stop_at: nn.Module | None):
+def input_hooks(on_input: dict[nn.Module, InputFn], stop_at: nn.Module | None):
     """Forward pre-hooks calling fn(window, input) and, on stop_at, raising StopForward after them.
     Yields a one-item list the caller sets to the current window index."""
     current = [0]
@@ -155,7 +155,7 @@ def steps_match_layer(layer: nn.Module, norms: LayerNorms, o_proj: nn.Module, ac
     hooks = {o_proj: lambda i, x: kept.setdefault("o", x.clone())}
     if down is not None:
         hooks[down] = lambda i, x: kept.setdefault("down", x.clone())
-    with _input_hooks(hooks, None), torch.no_grad():
+    with input_hooks(hooks, None), torch.no_grad():
         whole = layer(acts.window(0, device), **acts.layer_kwargs)
     whole = whole[0] if isinstance(whole, tuple) else whole
     close = lambda steps: torch.allclose(steps, whole, rtol=1e-3, atol=1e-5 * float(whole.abs().max()))  # noqa: E731
