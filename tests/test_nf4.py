@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lowbit.errors import CorruptInputError, UsageError
-from lowbit.quantize.nf4 import BnbConfig, bnb_quantization_config, dequantize_bnb, quantize_bnb
+from lowbit.quantize.nf4 import (BUCKET_BINS, BnbConfig, CodeBuckets, bnb_quantization_config, dequantize_bnb,
+                                 quantize_bnb)
 
 ALL_CONFIGS = [
     BnbConfig(quant_type=quant_type, double_quant=double_quant)
@@ -141,6 +142,18 @@ def test_returned_dequantized_is_what_a_loader_computes(config):
     for maybe_hessian in (None, hessian):
         tensors, dequantized, _ = quantize_bnb(weight, config, maybe_hessian)
         assert torch.equal(dequantized, dequantize_bnb(tensors, (64, 256)))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_code_buckets_table_finds_what_bucketize_finds(quant_type):
+    buckets = CodeBuckets.of(bnb.get_4bit_type(quant_type, device="cpu"))
+    assert (buckets.below is not None) == (quant_type == "nf4")  # FP4 has a bound at a bin's edge (0)
+    bounds = buckets.bounds
+    near = torch.cat([bounds + d for d in (0.0, 1e-7, -1e-7, 1e-6, -1e-6)])
+    edges = torch.linspace(-1, 1, BUCKET_BINS + 1)
+    x = torch.cat([torch.rand(200_000) * 2 - 1, near, edges, torch.nextafter(edges, edges + 1),
+                   torch.nextafter(edges, edges - 1)]).clamp(-1, 1)
+    assert torch.equal(buckets.index(x), torch.bucketize(x, bounds, out_int32=True))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
