@@ -4,6 +4,7 @@ and the engine's automatic offload decisions, all from the memory model in quant
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
@@ -129,6 +130,10 @@ def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_
                                              replace(template, **{name: value}), part, cost(value)):
             value //= 2
 
+    if not base["quantize"]["fits"] and not base["quantize"]["fits_host"] and s.fp_targets:
+        fits("--no-fp-targets", replace(s, quantize=replace(s.quantize, fp_targets=False)), "quantize",
+             "each Linear fit to its own inputs only: the error of the layers before it is not made up "
+             "(at 3 bits and in calibrated NF4, a larger perplexity delta)")
     if not base["quantize"]["fits"]:
         tokens = s.nsamples * s.seqlen
         acts = tokens * shape.hidden * s.c
@@ -166,6 +171,29 @@ def suggestions(shape: ModelShape, s: PlanSettings, gpu_bytes: int | None, host_
 
 
 # ---- the engine's automatic decisions ----
+
+HOST_SHARE = 0.9  # of the host's memory a run may plan to use: the system and its other processes keep the rest
+
+
+def host_memory_bytes() -> int | None:
+    """The host's physical memory (not what is free now: a resumed run must decide as the first one did)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def fp_targets_fit_host(config: dict, s: PlanSettings, host_bytes: int) -> bool:
+    """Whether quantizing with fp targets (S has them on) fits HOST_BYTES of host memory, or is too large for it
+    without them as well (then they are not what is short)."""
+    shape = model_shape(config)
+    _, host = peaks(quantize_phases(shape, s), s)
+    if host.bytes <= host_bytes:
+        return True
+    without = replace(s, quantize=replace(s.quantize, fp_targets=False))
+    _, host_without = peaks(quantize_phases(shape, without), without)
+    return host_without.bytes > host_bytes
+
 
 def should_offload(config: dict, s: PlanSettings, device: torch.device, part: str) -> bool:
     """Whether PART ("quantize": the calibration activations; "evaluate": the final hidden states) goes to host

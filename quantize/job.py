@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,11 +23,15 @@ from lowbit.quantize.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
+from lowbit.quantize.fit import HOST_SHARE, fp_targets_fit_host, host_memory_bytes, should_offload
 from lowbit.quantize.mixed import check_target
+from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.stream import pick_device, pick_dtype
 from lowbit.quantize.writer import check_output_free, disk_full_error
+
+log = logging.getLogger("lowbit")
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -89,11 +94,13 @@ def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=N
     device = rank_device(pick_device(options.device))
     dtype = pick_dtype(options.dtype, device, config.get("torch_dtype") or config.get("dtype"))
 
-    settings = settings.resolved(calibration is not None)
+    requested, settings = settings, settings.resolved(calibration is not None)
     windows, calibration_info = None, None
     if settings.calibrated(calibration is not None):
         windows, calibration_info = _calibration_windows(source, calibration, options)
         ranks.windows(windows.shape[0])  # refuses fewer windows than ranks
+        if settings.fp_targets and requested.fp_targets is None:
+            settings = _default_fp_targets_within_host(settings, config, windows, device, dtype, options)
 
     work = output.with_name(output.name + ".partial")
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
@@ -120,6 +127,23 @@ def cleanup_on_bad_input(job: QuantizeJob):
     except LowbitError:
         shutil.rmtree(job.work, ignore_errors=True)
         raise
+
+
+def _default_fp_targets_within_host(settings: QuantizeSettings, config: dict, windows: torch.Tensor,
+                                    device: torch.device, dtype: torch.dtype, options: RunOptions) -> QuantizeSettings:
+    """fp targets, on by default, turned off (with a warning) where what they keep in host memory, the unquantized
+    hidden states and each group's inputs, would take the run past HOST_SHARE of the host's memory; --fp-targets
+    keeps them on whatever the plan says."""
+    total = host_memory_bytes()
+    plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1], device=device.type,
+                        compute_bytes=dtype.itemsize)
+    offload = options.offload if options.offload is not None else should_offload(config, plan, device, "quantize")
+    plan = replace(plan, offload=offload)  # offloaded activations are host memory too
+    if total is None or fp_targets_fit_host(config, plan, int(total * HOST_SHARE)):
+        return settings
+    log.warning("fit towards the unquantized outputs turned off: what it keeps would take the host past %.0f %% of "
+                "its %.1f GiB (lowbit plan shows it; --fp-targets keeps it on)", 100 * HOST_SHARE, total / 2**30)
+    return replace(settings, fp_targets=False)
 
 
 def check_shapes(arch: Architecture, reader: SafetensorsCheckpoint, settings: QuantizeSettings) -> None:

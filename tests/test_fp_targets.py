@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from lowbit.calibration.windows import CalibrationConfig
-from lowbit.quantize import driver
+from lowbit.manifest import MANIFEST
+from lowbit.quantize import driver, job
+from lowbit.quantize.arch import model_shape
+from lowbit.quantize.fit import HOST_SHARE
 from lowbit.quantize.fp_targets import damped_factor, fp_target_rows
+from lowbit.quantize.plan import PlanSettings, peaks, quantize_phases
 from lowbit.quantize.settings import InvalidSetting, QuantizeSettings
 from lowbit.quantize.solve import HessianAccumulator
 from tests.conftest import save_tiny_model
@@ -84,3 +92,29 @@ def test_the_first_attention_inputs_are_the_unquantized_ones_so_only_later_linea
     later = [k for k in plain if k.endswith(".qweight") and k not in firsts]
     moved = [k for k in later if not torch.equal(plain[k], fitted[k])]
     assert moved == later
+
+
+def test_default_fp_targets_turn_off_where_the_host_cannot_hold_them(tmp_path, monkeypatch, caplog):
+    """On by default for calibrated NF4, the fit is turned off, with a warning, where what it keeps would take the
+    host past its share of memory while the run without it would not; asked for (--fp-targets), it stays on."""
+    model = save_tiny_model(tmp_path / "model", "llama", layers=2)
+    shape = model_shape(json.loads((model / "config.json").read_text()))
+    plan = PlanSettings(quantize=QuantizeSettings(method="nf4").resolved(True), nsamples=4, seqlen=64, device="cpu")
+    without = replace(plan, quantize=replace(plan.quantize, fp_targets=False))
+    host_with, host_without = (peaks(quantize_phases(shape, s), s)[1].bytes for s in (plan, without))
+    assert host_without < host_with
+    calibration = CalibrationConfig(source="pydoc", nsamples=4, seqlen=64)
+
+    def fp_targets_of(out, settings: QuantizeSettings, host_bytes: int) -> bool:
+        monkeypatch.setattr(job, "host_memory_bytes", lambda: int(host_bytes / HOST_SHARE))
+        driver.quantize_model(str(model), out, settings, calibration)
+        return json.loads((out / MANIFEST).read_text())["settings"]["fp_targets"]
+
+    between = (host_with + host_without) // 2
+    with caplog.at_level(logging.WARNING, logger="lowbit"):
+        assert fp_targets_of(tmp_path / "short", QuantizeSettings(method="nf4"), between) is False
+    assert "turned off" in caplog.text
+    assert fp_targets_of(tmp_path / "asked", QuantizeSettings(method="nf4", fp_targets=True), between) is True
+    assert fp_targets_of(tmp_path / "enough", QuantizeSettings(method="nf4"), host_with) is True
+    # too small either way: the fit is not what is short, so it stays (the plan says what does not fit)
+    assert fp_targets_of(tmp_path / "tiny", QuantizeSettings(method="nf4"), host_without - 1) is True

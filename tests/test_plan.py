@@ -90,6 +90,17 @@ def test_a_model_that_does_not_fit_exits_1_with_suggestions_that_do_fit(tmp_path
     assert text.exit_code == 1 and "--offload" in text.stdout and "does not fit" in text.output
 
 
+def test_where_fp_targets_take_the_host_past_its_memory_the_first_suggestion_drops_them(tmp_path):
+    folder = write_config(tmp_path / "phi4", PHI4)
+    args = [str(folder), "--gpu", "16GiB", "--method", "nf4", "--calibrated", "--host-memory", "12GiB"]
+    data = json.loads(run_plan(*args, "--json").stdout)
+    assert not data["quantize"]["fits_host"] and data["quantize"]["fits_gpu"]
+    assert "unquantized inputs kept" in data["quantize"]["host_parts"]
+    first = data["suggestions"][0]
+    assert first["option"] == "--no-fp-targets" and first["host_peak_bytes"] <= 12 * GiB
+    assert run_plan(*args, "--no-fp-targets").exit_code == 0
+
+
 def test_when_nothing_fits_the_plan_says_what_is_too_large(tmp_path):
     folder = write_config(tmp_path / "phi4", PHI4)
     data = json.loads(run_plan(str(folder), "--gpu", "4GiB", "--host-memory", "2GiB", "--json").stdout)
