@@ -36,10 +36,10 @@ _METHOD_NAMES = {
 _NOT_FOR = {
     "gptq": {"double_quant", "skip"},
     "rtn": {"double_quant", "skip", "damp", "act_order", "static_groups", "true_sequential", "fp_targets"},
-    "nf4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
-    "fp4": {"group_size", "sym", "act_order", "static_groups", "true_sequential", "awq_scales"},
+    "nf4": {"group_size", "sym", "static_groups", "true_sequential", "awq_scales"},
+    "fp4": {"group_size", "sym", "static_groups", "true_sequential", "awq_scales"},
 }
-_CALIBRATED_ONLY = {"damp", "fast_matmul", "fp_targets"}  # rtn, nf4, fp4: only when calibrated
+_CALIBRATED_ONLY = {"damp", "fast_matmul", "fp_targets", "act_order"}  # rtn, nf4, fp4: only when calibrated
 
 
 def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None = None) -> ModelCard:

@@ -50,7 +50,7 @@ def quantize(
     method: Method = typer.Option(Method.GPTQ, help="rtn: round to nearest, the baseline."),
     bits: int = typer.Option(4, help="2, 3, 4 or 8 (gptq/rtn)."),
     group_size: int = typer.Option(128, help="-1, 32, 64 or 128 (gptq/rtn)."),
-    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by descending Hessian diagonal."),
+    act_order: bool = typer.Option(True, "--act-order/--no-act-order", help="Quantize columns by descending Hessian diagonal (gptq, calibrated nf4/fp4)."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="gptq/rtn: symmetric grid, or a zero point per group (default: symmetric at 4 and 8 bits, the only GPTQ codes vLLM loads; asymmetric below)."),
     damp: float = typer.Option(0.01, help="Hessian damping, as a fraction of its mean diagonal."),
     static_groups: bool = typer.Option(True, "--static-groups/--no-static-groups", help="Groups stay in column order (with act-order: desc_act false, fast kernels)."),

@@ -18,9 +18,10 @@ with GPTQ instead of round-to-nearest:
    With K % 64 == 0 a block is 64 consecutive input columns of one row, so
    column k of row n has the scale of block n * K / 64 + k // 64.
    (Otherwise blocks straddle rows and we fall back to plain, with a warning.)
-3. Sweep the columns left to right as GPTQ does (dead inputs zeroed, damped
-   Hessian, upper Cholesky factor of H^-1, blocks of 128 columns with lazy
-   updates, no act-order): round each column to the nearest code-book value
+3. Sweep the columns as GPTQ does (dead inputs zeroed, damped Hessian, upper
+   Cholesky factor of H^-1, blocks of 128 columns with lazy updates; with
+   act-order, the default, by decreasing Hessian diagonal, each column keeping
+   its block's scale): round each column to the nearest code-book value
    quant_map * scale, and spread the rounding error over the columns not yet
    quantized, so that W @ X changes as little as possible.
 4. Pack the codes as bitsandbytes does (two a byte, first value in the high
@@ -49,7 +50,7 @@ from torch import Tensor
 from lowbit.errors import CorruptInputError, UsageError
 from lowbit.quantize.sweep import all_finite, column_major, drop_dead_inputs, gptq_sweep, output_energy, relative_error_from_loss, working_hessian
 from lowbit.quantize.grid import CLIP_RATIOS, SEARCH_CHUNK
-from lowbit.quantize.hessian_factor import damped_inverse_factor_
+from lowbit.quantize.hessian_factor import damped_inverse_factor_, permute_columns_, permute_symmetric_
 from lowbit.quantize.settings import BNB_METHODS, QuantizeSettings, check_damp
 
 if TYPE_CHECKING:
@@ -85,11 +86,12 @@ class BnbConfig:
     blocksize: int = BLOCKSIZE
     damp: float = 0.01  # only for calibrated: fraction of mean(diag(H)) added to the diagonal
     scale_search: bool = False  # only for calibrated: each block's absmax chosen by the diag(H)-weighted error
+    act_order: bool = False  # only for calibrated: columns swept by decreasing Hessian diagonal, scales fixed
 
     @classmethod
     def from_settings(cls, settings: QuantizeSettings) -> "BnbConfig":
         return cls(quant_type=settings.method.value, double_quant=settings.double_quant, damp=settings.damp,
-                   scale_search=settings.scale_search)
+                   scale_search=settings.scale_search, act_order=settings.act_order)
 
     def __post_init__(self) -> None:
         if self.quant_type not in BNB_METHODS:
@@ -135,7 +137,8 @@ def quantize_bnb(weight: Tensor, config: BnbConfig, hessian: Tensor | None = Non
             absmax = searched_absmax(weight, hessian.diagonal(), config.blocksize, state.code)
             state = state_with_absmax(state, absmax.reshape(-1), config.double_quant)
         scales = effective_absmax(state).reshape(n_rows, n_cols // config.blocksize)
-        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp, consume_hessian)
+        codes, sweep_stats = _calibrated_codes(weight, hessian, scales, state.code, config.damp, consume_hessian,
+                                               config.act_order)
         packed = _pack_codes(codes)
         stats.update(calibrated=True, **sweep_stats)
 
@@ -269,11 +272,14 @@ def linear_bytes(n: int, k: int, double_quant: bool = True) -> int:
 
 
 def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book: Tensor, damp: float,
-                      consume_hessian: bool = False) -> tuple[Tensor, dict]:
+                      consume_hessian: bool = False, act_order: bool = False) -> tuple[Tensor, dict]:
     """GPTQ sweep onto the code book: weight [N, K], scales [N, K // blocksize] -> (codes uint8 [N, K], stats).
 
     A column's value is what the loader will compute: code_book[code] * scale in float32,
     cast to the weight's dtype. That value is what the error is measured against.
+    With act_order the columns are swept by decreasing Hessian diagonal, the most active inputs first, while
+    every column keeps its own block's scale (GPTQ's act-order with static groups: the scales are fixed
+    before the sweep, so the file does not change form).
     """
     n_rows, n_cols = weight.shape
     blocksize = n_cols // scales.shape[1]
@@ -283,6 +289,12 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
         raise CorruptInputError("Hessian contains NaN or inf")
     dead = drop_dead_inputs(W, H)
     signal, mean_diag = output_energy(W, H), float(H.diagonal().mean())  # before H becomes the factor
+    column_of = list(range(n_cols))  # the weight column at each step of the sweep
+    if act_order:
+        perm = torch.argsort(H.diagonal(), descending=True)
+        permute_symmetric_(H, perm)
+        permute_columns_(W, perm)
+        column_of = perm.tolist()
     damp = damped_inverse_factor_(H, damp)
     Hinv = H  # its upper triangle is the factor the sweep reads
 
@@ -290,7 +302,8 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     buckets = CodeBuckets.of(code_book)
     codes = torch.zeros(n_rows, n_cols, dtype=torch.uint8, device=W.device)
 
-    def quantize_column(col: int, w: Tensor) -> Tensor:
+    def quantize_column(step: int, w: Tensor) -> Tensor:
+        col = column_of[step]
         scale = scales[:, col // blocksize]
         q = _nearest_codes(w, scale, buckets)
         codes[:, col] = q.to(torch.uint8)

@@ -150,8 +150,8 @@ def test_card_lists_each_setting_once_and_only_those_of_its_method():
     assert "double_quant" in rows and not {"group_size", "sym", "act_order", "damp", "true_sequential",
                                            "fast_matmul"} & set(rows)
 
-    manifest["calibration"] = sample_manifest()["calibration"]  # calibrated NF4 has a damping and passes
-    assert {"damp", "fast_matmul"} <= set(settings_rows(build_model_card(manifest, "alice/m").text))
+    manifest["calibration"] = sample_manifest()["calibration"]  # calibrated NF4 has a damping, passes, an order
+    assert {"damp", "fast_matmul", "act_order"} <= set(settings_rows(build_model_card(manifest, "alice/m").text))
 
     manifest = sample_manifest("rtn")
     manifest["settings"] = {**all_settings, "method": "rtn"}
