@@ -76,9 +76,9 @@ LOWBIT_METHODS = {
     "gptq-exact": (["--method", "gptq", "--exact-matmul"], True, True),  # the defaults in full float32 matmuls
     "gptq-bf16": (["--method", "gptq", "--dtype", "bfloat16"], True, True),  # the layers in a GPU's compute dtype
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),
-    "nf4-cal": (["--method", "nf4", "?--no-scale-search", "?--no-fp-targets"], True, False),
-    "nf4-cal-ss": (["--method", "nf4", "--scale-search", "?--no-fp-targets"], True, False),
-    "nf4-cal-fp": (["--method", "nf4", "--scale-search", "--fp-targets"], True, False),  # the default since 2026-12-07
+    "nf4-cal": (["--method", "nf4", "?--no-scale-search", "?--no-fp-targets", "?--no-act-order"], True, False),
+    "nf4-cal-ss": (["--method", "nf4", "--scale-search", "?--no-fp-targets", "?--no-act-order"], True, False),
+    "nf4-cal-fp": (["--method", "nf4", "--scale-search", "--fp-targets"], True, False),  # the defaults (act-order too)
 }
 METHODS = ("base", *LOWBIT_METHODS, *PEER_CONFIGS)
 
