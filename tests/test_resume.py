@@ -67,7 +67,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("extra", [[], ["--fp-targets"]])  # with the unquantized hidden states saved beside
+# with the unquantized hidden states saved beside; calibrated NF4's defaults (act-order, fp targets)
+@pytest.mark.parametrize("extra", [[], ["--fp-targets"], ["--method", "nf4"]])
 def test_killed_run_resumes_to_the_same_bytes(tmp_path, extra):
     model = save_tiny_model(tmp_path / "model", layers=6, hidden=64)
     args = ["quantize", str(model), *gptq_args(tmp_path), *extra]
