@@ -23,7 +23,7 @@ from lowbit.quantize.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
-from lowbit.quantize.fit import HOST_SHARE, fp_targets_fit_host, host_memory_bytes, should_offload
+from lowbit.quantize.fit import HOST_SHARE, fp_targets_fit_host, host_memory_bytes
 from lowbit.quantize.mixed import check_target
 from lowbit.quantize.plan import PlanSettings
 from lowbit.quantize.progress import open_progress, progress_fingerprint
@@ -100,7 +100,9 @@ def open_job(model: str, output: Path, settings: QuantizeSettings, calibration=N
         windows, calibration_info = _calibration_windows(source, calibration, options)
         ranks.windows(windows.shape[0])  # refuses fewer windows than ranks
         if settings.fp_targets and requested.fp_targets is None:
-            settings = _default_fp_targets_within_host(settings, config, windows, device, dtype, options)
+            if ranks.primary:  # ranks share a host: rank 0 plans for all the windows, the others hear its choice
+                settings = _default_fp_targets_within_host(settings, config, windows, device, dtype, options)
+            settings = replace(settings, fp_targets=ranks.from_primary(settings.fp_targets))
 
     work = output.with_name(output.name + ".partial")
     fingerprint = progress_fingerprint(settings, reader, config, calibration_info)
@@ -133,12 +135,14 @@ def _default_fp_targets_within_host(settings: QuantizeSettings, config: dict, wi
                                     device: torch.device, dtype: torch.dtype, options: RunOptions) -> QuantizeSettings:
     """fp targets, on by default, turned off (with a warning) where what they keep in host memory, the unquantized
     hidden states and each group's inputs, would take the run past HOST_SHARE of the host's memory; --fp-targets
-    keeps them on whatever the plan says."""
+    keeps them on whatever the plan says. Decided from what does not change between a run and its resumption
+    (the host's physical memory, the settings, the windows), so that a resumed run's settings match."""
     total = host_memory_bytes()
+    # on a GPU with the offload left to the run, as if offloaded (activations in host memory, the most the host
+    # holds): free GPU memory, which decides that, may differ when the run is resumed, and this choice must not
+    offload = options.offload if options.offload is not None else device.type == "cuda"
     plan = PlanSettings(quantize=settings, nsamples=windows.shape[0], seqlen=windows.shape[1], device=device.type,
-                        compute_bytes=dtype.itemsize)
-    offload = options.offload if options.offload is not None else should_offload(config, plan, device, "quantize")
-    plan = replace(plan, offload=offload)  # offloaded activations are host memory too
+                        compute_bytes=dtype.itemsize, offload=offload)
     if total is None or fp_targets_fit_host(config, plan, int(total * HOST_SHARE)):
         return settings
     log.warning("fit towards the unquantized outputs turned off: what it keeps would take the host past %.0f %% of "

@@ -358,9 +358,11 @@ class CodeBuckets:
                    inside.to(bounds.device))
 
     def index(self, x: Tensor) -> Tensor:
-        """torch.bucketize(x, bounds, out_int32=True) for float32 x in [-1, 1]."""
+        """torch.bucketize(x, bounds, out_int32=True) for float32 x in [-1, 1], or NaN (0 * 1 / a subnormal scale),
+        which bucketize puts past the last bound, as 1 is."""
         if self.below is None:
             return torch.bucketize(x, self.bounds, out_int32=True)
+        x = torch.nan_to_num(x, nan=1.0)
         half = BUCKET_BINS / 2
         bins = torch.mul(x, half).add_(half).to(torch.int32).clamp_(0, BUCKET_BINS - 1)
         found = self.below[bins]

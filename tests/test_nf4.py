@@ -153,6 +153,7 @@ def test_code_buckets_table_finds_what_bucketize_finds(quant_type):
     edges = torch.linspace(-1, 1, BUCKET_BINS + 1)
     x = torch.cat([torch.rand(200_000) * 2 - 1, near, edges, torch.nextafter(edges, edges + 1),
                    torch.nextafter(edges, edges - 1)]).clamp(-1, 1)
+    x = torch.cat([x, torch.tensor([float("nan"), -0.0])])
     assert torch.equal(buckets.index(x), torch.bucketize(x, bounds, out_int32=True))
 
 
