@@ -78,6 +78,7 @@ LOWBIT_METHODS = {
     "nf4": (["--method", "nf4", "?--no-scale-search"], False, False),
     "nf4-cal": (["--method", "nf4", "?--no-scale-search", "?--no-fp-targets", "?--no-act-order"], True, False),
     "nf4-cal-ss": (["--method", "nf4", "--scale-search", "?--no-fp-targets", "?--no-act-order"], True, False),
+    "nf4-cal-ao": (["--method", "nf4", "--scale-search", "--act-order", "--no-fp-targets"], True, False),
     "nf4-cal-fp": (["--method", "nf4", "--scale-search", "--fp-targets"], True, False),  # the defaults (act-order too)
 }
 METHODS = ("base", *LOWBIT_METHODS, *PEER_CONFIGS)

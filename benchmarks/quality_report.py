@@ -21,6 +21,7 @@ LABELS = {
     "gptq-fp": "GPTQ, lowbit's defaults + fit towards the unquantized outputs (--fp-targets)",
     "gptq-no-fp": "GPTQ, lowbit's defaults, each Linear fit to its own inputs only (--no-fp-targets)",
     "nf4": "NF4", "nf4-cal": "NF4 calibrated", "nf4-cal-ss": "NF4 calibrated + scale search",
+    "nf4-cal-ao": "NF4 calibrated + scale search + act-order, each Linear fit to its own inputs (--no-fp-targets)",
     "nf4-cal-fp": "NF4 calibrated, lowbit's defaults: scale search, act-order, fit towards the unquantized outputs",
     "llmc-default": "llm-compressor GPTQ, defaults", "llmc-noact": "llm-compressor GPTQ, actorder=None",
     "llmc-mse": "llm-compressor GPTQ, mse observer", "llmc-imatrix": "llm-compressor GPTQ, imatrix_mse observer",
