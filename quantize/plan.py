@@ -191,7 +191,7 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
         phases.append(Phase("run the layer unquantized", host=host_fp,
                             device={**layer, **acts_device, **quantized,
                                     "one window's intermediates": forward_bytes(shape, s.seqlen, c)}))
-        host = host_fp  # until the layer is done
+        host = host_fp  # from layer to layer: FullPrecisionStream writes the next layer's inputs over them
     batches = [[g] for g in shape.groups] if s.quantize.true_sequential else [list(shape.groups)]
     # true sequential keeps o_proj's input of every window from the attention pass to the residual pass,
     # and down_proj's from its Hessian pass to the layer's outputs where that is small
@@ -254,7 +254,6 @@ def quantize_phases(shape: ModelShape, s: PlanSettings) -> list[Phase]:
                                 "one window's intermediates": forward_bytes(shape, s.seqlen, c)},
                         host={**host, **kept_host}))
     copy = {"activations copied to the host": acts} if on_gpu and not s.offload else {}  # _save_layer
-    host = {k: v for k, v in host.items() if k not in fp_inputs}  # released with the layer
     phases.append(Phase("save the layer and its output activations", device={**layer, **acts_device, **quantized,
                         **candidates}, host={**host, **copy, "quantized Linears copied to the host": packed + kept_candidates}))
     phases.append(_writer_phase(shape, s))

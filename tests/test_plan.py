@@ -101,6 +101,17 @@ def test_where_fp_targets_take_the_host_past_its_memory_the_first_suggestion_dro
     assert run_plan(*args, "--no-fp-targets").exit_code == 0
 
 
+def test_the_unquantized_inputs_stay_on_the_host_from_layer_to_layer():
+    """FullPrecisionStream writes each layer's kept inputs over the last layer's: from the first unquantized pass
+    on, every phase of the layer loop holds them, the layer's save included."""
+    settings = PlanSettings(quantize=QuantizeSettings(bits=3), nsamples=128, seqlen=2048)
+    phases = quantize_phases(model_shape(PHI4), settings)
+    first = next(i for i, phase in enumerate(phases) if phase.name == "run the layer unquantized")
+    loop = [phase for phase in phases[first:] if not phase.name.startswith("write")]
+    assert loop[-1].name.startswith("save the layer")
+    assert all(phase.host.get("unquantized inputs kept", 0) > 0 for phase in loop)
+
+
 def test_when_nothing_fits_the_plan_says_what_is_too_large(tmp_path):
     folder = write_config(tmp_path / "phi4", PHI4)
     data = json.loads(run_plan(str(folder), "--gpu", "4GiB", "--host-memory", "2GiB", "--json").stdout)
