@@ -305,9 +305,9 @@ def _calibrated_codes(weight: Tensor, hessian: Tensor, scales: Tensor, code_book
     def quantize_column(step: int, w: Tensor) -> Tensor:
         col = column_of[step]
         scale = scales[:, col // blocksize]
-        q = _nearest_codes(w, scale, buckets)
-        codes[:, col] = q.to(torch.uint8)
-        return (code_book[q] * scale).to(weight.dtype).to(torch.float32)
+        bucket = _nearest_buckets(w, scale, buckets)
+        codes[:, col] = buckets.order[bucket].to(torch.uint8)
+        return (buckets.sorted_values[bucket] * scale).to(weight.dtype).to(torch.float32)
 
     loss = gptq_sweep(W, Hinv, quantize_column, SWEEP_BLOCK)
 
@@ -369,18 +369,14 @@ class CodeBuckets:
         return found.add_(x > self.inside[bins])
 
 
-def _nearest_codes(w: Tensor, scale: Tensor, buckets: CodeBuckets) -> Tensor:
-    """Index of the code value nearest to w / scale, elementwise (int64).
+def _nearest_buckets(w: Tensor, scale: Tensor, buckets: CodeBuckets) -> Tensor:
+    """Position among the sorted code values of the one nearest to w / scale (int32); its code is
+    buckets.order[position], its value buckets.sorted_values[position].
 
     Written as bitsandbytes writes it (w * (1 / scale), clamp, bucketize), so that with
     bitsandbytes' own absmax the codes are bit-identical to quantize_4bit. A zero scale
     (a block of zeros) maps everything to the zero code.
     """
-    return buckets.order[_nearest_buckets(w, scale, buckets)]
-
-
-def _nearest_buckets(w: Tensor, scale: Tensor, buckets: CodeBuckets) -> Tensor:
-    """Position among the sorted code values of the one nearest to w / scale (int32)."""
     inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
     return buckets.index(torch.clamp_(w * inverse, -1, 1))
 
