@@ -7,7 +7,8 @@ they take. All are scored by lowbit's evaluator against the base on the same wik
 
 Variants: uniform 4-bit; the budget at uniform + 0.25 and + 0.5 bits per weight; (a) the first and last
 decoder layers' Linears in 8 bits; (b) llama.cpp Q4_K_M's promotion (v_proj and down_proj in the layers
-its `use_more_bits` picks) in 8 bits; and the budget at exactly each rule's size.
+its `use_more_bits` picks) in 8 bits; (c) the same with all of q/k/v where v_proj is promoted (vLLM
+fuses them and refuses a checkpoint whose shards differ); and the budget at exactly each rule's size.
 
     nice -n 5 python benchmarks/mixed.py                     # the recorded run
     nice -n 5 python benchmarks/mixed.py --models smollm2 --nsamples 2 --seqlen 64 --eval-windows 2 --no-write  # smoke
@@ -70,6 +71,22 @@ def rule_formats(arch, promote, fmt: LinearFormat) -> dict[str, LinearFormat]:
             if promote(i, name)}
 
 
+def peer_rules(arch, fmt: LinearFormat) -> dict[str, dict[str, LinearFormat]]:
+    """The simple rules peers use, as format maps giving fmt to: (a) the first and last layers' Linears; (b)
+    llama.cpp Q4_K_M's v_proj and down_proj where `use_more_bits` says; (c) rule b with all of v_proj's
+    projection group (q/k/v), which is how vLLM can load it: it fuses them and refuses shards that differ."""
+    last = arch.num_layers - 1
+    more = lambda layer: use_more_bits(layer, arch.num_layers)  # noqa: E731
+    v_group = next(group for group in arch.groups if any(name.endswith("v_proj") for name in group))
+    return {
+        "rule a: first + last layers 8-bit": rule_formats(arch, lambda i, name: i in (0, last), fmt),
+        "rule b: llama.cpp Q4_K_M v/down 8-bit": rule_formats(
+            arch, lambda i, name: more(i) and name.endswith(("v_proj", "down_proj")), fmt),
+        "rule c: llama.cpp's layers, q/k/v + down 8-bit": rule_formats(
+            arch, lambda i, name: more(i) and (name in v_group or name.endswith("down_proj")), fmt),
+    }
+
+
 def coarse_formats(job, budget: int, weighting: str) -> dict:
     """The budget's choice with 8 and 16 bits as the only upgrades: no 4-bit candidate at a finer group."""
     units = [Unit(unit.modules, tuple(o for i, o in enumerate(unit.options) if i == 0 or o.fmt.bits != 4))
@@ -82,7 +99,6 @@ def variants(job, weightings: list[str]) -> dict[str, tuple[dict, int]]:
     arch, settings = job.arch, job.settings
     base = LinearFormat(settings.bits, settings.group_size)
     eight = LinearFormat(8, settings.group_size)
-    last = arch.num_layers - 1
     infos = {m: job.reader.info(m + ".weight") for unit in mixed_units(job) for m in unit.modules}
     weights = sum(info.shape[0] * info.shape[1] for info in infos.values())  # as bits_per_weight counts them
 
@@ -99,11 +115,7 @@ def variants(job, weightings: list[str]) -> dict[str, tuple[dict, int]]:
             out[f"budget +{extra:g} bpw ({w})"] = (formats, size(formats))
             formats = coarse_formats(job, budget, w)
             out[f"budget +{extra:g} bpw ({w}, 8/16-bit only)"] = (formats, size(formats))
-    rules = {
-        "rule a: first + last layers 8-bit": rule_formats(arch, lambda i, name: i in (0, last), eight),
-        "rule b: llama.cpp Q4_K_M v/down 8-bit": rule_formats(
-            arch, lambda i, name: use_more_bits(i, arch.num_layers) and name.endswith(("v_proj", "down_proj")), eight),
-    }
+    rules = peer_rules(arch, eight)
     for name, formats in rules.items():
         out[name] = (formats, size(formats))
         for w in weightings:
@@ -215,7 +227,7 @@ def verdicts(scores: dict) -> list[str]:
         delta, kld = ratios(scores[f"budget +0.25 bpw ({w})"])
         met = "met" if delta <= 0.75 and kld <= 0.75 else "NOT met"
         out.append(f"- +0.25 bpw ({w}): delta {delta:.2f}x, KLD {kld:.2f}x uniform's: target (both <= 0.75x) {met}.")
-    for rule in ("rule a", "rule b"):
+    for rule in ("rule a", "rule b", "rule c"):
         found = [label for label in scores if label.startswith(rule + ":")]
         if not found:  # a run of a subset of the variants
             continue
@@ -254,7 +266,7 @@ def markdown(results: dict, args, command: str) -> str:
         f"as named. The llama.cpp rule promotes v_proj and down_proj in the layers its Q4_K_M `use_more_bits` "
         f"picks (first and last eighth, every third between) to 8 bits (Q4_K_M uses Q6_K; 8 is the nearest "
         f"Marlin format); it splits the q/k/v group, which lowbit's loader and gptqmodel read but vLLM's fused "
-        f"qkv_proj would refuse. bits/weight and bytes count the decoder Linears as written (g_idx included).",
+        f"qkv_proj would refuse. Rule c is rule b as vLLM loads it: q/k/v promoted together where v_proj is. bits/weight and bytes count the decoder Linears as written (g_idx included).",
         "",
     ]
     reduced = [what for what, ours, asked in (("calibration", f"{args.nsamples} x {args.seqlen}", "64 x 512"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
-from benchmarks.mixed import run_stem
+from benchmarks.mixed import peer_rules, run_stem, use_more_bits
 
 
 def _args(no_bos: bool, calibration_seed: int = 0, **solver) -> Namespace:
@@ -26,3 +26,27 @@ def test_a_tokenizer_without_start_tokens_keeps_its_earlier_names(smollm2_dir):
 def test_another_calibration_sample_is_named_apart_and_seed_0_keeps_the_earlier_names(gemma3_dir):
     assert run_stem(gemma3_dir, _args(no_bos=False, calibration_seed=1)) == "64x512-seed1-bos"
     assert run_stem(gemma3_dir, _args(no_bos=False, calibration_seed=0)) == "64x512-bos"
+
+
+def test_the_vllm_form_of_llama_cpp_rule_promotes_whole_qkv_groups_where_the_rule_promotes_v(smollm2_dir):
+    """Rule b promotes v_proj alone, which vLLM refuses (it fuses q/k/v); rule c is the same layers with the whole
+    group, so a budget compared with it is compared with a checkpoint vLLM loads."""
+    from lowbit.quantize.arch import architecture_of
+    from lowbit.quantize.pack import LinearFormat
+    from lowbit.quantize.checkpoint import load_config_dict
+
+    arch = architecture_of(load_config_dict(smollm2_dir))
+    rules = peer_rules(arch, LinearFormat(8, 64))
+    rule_b, rule_c = rules["rule b: llama.cpp Q4_K_M v/down 8-bit"], rules["rule c: llama.cpp's layers, q/k/v + down 8-bit"]
+    promoted = [i for i in range(arch.num_layers) if use_more_bits(i, arch.num_layers)]
+    assert 0 < len(promoted) < arch.num_layers
+    for i in range(arch.num_layers):
+        prefix = arch.layer_prefix(i)
+        qkv = {prefix + name for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+        in_c = {name for name in rule_c if name.startswith(prefix)}
+        in_b = {name for name in rule_b if name.startswith(prefix)}
+        if i in promoted:
+            assert in_b == {prefix + "self_attn.v_proj", prefix + "mlp.down_proj"}
+            assert in_c == qkv | {prefix + "mlp.down_proj"}
+        else:
+            assert not in_b and not in_c
