@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up and run the test suite (CPU only, about 8 minutes on 2 quiet cores).
+# Set up and run the test suite (CPU only, about 6 minutes on 2 cores with the set-up).
 # Opt-in: the loader check (gptqmodel in a venv of its own, built once: minutes), bash scripts/test.sh -m loaders;
 # the tests marked long (SmolLM2 end to end), bash scripts/test.sh -m long
 set -euo pipefail
