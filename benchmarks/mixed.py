@@ -227,12 +227,8 @@ def verdicts(scores: dict) -> list[str]:
         delta, kld = ratios(scores[f"budget +0.25 bpw ({w})"])
         met = "met" if delta <= 0.75 and kld <= 0.75 else "NOT met"
         out.append(f"- +0.25 bpw ({w}): delta {delta:.2f}x, KLD {kld:.2f}x uniform's: target (both <= 0.75x) {met}.")
-    for rule in ("rule a", "rule b", "rule c"):
-        found = [label for label in scores if label.startswith(rule + ":")]
-        if not found:  # a run of a subset of the variants
-            continue
-        (rule_label,) = found
-        r = scores[rule_label]
+    for rule_label in [label for label in scores if label.startswith("rule ")]:  # peer_rules' names, as run
+        rule, r = rule_label.split(":")[0], scores[rule_label]
         for w in weightings:
             b = scores.get(f"budget at {rule}'s size ({w})")
             if b is None:  # a subset of the variants
@@ -266,7 +262,8 @@ def markdown(results: dict, args, command: str) -> str:
         f"as named. The llama.cpp rule promotes v_proj and down_proj in the layers its Q4_K_M `use_more_bits` "
         f"picks (first and last eighth, every third between) to 8 bits (Q4_K_M uses Q6_K; 8 is the nearest "
         f"Marlin format); it splits the q/k/v group, which lowbit's loader and gptqmodel read but vLLM's fused "
-        f"qkv_proj would refuse. Rule c is rule b as vLLM loads it: q/k/v promoted together where v_proj is. bits/weight and bytes count the decoder Linears as written (g_idx included).",
+        f"qkv_proj would refuse. Rule c is rule b as vLLM loads it: q/k/v promoted together where v_proj is. "
+        f"bits/weight and bytes count the decoder Linears as written (g_idx included).",
         "",
     ]
     reduced = [what for what, ours, asked in (("calibration", f"{args.nsamples} x {args.seqlen}", "64 x 512"),
