@@ -120,8 +120,13 @@ def variants(job, weightings: list[str]) -> dict[str, tuple[dict, int]]:
         out[name] = (formats, size(formats))
         for w in weightings:
             chosen = mixed_formats(job, size(formats), w)
-            out[f"budget at {name.split(':')[0]}'s size ({w})"] = (chosen, size(chosen))
+            out[budget_at_rule_label(name, w)] = (chosen, size(chosen))
     return out
+
+
+def budget_at_rule_label(rule_label: str, weighting: str) -> str:
+    """The variant name of the budget at a rule's size: peer_rules' name up to its colon ("rule a"), and the weighting."""
+    return f"budget at {rule_label.split(':')[0]}'s size ({weighting})"
 
 
 def evaluate_variants(model: Path, folders: dict[str, Path], args) -> dict[str, dict]:
@@ -230,7 +235,7 @@ def verdicts(scores: dict) -> list[str]:
     for rule_label in [label for label in scores if label.startswith("rule ")]:  # peer_rules' names, as run
         rule, r = rule_label.split(":")[0], scores[rule_label]
         for w in weightings:
-            b = scores.get(f"budget at {rule}'s size ({w})")
+            b = scores.get(budget_at_rule_label(rule_label, w))
             if b is None:  # a subset of the variants
                 continue
             beats = [what for what, ours, theirs in (("delta", b["ppl_delta"], r["ppl_delta"]),

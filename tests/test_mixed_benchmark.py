@@ -50,3 +50,23 @@ def test_the_vllm_form_of_llama_cpp_rule_promotes_whole_qkv_groups_where_the_rul
             assert in_c == qkv | {prefix + "mlp.down_proj"}
         else:
             assert not in_b and not in_c
+
+
+def test_verdicts_judge_each_rule_that_ran_against_the_budget_at_its_size():
+    """Rules read off the rows that were scored (rule b left out, as a run of a subset), each against the budget of
+    the same size, by the variant names the runs are filed under."""
+    from benchmarks.mixed import budget_at_rule_label, verdicts
+
+    def row(delta: float, kld: float, same_top: float) -> dict:
+        return {"ppl_delta": delta, "kld": {"mean": kld}, "same_top": same_top}
+
+    rule_a, rule_c = "rule a: first + last layers 8-bit", "rule c: llama.cpp's layers, q/k/v + down 8-bit"
+    scores = {"uniform 4-bit": row(4.0, 0.20, 0.70),
+              "budget +0.25 bpw (weights)": row(2.8, 0.14, 0.75),
+              rule_a: row(3.0, 0.16, 0.74), budget_at_rule_label(rule_a, "weights"): row(2.9, 0.15, 0.73),
+              rule_c: row(2.0, 0.10, 0.80), budget_at_rule_label(rule_c, "weights"): row(2.5, 0.12, 0.78)}
+    lines = verdicts(scores)
+    assert lines[0] == "- +0.25 bpw (weights): delta 0.70x, KLD 0.70x uniform's: target (both <= 0.75x) met."
+    assert [line.split(":")[0] for line in lines[1:]] == ["- at rule a's size (weights)", "- at rule c's size (weights)"]
+    assert lines[1].endswith("the budget is better on delta, KLD.")
+    assert lines[2].endswith("the budget is better on nothing.")
