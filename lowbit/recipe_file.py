@@ -28,6 +28,7 @@ SCHEMA: dict[str, dict] = {
     "quantize": {
         "method": str, "bits": int, "group_size": int, "act_order": bool, "sym": bool, "damp": float,
         "static_groups": bool, "scale_search": bool, "awq_scales": bool, "fp_targets": bool, "true_sequential": bool, "fast_matmul": bool, "double_quant": bool, "skip": str,
+        "first_position_share": float,
         "target_bpw": float,
         "device": str, "dtype": str, "max_shard_size": str,
     },

@@ -31,7 +31,7 @@ from lowbit.quantize.plan import PlanSettings, down_inputs_kept
 from lowbit.quantize.progress import LayerSaver, read_activations, save_layer
 from lowbit.quantize.settings import QuantizeSettings
 from lowbit.quantize.shared_solves import Solvers, group_hessian, keep_candidates, share_solves, without_dequantized
-from lowbit.quantize.solve import (TOKEN_SAMPLE_ROWS, HessianAccumulator, SolvedLinear, make_solver,
+from lowbit.quantize.solve import (TOKEN_SAMPLE_ROWS, HessianAccumulator, SolvedLinear, first_row_weight, make_solver,
                                   relative_output_error, solve_stacked, solved_together)
 from lowbit.quantize.steps import UpdateShare, collect_hessians, sequential_steps, steps_match_layer
 from lowbit.quantize.stream import (Activations, build_skeleton, each_layer, embed_windows, load_config, matmul_precision,
@@ -252,10 +252,11 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
             scaling.fold_everywhere(out, candidates, prefix, index, scale, settings.target_bpw is not None)
 
     sample_rows = TOKEN_SAMPLE_ROWS if settings.target_bpw is not None else 0
+    first_weight = first_row_weight(settings.first_position_share, acts.hidden.shape[1])
     if stepwise:
         shares = (UpdateShare(), UpdateShare()) if settings.target_bpw is not None else None
         sequential_steps(layer, arch, acts, device, wanted, solve_group, keep_down_inputs, before_update, shares,
-                          sample_rows, targets)
+                          sample_rows, targets, first_weight)
         if shares is not None:
             _record_update_shares(stats, prefix, arch, shares, ranks)
         return out, stats, candidates
@@ -264,7 +265,7 @@ def _quantize_layer(layer, prefix, arch, settings, solve, source_tensors, acts, 
     batches = [[g] for g in groups] if settings.true_sequential else [groups]
     for batch in batches:
         hessians = collect_hessians(layer, batch, acts, device, sample_rows,
-                                     [targets.get(arch.groups.index(g)) for g in batch])
+                                     [targets.get(arch.groups.index(g)) for g in batch], first_weight)
         for group, hessian in zip(batch, hessians):
             solve_group(group, hessian)
         del hessians, hessian  # K x K each: gone before the next Hessian pass

@@ -127,6 +127,11 @@ class QuantizeSettings:
     # BENCHMARKS.md, "quality3-gemma3-awq", "quality3-smollm2-awq"); True where they cannot apply is refused.
     awq_scales: bool | None = None
     damp: float = 0.01
+    # the share of each calibration window's rows that its first position (the attention sink: Gemma's BOS, any
+    # model's first token) makes up in every Hessian, counted at least once (solve.first_row_weight): at 1/128, 16
+    # times in a 2048-token window, 4 in a 512-token one. Counted once, its weight shrank as windows grew, and
+    # 2048-token windows scored far worse on Gemma-3 (BENCHMARKS.md, "first-position-notes"). 0: once.
+    first_position_share: float = 1 / 128
     true_sequential: bool = True
     # each Linear fit towards the unquantized model's outputs as well as its own quantized inputs (GPTAQ:
     # quantize/fp_targets.py), for the Hessian-based methods (gptq, calibrated nf4/fp4). None: GPTQ below
@@ -150,6 +155,9 @@ class QuantizeSettings:
             object.__setattr__(self, "sym", default_sym(self.bits))
         check_group_size(self.group_size)
         check_damp(self.damp)
+        if not 0 <= self.first_position_share < 1:
+            raise InvalidSetting("first_position_share",
+                                 f"must be at least 0 and below 1, not {self.first_position_share}")
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
         if self.awq_scales and not self.awq_scales_apply:
             raise InvalidSetting("awq_scales", "applies to the GPTQ format (gptq, rtn) only")

@@ -154,6 +154,12 @@ def token_energy(weight: torch.Tensor, sample: torch.Tensor, chunk_rows: int = 5
     return torch.cat([(x.to(w.device).float() @ w.T).square().sum(-1) for x in sample.split(chunk_rows)])
 
 
+def first_row_weight(share: float, window_tokens: int) -> int:
+    """How many rows a window's first position counts as in a Hessian, so that it makes up about SHARE of the
+    window's rows (QuantizeSettings.first_position_share); at least one."""
+    return max(1, round(share * window_tokens))
+
+
 TOKEN_SAMPLE_ROWS = 4096  # a size budget's per-token errors: 8 windows of 512 (BENCHMARKS.md, "token errors")
 
 
@@ -164,6 +170,10 @@ class HessianAccumulator:
     diagonal block rightwards: one in-place addmm a band, no K x K temporary), and `mean()` mirrors it.
     At 3 bands or more that is 55-70 % of a full x^T x's products.
 
+    Each window's first row can count more than once (first_row_weight): the first position is the attention
+    sink that every later token reads, the same state in every window, and counted once its weight would
+    shrink as the windows grow.
+
     Under torchrun each rank sums its own block of windows and the ranks' sums are added in rank order
     (quantize/shared_solves.py): the same products grouped otherwise, so N ranks differ from one process
     by float32 rounding. A float64 sum would make them agree to the byte, at 4 K^2 more bytes at the
@@ -171,12 +181,15 @@ class HessianAccumulator:
     past the 32 GiB it must fit): not worth it.
     """
 
-    def __init__(self, columns: int, device: torch.device, sample_rows: int = 0, targets: torch.Tensor | None = None):
+    def __init__(self, columns: int, device: torch.device, sample_rows: int = 0, targets: torch.Tensor | None = None,
+                 first_row_weight: int = 1):
         self.sum = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.rows = 0
+        self.first_row_weight = first_row_weight  # each window's first row counts this many times (first_row_weight())
         self.bands = hessian_bands(columns)
         self.sample_rows = sample_rows  # the first input rows seen are also kept, in host memory (sample())
         self._sample: list[torch.Tensor] = []
+        self._sampled = 0  # input rows seen, each once
         # the unquantized model's inputs of every window [windows, seqlen, K] (fp_targets.py): with them the
         # cross sum (x - x~)^T x~ is kept too, a full K x K (it is not symmetric)
         self.targets = targets
@@ -185,16 +198,24 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor, window: int = 0) -> None:
         """Add one window's inputs x [tokens, K] (window: its index, which pairs it with its targets)."""
         x = x.float()
+        extra = self.first_row_weight - 1
+        first = x[:1] * extra**0.5  # v^T v by the same kernel as the rest: each diagonal block stays symmetric
         for start, end in self.bands:
             self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
+            if extra:
+                self.sum[start:end, start:].addmm_(first[:, start:end].T, first[:, start:])
         if self.cross is not None:
             target = self.targets[window].to(x.device, torch.float32, copy=True).reshape(x.shape)
-            self.cross.addmm_(target.sub_(x).T, x)
+            target.sub_(x)
+            self.cross.addmm_(target.T, x)
+            if extra:
+                self.cross.addmm_(target[:1].T, x[:1], alpha=extra)
             del target
-        wanted = self.sample_rows - self.rows
+        wanted = self.sample_rows - self._sampled
         if wanted > 0:
             self._sample.append(x[:wanted].to("cpu", copy=True))
-        self.rows += x.shape[0]
+        self._sampled += x.shape[0]
+        self.rows += x.shape[0] + extra
 
     def sample(self) -> torch.Tensor | None:
         """The first sample_rows input rows (fewer where fewer were seen) [T, K], float32 on the host; None

@@ -175,7 +175,7 @@ def steps_match_layer(layer: nn.Module, norms: LayerNorms, o_proj: nn.Module, ac
 def sequential_steps(layer, arch: Architecture, acts: Activations, device, wanted, solve_group,
                       keep_down_inputs: bool = False, before_update: Callable[[], None] = lambda: None,
                       shares: tuple[UpdateShare, UpdateShare] | None = None, sample_rows: int = 0,
-                      targets: dict[int, torch.Tensor] | None = None) -> None:
+                      targets: dict[int, torch.Tensor] | None = None, first_row_weight: int = 1) -> None:
     """True-sequential at the cost of about one pass over the windows: each step starts from what the
     step before kept, with the groups before it already quantized.
 
@@ -189,7 +189,8 @@ def sequential_steps(layer, arch: Architecture, acts: Activations, device, wante
     5. the layer's outputs, with down_proj quantized: from the kept inputs, or the MLP run again.
     shares, under a size budget: attention's and the MLP's updates measured on the way (steps.UpdateShare);
     sample_rows: how many input rows each group's Hessian keeps for per-token errors (solve.HessianAccumulator);
-    targets: the unquantized inputs of group g, paired with the quantized ones window by window.
+    targets: the unquantized inputs of group g, paired with the quantized ones window by window;
+    first_row_weight: how many rows each window's first position counts as (solve.HessianAccumulator).
     """
     attention_share, mlp_share = shares or (None, None)
     attention_in, o_group, mlp_in, down_group = arch.groups
@@ -199,7 +200,7 @@ def sequential_steps(layer, arch: Architecture, acts: Activations, device, wante
         if not wanted(group):
             return None
         return HessianAccumulator(module(group[0]).in_features, device, sample_rows,
-                                  (targets or {}).get(arch.groups.index(group)))
+                                  (targets or {}).get(arch.groups.index(group)), first_row_weight)
 
     hessian = hessian_of(attention_in)
     if hessian is not None:
@@ -257,10 +258,12 @@ def sequential_steps(layer, arch: Architecture, acts: Activations, device, wante
 
 
 def collect_hessians(layer, groups, acts: Activations, device, sample_rows: int = 0,
-                      targets: list[torch.Tensor | None] | None = None) -> list[HessianAccumulator]:
+                      targets: list[torch.Tensor | None] | None = None,
+                      first_row_weight: int = 1) -> list[HessianAccumulator]:
     """One pass over the windows from the layer's start, stopped at the last group's input, with a
     Hessian per group (paired with the group's unquantized inputs where TARGETS has them)."""
-    accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows, target)
+    accumulators = [HessianAccumulator(layer.get_submodule(g[0]).in_features, device, sample_rows, target,
+                                       first_row_weight)
                     for g, target in zip(groups, targets or [None] * len(groups))]
     hooks = {layer.get_submodule(group[0]): (lambda i, x, acc=acc: acc.add(x, i))
              for group, acc in zip(groups, accumulators)}
