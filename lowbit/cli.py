@@ -61,10 +61,8 @@ def quantize(
     fast_matmul: bool = typer.Option(True, "--fast-matmul/--exact-matmul", help="Calibration passes and Hessian sums in float32 with bfloat16 operands (the solver is always exact); --exact-matmul for full float32."),
     double_quant: bool = typer.Option(True, "--double-quant/--no-double-quant", help="nf4/fp4: quantize the block scales too."),
     skip: Optional[str] = typer.Option(None, help="nf4/fp4: regex of modules kept in 16-bit (lm_head always is)."),
-    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget in bits per weight "
-                                               "(scales, zeros, g_idx, absmax included), above the uniform setting's: each "
-                                               "Linear group gets (gptq/rtn) 4-bit finer groups, 8-bit or 16-bit, (nf4/fp4) "
-                                               "16-bit, where that cuts the most error."),
+    target_bpw: Optional[float] = typer.Option(None, "--target-bpw", help="A size budget in bits per weight (scales, zeros, g_idx, absmax included), above the uniform setting's: each Linear group gets (gptq/rtn) 4-bit finer groups, 8-bit or 16-bit, (nf4/fp4) 16-bit, where that cuts the most error."),
+    first_position_share: float = typer.Option(1 / 128, help="The share of each calibration window's rows that its first position (the attention sink) makes up in every Hessian, counted at least once; 0: once, like any token."),
     calibration: Optional[str] = typer.Option(None, help="Text file, JSONL, folder, or pydoc|c4|wikitext2. gptq default: c4 (pydoc, with a warning, when c4 cannot be had). nf4/fp4: calibrated when given."),
     nsamples: int = typer.Option(128, help="Calibration windows."),
     seqlen: int = typer.Option(2048, help="Tokens per calibration window."),
@@ -98,7 +96,8 @@ def quantize(
         settings = QuantizeSettings(method=method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                                     static_groups=static_groups, scale_search=scale_search is not False, damp=damp,
                                     true_sequential=true_sequential, fp_targets=fp_targets, double_quant=double_quant,
-                                    skip=skip, target_bpw=target_bpw, awq_scales=awq_scales, fast_matmul=fast_matmul)
+                                    skip=skip, target_bpw=target_bpw, awq_scales=awq_scales, fast_matmul=fast_matmul,
+                                    first_position_share=first_position_share)
     except InvalidSetting as e:
         raise bad_option(e) from None
     if calibration is None and method == "gptq":  # calibrated NF4 is asked for by naming --calibration

@@ -38,11 +38,12 @@ def test_methods_are_an_enum_and_strings_become_members():
     (["--group-size", "0"], "--group-size", "must be -1 or positive"),
     (["--damp", "2"], "--damp", "must be at least 0 and below 1"),
     (["--method", "awq"], "--method", "awq"),
+    (["--first-position-share", "1"], "--first-position-share", "must be at least 0 and below 1"),
 ])
 def test_cli_names_the_option_that_breaks_a_rule(tmp_path, args, option, rule):
     for command in (["quantize", str(tmp_path), "-o", str(tmp_path / "out")], ["plan", str(tmp_path)]):
-        if command[0] == "plan" and option == "--damp":
-            continue  # plan has no --damp
+        if command[0] == "plan" and option in ("--damp", "--first-position-share"):
+            continue  # plan has neither
         result = CliRunner().invoke(app, command + args)
         text = " ".join(result.output.split())
         assert result.exit_code == 2, result.output
