@@ -66,10 +66,15 @@ def check_group_size(group_size: int) -> None:
         raise InvalidSetting("group_size", f"must be -1 or positive, not {group_size}")
 
 
+def check_fraction(name: str, value: float) -> None:
+    """A share of something: at least 0 and below 1."""
+    if not 0 <= value < 1:
+        raise InvalidSetting(name, f"must be at least 0 and below 1, not {value}")
+
+
 def check_damp(damp: float) -> None:
     """A fraction of the mean Hessian diagonal added to the diagonal."""
-    if not 0 <= damp < 1:
-        raise InvalidSetting("damp", f"must be at least 0 and below 1, not {damp}")
+    check_fraction("damp", damp)
 
 
 def nominal_bits_per_weight(bits: int, group_size: int) -> float:
@@ -155,9 +160,7 @@ class QuantizeSettings:
             object.__setattr__(self, "sym", default_sym(self.bits))
         check_group_size(self.group_size)
         check_damp(self.damp)
-        if not 0 <= self.first_position_share < 1:
-            raise InvalidSetting("first_position_share",
-                                 f"must be at least 0 and below 1, not {self.first_position_share}")
+        check_fraction("first_position_share", self.first_position_share)
         check_target_bpw(self.target_bpw, self.method, self.bits, self.group_size, self.double_quant)
         if self.awq_scales and not self.awq_scales_apply:
             raise InvalidSetting("awq_scales", "applies to the GPTQ format (gptq, rtn) only")
