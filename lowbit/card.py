@@ -39,7 +39,8 @@ _NOT_FOR = {
     "nf4": {"group_size", "sym", "static_groups", "true_sequential", "awq_scales"},
     "fp4": {"group_size", "sym", "static_groups", "true_sequential", "awq_scales"},
 }
-_CALIBRATED_ONLY = {"damp", "fast_matmul", "fp_targets", "act_order", "first_position_share"}  # rtn, nf4, fp4: only when calibrated
+# rtn, nf4, fp4: only when calibrated
+_CALIBRATED_ONLY = {"damp", "fast_matmul", "fp_targets", "act_order", "first_position_share"}
 
 
 def build_model_card(manifest: dict, repo_id: str | None, base_model: str | None = None) -> ModelCard:

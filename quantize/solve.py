@@ -199,10 +199,11 @@ class HessianAccumulator:
         """Add one window's inputs x [tokens, K] (window: its index, which pairs it with its targets)."""
         x = x.float()
         extra = self.first_row_weight - 1
-        first = x[:1] * extra**0.5  # v^T v by the same kernel as the rest: each diagonal block stays symmetric
+        # v^T v by the same kernel as the rest: each diagonal block stays symmetric
+        first = x[:1] * extra**0.5 if extra else None
         for start, end in self.bands:
             self.sum[start:end, start:].addmm_(x[:, start:end].T, x[:, start:])
-            if extra:
+            if first is not None:
                 self.sum[start:end, start:].addmm_(first[:, start:end].T, first[:, start:])
         if self.cross is not None:
             target = self.targets[window].to(x.device, torch.float32, copy=True).reshape(x.shape)
