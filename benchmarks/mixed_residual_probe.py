@@ -79,9 +79,11 @@ def residual_errors(units, models: dict, base_inputs: list[tuple]) -> dict:
                 layer = copy.deepcopy(reference)
                 for name in unit.modules:
                     inside = name.split(f"layers.{i}.", 1)[1]
-                    layer.get_submodule(inside).weight.copy_(models[option.fmt].model.layers[i].get_submodule(inside).weight)
+                    candidate = models[option.fmt].model.layers[i].get_submodule(inside)
+                    layer.get_submodule(inside).weight.copy_(candidate.weight)
                 if "self_attn" in unit.modules[0]:
-                    diff, energy = attention_update(layer, hidden, position_embeddings, mask) - attention, stream["attn"]
+                    diff = attention_update(layer, hidden, position_embeddings, mask) - attention
+                    energy = stream["attn"]
                 else:
                     diff, energy = mlp_update(layer, middle) - mlp, stream["mlp"]
                 errors[(unit.modules, option.fmt)] = float((diff.float().square().sum(-1) / energy).mean())
