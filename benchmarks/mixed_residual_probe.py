@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import benchmarks.mixed as bm  # noqa: E402
+from lowbit.quantize.arch import LayerNorms  # noqa: E402
 from lowbit.quantize.assemble import mixed_units, write_checkpoint  # noqa: E402
 from lowbit.quantize.loader import load_dequantized_model  # noqa: E402
 from lowbit.quantize.mixed import Option, Unit, choose  # noqa: E402
@@ -52,27 +53,27 @@ def layer_inputs(model, windows: torch.Tensor) -> list[tuple]:
     return [captured[i] for i in range(len(model.model.layers))]
 
 
-def attention_update(layer, hidden, position_embeddings, mask):
+def attention_update(layer, norms: LayerNorms, hidden, position_embeddings, mask):
     out = layer.self_attn(hidden_states=layer.input_layernorm(hidden), position_embeddings=position_embeddings,
                           attention_mask=mask)[0]
-    return layer.post_attention_layernorm(out) if hasattr(layer, "pre_feedforward_layernorm") else out  # Gemma 3
+    return layer.get_submodule(norms.after_attention)(out) if norms.after_attention else out
 
 
-def mlp_update(layer, hidden):
-    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 3's sandwich norms
-        return layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-    return layer.mlp(layer.post_attention_layernorm(hidden))
+def mlp_update(layer, norms: LayerNorms, hidden):
+    out = layer.mlp(layer.get_submodule(norms.before_mlp)(hidden))
+    return layer.get_submodule(norms.after_mlp)(out) if norms.after_mlp else out
 
 
-def residual_errors(units, models: dict, base_inputs: list[tuple]) -> dict:
-    """{(unit modules, format): mean over tokens of ||u_c - u||^2 / ||h + u||^2}, the other Linears unquantized."""
+def residual_errors(units, models: dict, norms: LayerNorms, base_inputs: list[tuple]) -> dict:
+    """{(unit modules, format): mean over tokens of ||u_c - u||^2 / ||h + u||^2}, the other Linears unquantized;
+    norms: where the layer's norms sit around its two branches (the architecture's)."""
     dense = models[UNQUANTIZED]
     errors = {}
     for i, (hidden, position_embeddings, mask) in enumerate(base_inputs):
         reference = dense.model.layers[i]
-        attention = attention_update(reference, hidden, position_embeddings, mask)
+        attention = attention_update(reference, norms, hidden, position_embeddings, mask)
         middle = hidden + attention
-        mlp = mlp_update(reference, middle)
+        mlp = mlp_update(reference, norms, middle)
         stream = {"attn": middle.float().square().sum(-1), "mlp": (middle + mlp).float().square().sum(-1)}
         for unit in [u for u in units if f"layers.{i}." in u.modules[0]]:
             for option in unit.options:
@@ -82,10 +83,11 @@ def residual_errors(units, models: dict, base_inputs: list[tuple]) -> dict:
                     candidate = models[option.fmt].model.layers[i].get_submodule(inside)
                     layer.get_submodule(inside).weight.copy_(candidate.weight)
                 if "self_attn" in unit.modules[0]:
-                    diff = attention_update(layer, hidden, position_embeddings, mask) - attention
+                    diff = attention_update(layer, norms, hidden, position_embeddings, mask) - attention
                     energy = stream["attn"]
                 else:
-                    diff, energy = mlp_update(layer, middle) - mlp, stream["mlp"]
+                    diff = mlp_update(layer, norms, middle) - mlp
+                    energy = stream["mlp"]
                 errors[(unit.modules, option.fmt)] = float((diff.float().square().sum(-1) / energy).mean())
     return errors
 
@@ -112,7 +114,8 @@ def main(argv=None) -> None:
         if not (folder / "lowbit_manifest.json").exists():
             write_checkpoint(job, {} if fmt == base else {m: fmt for m in modules}, folder, allow_split=True)
         models[fmt] = load_dequantized_model(folder).eval()
-    errors = residual_errors(units, models, layer_inputs(models[UNQUANTIZED], job.windows[: args.windows]))
+    inputs = layer_inputs(models[UNQUANTIZED], job.windows[: args.windows])
+    errors = residual_errors(units, models, job.arch.norms, inputs)
     scored = [Unit(u.modules, tuple(Option(o.fmt, o.bytes, errors[(u.modules, o.fmt)]) for o in u.options))
               for u in units]
     weights = sum(torch.Size(job.reader.info(m + ".weight").shape).numel() for m in modules)
